@@ -1,0 +1,79 @@
+"""One error tree. Each class knows its HTTP status and OpenAI error type; the API edge renders it once."""
+
+from __future__ import annotations
+
+
+class ApplianceError(Exception):
+    """Base of every error the appliance raises on purpose."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class SettingsError(ApplianceError):
+    """A setting, config file or environment variable is invalid."""
+
+    code = "invalid_settings"
+
+
+class InvalidRequest(ApplianceError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class UnsupportedForModel(InvalidRequest):
+    """The model exists but cannot serve this kind of request (chat on an embedding model...)."""
+
+    code = "model_not_supported"
+
+
+class ModelNotFound(ApplianceError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class PayloadTooLarge(ApplianceError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class ModelUnavailable(ApplianceError):
+    """The model is still loading, or failed to load."""
+
+    status = 503
+    type = "server_error"
+    code = "model_unavailable"
+
+
+class EngineError(ApplianceError):
+    """Inference failed inside a native engine. The message is safe to show; details go to the log."""
+
+    status = 500
+    type = "server_error"
+    code = "engine_error"
+
+
+class ModelStoreError(ApplianceError):
+    """Import, verify or remove of a model failed; nothing was left half-registered."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "model_store_error"
+
+
+class ChecksumMismatch(ModelStoreError):
+    code = "checksum_mismatch"

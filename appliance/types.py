@@ -1,0 +1,50 @@
+"""Engine-neutral values. Wire types convert into these once; engines never see request bodies."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+FinishReason = Literal["stop", "length"]
+
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+
+
+class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True):
+    prompt: str
+    max_tokens: int | None
+    """None: generate until a stop condition or the end of the context."""
+    stop: tuple[str, ...] = ()
+    sampling: SamplingParams = SamplingParams()
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Chunk(msgspec.Struct, frozen=True, kw_only=True):
+    """A piece of generated text. The last chunk of a generation has finish_reason and usage."""
+
+    text: str
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+
+
+class Embeddings(msgspec.Struct, frozen=True, kw_only=True):
+    vectors: list[list[float]]
+    prompt_tokens: int
