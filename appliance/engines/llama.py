@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import ctypes
 import logging
 import random
 import threading
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import llama_cpp
+from llama_cpp import _ggml
 
 from appliance.engines.stops import StopMatcher
 from appliance.errors import ContextLengthExceeded, EngineError
@@ -18,8 +20,22 @@ from appliance.types import Chunk, GenerationRequest, Usage
 log = logging.getLogger(__name__)
 
 
+# ggml_backend_dev_type: CPU = 0, GPU = 1, IGPU = 2, ACCEL = 3.
+_GPU_DEVICE_TYPES = (1, 2)
+
+
 def gpu_offload_supported() -> bool:
-    return bool(llama_cpp.llama_supports_gpu_offload())
+    """True when a GPU device is registered with ggml.
+
+    `llama_supports_gpu_offload()` alone is not enough: it also answers true for an RPC-enabled
+    CPU-only build, which would then "offload" to nothing.
+    """
+    if not llama_cpp.llama_supports_gpu_offload():
+        return False
+    lib = _ggml.libggml
+    lib.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    return any(lib.ggml_backend_dev_by_type(t) for t in _GPU_DEVICE_TYPES)
 
 
 def resolve_gpu_layers(preference: str | int, gpu: str) -> int:
@@ -112,7 +128,7 @@ class LlamaChatEngine:
                     finish = "stop"
                     break
                 generated += 1
-                text, hit = stops.feed(decoder.decode(llm.detokenize([token], prev_tokens=None)))
+                text, hit = stops.feed(decoder.decode(llm.detokenize([token], special=True)))
                 if text:
                     yield Chunk(text=text)
                 if hit:

@@ -1,0 +1,82 @@
+"""The Litestar application factory. Long-lived objects are built here and injected, never global."""
+
+from __future__ import annotations
+
+import logging
+from importlib import metadata
+
+from litestar import Litestar, Response, get
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.exceptions import HTTPException
+
+from appliance import __version__
+from appliance.api.errors import handle_appliance_error, handle_http_exception, handle_unexpected
+from appliance.api.openai import OpenAIController
+from appliance.engines.registry import ModelRegistry
+from appliance.errors import ApplianceError
+from appliance.services.embeddings import EmbeddingService
+from appliance.services.generation import GenerationService
+from appliance.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@get("/health", sync_to_thread=False)
+def health(registry: ModelRegistry) -> Response[dict[str, object]]:
+    status = registry.health()
+    return Response(
+        {"status": status, "models": registry.status()}, status_code=200 if status == "ok" else 503
+    )
+
+
+@get("/version", sync_to_thread=False)
+def version() -> dict[str, object]:
+    return {
+        "version": __version__,
+        "llama_cpp_python": _package_version("llama_cpp_python"),
+        "onnxruntime": _package_version("onnxruntime") or _package_version("onnxruntime-gpu"),
+    }
+
+
+def create_app(settings: Settings, registry: ModelRegistry) -> Litestar:
+    generation = GenerationService(registry)
+    embeddings = EmbeddingService(registry, max_inputs=settings.models.max_embedding_inputs)
+
+    def start_loading() -> None:
+        if settings.models.load == "startup":
+            registry.load_all()
+
+    def shutdown() -> None:
+        generation.close()
+        registry.close()
+
+    def const(value: object) -> Provide:
+        return Provide(lambda: value, sync_to_thread=False, use_cache=True)
+
+    return Litestar(
+        route_handlers=[health, version, OpenAIController],
+        dependencies={
+            "registry": const(registry),
+            "generation_service": const(generation),
+            "embedding_service": const(embeddings),
+        },
+        exception_handlers={
+            ApplianceError: handle_appliance_error,
+            HTTPException: handle_http_exception,
+            Exception: handle_unexpected,
+        },
+        on_startup=[start_loading],
+        on_shutdown=[shutdown],
+        request_max_body_size=settings.server.max_body_bytes,
+        state=State({"settings": settings}),
+        openapi_config=None,
+        debug=False,
+    )

@@ -1,0 +1,132 @@
+"""OpenAI-compatible routes. Thin: decode, call a service, encode."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import msgspec
+from litestar import Controller, Request, Response, get, post
+from litestar.response import Stream
+
+from appliance.api.errors import error_body
+from appliance.engines.registry import ModelRegistry
+from appliance.errors import ApplianceError, EngineError
+from appliance.protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, decode_request
+from appliance.protocol.responses import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChunkChoice,
+    Delta,
+    ModelList,
+    TextChoice,
+    TextCompletion,
+    embedding_list,
+    model_card,
+    new_id,
+    now,
+    usage_out,
+)
+from appliance.services.embeddings import EmbeddingService
+from appliance.services.generation import Generation, GenerationService
+
+log = logging.getLogger(__name__)
+_encode = msgspec.json.encode
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _json(obj: object) -> Response[bytes]:
+    return Response(content=_encode(obj), media_type="application/json", status_code=200)
+
+
+def _event(obj: object) -> bytes:
+    return b"data: " + _encode(obj) + b"\n\n"
+
+
+async def _sse(events: AsyncIterator[bytes], generation: Generation) -> AsyncIterator[bytes]:
+    """Frame a generation as SSE; a failure mid-stream becomes an error event, never a dropped socket."""
+    try:
+        async for event in events:
+            yield event
+        yield b"data: [DONE]\n\n"
+    except ApplianceError as exc:
+        yield _event(error_body(exc))
+    except Exception:
+        log.exception("stream failed")
+        yield _event(error_body(EngineError("The stream failed inside the server.")))
+    finally:
+        await generation.aclose()
+
+
+async def _chat_events(generation: Generation, include_usage: bool) -> AsyncIterator[bytes]:
+    cid, created, model = new_id("chatcmpl"), now(), generation.manifest.id
+
+    def chunk(delta: Delta, finish: str | None = None) -> bytes:
+        return _event(ChatCompletionChunk(cid, created, model, [ChunkChoice(0, delta, finish)]))
+
+    yield chunk(Delta(role="assistant", content=""))
+    async for piece in generation:
+        if piece.text:
+            yield chunk(Delta(content=piece.text))
+        if piece.finish_reason is not None:
+            yield chunk(Delta(), piece.finish_reason)
+            if include_usage and piece.usage is not None:
+                yield _event(ChatCompletionChunk(cid, created, model, [], usage=usage_out(piece.usage)))
+
+
+async def _completion_events(generation: Generation, include_usage: bool, echo: str) -> AsyncIterator[bytes]:
+    cid, created, model = new_id("cmpl"), now(), generation.manifest.id
+    if echo:
+        yield _event(TextCompletion(cid, created, model, [TextChoice(0, echo, None)]))
+    async for piece in generation:
+        if piece.text or piece.finish_reason is not None:
+            yield _event(TextCompletion(cid, created, model, [TextChoice(0, piece.text, piece.finish_reason)]))
+        if piece.finish_reason is not None and include_usage and piece.usage is not None:
+            yield _event(TextCompletion(cid, created, model, [], usage=usage_out(piece.usage)))
+
+
+class OpenAIController(Controller):
+    path = "/v1"
+
+    @get("/models")
+    async def list_models(self, registry: ModelRegistry) -> Response[bytes]:
+        status = registry.status()
+        return _json(ModelList([model_card(m, status[m.id]) for m in registry.manifests()]))
+
+    @get("/models/{model_id:str}")
+    async def get_model(self, model_id: str, registry: ModelRegistry) -> Response[bytes]:
+        manifest = registry.resolve(model_id)
+        return _json(model_card(manifest, registry.status()[manifest.id]))
+
+    @post("/chat/completions", status_code=200)
+    async def chat_completions(
+        self, request: Request, generation_service: GenerationService
+    ) -> Response[bytes] | Stream:
+        body: ChatCompletionRequest = decode_request(await request.body(), ChatCompletionRequest)
+        generation = await generation_service.chat(body)
+        if body.stream:
+            events = _chat_events(generation, body.include_usage)
+            return Stream(_sse(events, generation), media_type="text/event-stream", headers=_SSE_HEADERS)
+        text, finish, usage = await generation.collect()
+        choice = ChatChoice(0, AssistantMessage(text), finish)
+        return _json(ChatCompletion(new_id("chatcmpl"), now(), generation.manifest.id, [choice], usage_out(usage)))
+
+    @post("/completions", status_code=200)
+    async def completions(self, request: Request, generation_service: GenerationService) -> Response[bytes] | Stream:
+        body: CompletionRequest = decode_request(await request.body(), CompletionRequest)
+        generation = await generation_service.complete(body)
+        echo = body.prompt_text if body.echo else ""
+        if body.stream:
+            events = _completion_events(generation, body.include_usage, echo)
+            return Stream(_sse(events, generation), media_type="text/event-stream", headers=_SSE_HEADERS)
+        text, finish, usage = await generation.collect()
+        choice = TextChoice(0, echo + text, finish)
+        return _json(TextCompletion(new_id("cmpl"), now(), generation.manifest.id, [choice], usage_out(usage)))
+
+    @post("/embeddings", status_code=200)
+    async def embeddings(self, request: Request, embedding_service: EmbeddingService) -> Response[bytes]:
+        body: EmbeddingRequest = decode_request(await request.body(), EmbeddingRequest)
+        manifest, result = await embedding_service.embed(body)
+        return _json(embedding_list(manifest, result, body.encoding_format))

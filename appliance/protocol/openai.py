@@ -1,0 +1,190 @@
+"""OpenAI wire types. Field names follow the OpenAI API; each request converts itself once.
+
+Unknown fields are ignored (clients send many optional ones); fields we cannot honour with a
+different value than the default are refused with a 400 naming the parameter.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from appliance.errors import InvalidRequest
+from appliance.modelstore.manifest import Sampling
+from appliance.types import SamplingParams
+
+Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
+TopP = Annotated[float, msgspec.Meta(gt=0, le=1)]
+Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
+MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
+Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+Stop = str | Annotated[list[str], msgspec.Meta(max_length=4)] | None
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class TextPart(msgspec.Struct, tag_field="type", tag="text"):
+    text: str
+
+
+class ImagePart(msgspec.Struct, tag_field="type", tag="image_url"):
+    image_url: Any = None
+
+
+class ChatMessage(msgspec.Struct):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart | ImagePart] | None = None
+    name: str | None = None
+
+    def text(self, index: int) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if isinstance(part, ImagePart):
+                raise InvalidRequest(
+                    "Image inputs are not supported by this model.", param=f"messages[{index}].content"
+                )
+            parts.append(part.text)
+        return "".join(parts)
+
+
+class ResponseFormat(msgspec.Struct):
+    type: str = "text"
+
+
+class _SamplingFields(msgspec.Struct, kw_only=True):
+    model: str
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Stop = None
+    seed: Seed | None = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    logprobs: Any = None
+    user: str | None = None
+
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def sampling(self, defaults: Sampling) -> SamplingParams:
+        return SamplingParams(
+            temperature=defaults.temperature if self.temperature is None else self.temperature,
+            top_p=defaults.top_p if self.top_p is None else self.top_p,
+            top_k=defaults.top_k,
+            min_p=defaults.min_p,
+            repeat_penalty=defaults.repeat_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            # llama.cpp seeds are 32-bit; fold larger client seeds deterministically.
+            seed=None if self.seed is None else self.seed % (2**32),
+        )
+
+    def check_common(self) -> None:
+        if self.n != 1:
+            raise InvalidRequest("Only n=1 is supported.", param="n")
+        if self.logprobs not in (None, False, 0):
+            raise InvalidRequest("logprobs are not supported.", param="logprobs")
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequest("stream_options is only allowed when stream is true.", param="stream_options")
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_SamplingFields, kw_only=True):
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
+    max_completion_tokens: MaxTokens | None = None
+    response_format: ResponseFormat | None = None
+    tools: Any = None
+
+    def check(self) -> None:
+        self.check_common()
+        if self.response_format is not None and self.response_format.type != "text":
+            raise InvalidRequest(
+                f"response_format type {self.response_format.type!r} is not supported yet.",
+                param="response_format",
+            )
+        if self.tools:
+            raise InvalidRequest("Tool calling is not supported by this server.", param="tools")
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(_SamplingFields, kw_only=True):
+    prompt: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=1)]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def check(self) -> None:
+        self.check_common()
+        if self.suffix:
+            raise InvalidRequest("suffix (fill-in-the-middle) is not supported.", param="suffix")
+        if self.best_of not in (None, 1):
+            raise InvalidRequest("Only best_of=1 is supported.", param="best_of")
+
+    @property
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class EmbeddingRequest(msgspec.Struct, kw_only=True):
+    model: str
+    input: str | Annotated[list[str], msgspec.Meta(min_length=1)]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    user: str | None = None
+
+    def texts(self) -> list[str]:
+        texts = [self.input] if isinstance(self.input, str) else self.input
+        for i, text in enumerate(texts):
+            if not text:
+                raise InvalidRequest(f"input[{i}] is empty; every input must be a non-empty string.", param="input")
+        return texts
+
+
+# -- responses ---------------------------------------------------------------------------------
+
+
+class UsageOut(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class EmbeddingUsage(msgspec.Struct):
+    prompt_tokens: int
+    total_tokens: int
+
+
+_PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
+
+
+def decode_request(body: bytes, type_: type[Any]) -> Any:
+    """Decode and validate a JSON body into a wire Struct; any problem is a 400 in OpenAI's shape."""
+    if not body.strip():
+        raise InvalidRequest("The request body is empty; expected a JSON object.")
+    try:
+        return msgspec.json.decode(body, type=type_)
+    except msgspec.ValidationError as exc:
+        # msgspec reports the failing location as "at `$.field`": surface it as `param`.
+        match = _PATH_RE.search(str(exc))
+        raise InvalidRequest(f"Invalid request: {exc}", param=match.group(1) if match else None) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None

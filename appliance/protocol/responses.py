@@ -1,0 +1,145 @@
+"""OpenAI response bodies and streaming chunks, built from engine values."""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from typing import Any, Literal
+
+import msgspec
+import numpy as np
+
+from appliance.modelstore.manifest import Manifest
+from appliance.protocol.openai import EmbeddingUsage, UsageOut
+from appliance.types import Embeddings, Usage
+
+FINGERPRINT = "appliance-0.1"
+
+
+def usage_out(usage: Usage) -> UsageOut:
+    return UsageOut(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
+
+
+class AssistantMessage(msgspec.Struct):
+    content: str
+    role: str = "assistant"
+
+
+class ChatChoice(msgspec.Struct):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletion(msgspec.Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageOut
+    object: str = "chat.completion"
+    system_fingerprint: str = FINGERPRINT
+
+
+class Delta(msgspec.Struct, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChunkChoice(msgspec.Struct):
+    index: int
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(msgspec.Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    object: str = "chat.completion.chunk"
+    system_fingerprint: str = FINGERPRINT
+    usage: UsageOut | None = None
+
+
+class TextChoice(msgspec.Struct):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class TextCompletion(msgspec.Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: UsageOut | None = None
+    object: str = "text_completion"
+    system_fingerprint: str = FINGERPRINT
+
+
+class EmbeddingItem(msgspec.Struct):
+    index: int
+    embedding: list[float] | str
+    object: str = "embedding"
+
+
+class EmbeddingList(msgspec.Struct):
+    data: list[EmbeddingItem]
+    model: str
+    usage: EmbeddingUsage
+    object: str = "list"
+
+
+class ModelCard(msgspec.Struct):
+    id: str
+    created: int
+    owned_by: str
+    kind: str
+    format: str
+    aliases: list[str]
+    context_length: int | None
+    status: str
+    object: str = "model"
+
+
+class ModelList(msgspec.Struct):
+    data: list[ModelCard]
+    object: str = "list"
+
+
+def new_id(kind: Literal["chatcmpl", "cmpl"]) -> str:
+    return f"{kind}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def embedding_list(manifest: Manifest, result: Embeddings, encoding: str) -> EmbeddingList:
+    items = []
+    for i, vector in enumerate(result.vectors):
+        value: list[float] | str = vector
+        if encoding == "base64":
+            value = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+        items.append(EmbeddingItem(index=i, embedding=value))
+    return EmbeddingList(
+        data=items, model=manifest.id, usage=EmbeddingUsage(result.prompt_tokens, result.prompt_tokens)
+    )
+
+
+def model_card(manifest: Manifest, status: dict[str, Any]) -> ModelCard:
+    return ModelCard(
+        id=manifest.id,
+        created=manifest.created,
+        owned_by="appliance",
+        kind=manifest.kind,
+        format=manifest.format,
+        aliases=manifest.aliases,
+        context_length=manifest.context_length,
+        status=status.get("state", "pending"),
+    )

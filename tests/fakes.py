@@ -1,0 +1,72 @@
+"""Fakes that record what reached them: the API tests run the real ASGI app without native models."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+from appliance.errors import ContextLengthExceeded
+from appliance.modelstore.manifest import Manifest, ModelFile
+from appliance.types import Chunk, Embeddings, GenerationRequest, Usage
+
+GEMMA_TEMPLATE = (
+    "{%- for m in messages -%}<{{ m.role }}>{{ m.content }}</{{ m.role }}>{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<assistant>{%- endif -%}"
+)
+
+
+def manifest(model_id: str, kind: str = "chat", **kw: object) -> Manifest:
+    fmt = "onnx" if kind == "embedding" else "gguf"
+    return Manifest(
+        id=model_id,
+        kind=kind,  # type: ignore[arg-type]
+        format=fmt,  # type: ignore[arg-type]
+        file=ModelFile(name="model.bin", sha256="0" * 64, size=1),
+        chat_template=GEMMA_TEMPLATE if kind == "chat" else None,
+        embedding_dim=4 if kind == "embedding" else None,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+class FakeChatEngine:
+    """Echoes the words of a fixed reply one chunk per word; records every request."""
+
+    def __init__(self, model_id: str, reply: str = "Hello from the fake engine.", n_ctx: int = 64) -> None:
+        self.model_id = model_id
+        self.n_ctx = n_ctx
+        self.reply = reply
+        self.requests: list[GenerationRequest] = []
+        self.cancelled = threading.Event()
+        self.delay_s = 0.0
+        self.fail_after: int | None = None
+
+    def generate(self, request: GenerationRequest, cancel: threading.Event) -> Iterator[Chunk]:
+        self.requests.append(request)
+        prompt_tokens = len(request.prompt.split())
+        if prompt_tokens >= self.n_ctx:
+            raise ContextLengthExceeded(f"prompt has {prompt_tokens} tokens", param="messages")
+        words = self.reply.split(" ")
+        budget = request.max_tokens or len(words)
+        sent = 0
+        for i, word in enumerate(words[:budget]):
+            if cancel.is_set():
+                self.cancelled.set()
+                return
+            if self.fail_after is not None and i >= self.fail_after:
+                raise RuntimeError("native engine exploded with secret details")
+            time.sleep(self.delay_s)
+            sent += 1
+            yield Chunk(text=word if i == 0 else " " + word)
+        finish = "length" if budget < len(words) else "stop"
+        yield Chunk(text="", finish_reason=finish, usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=sent))
+
+
+class FakeEmbeddingEngine:
+    def __init__(self, model_id: str) -> None:
+        self.model_id = model_id
+        self.calls: list[list[str]] = []
+
+    def embed(self, texts: list[str]) -> Embeddings:
+        self.calls.append(texts)
+        return Embeddings(vectors=[[1.0, 0.0, 0.0, 0.0] for _ in texts], prompt_tokens=sum(len(t.split()) for t in texts))
