@@ -196,14 +196,13 @@ class ModelStore:
 
         source = self._check_source(source)
         fmt = self._detect_format(source)
-        model_id = check_model_id(model_id or source.stem)
+        model_id = check_model_id(source.stem if model_id is None else model_id)
         aliases = [check_model_id(a) for a in aliases or []]
         self._check_names_free([model_id, *aliases])
         if (self.root / model_id).exists():
             raise ModelStoreError(f"a directory for {model_id!r} already exists in {self.root}", param="id")
         if fmt == "onnx" and tokenizer is None:
             raise ModelStoreError("an ONNX model needs --tokenizer PATH (its tokenizer.json)", param="tokenizer")
-        kind = kind or ("embedding" if fmt == "onnx" else ("chat" if chat_template else "completion"))
         with self._staging(model_id) as staging:
             file = self._stage_file(source, staging, link=link, expected=expected_sha256, progress=progress)
             tok_file = None
@@ -221,6 +220,8 @@ class ModelStore:
 
                 embedding_dim = probe_onnx(staged)
                 context_length = 256
+            if kind is None:
+                kind = "embedding" if fmt == "onnx" else ("chat" if chat_template else "completion")
             if kind == "chat" and not chat_template:
                 raise ModelStoreError(
                     "kind 'chat' needs a chat template and the GGUF has none: pass --chat-template FILE "
