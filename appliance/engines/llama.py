@@ -96,6 +96,11 @@ class LlamaChatEngine:
         budget = room if request.max_tokens is None else min(request.max_tokens, room)
         s = request.sampling
         with self._lock:
+            # Always evaluate the prompt from a clean context: llama.cpp's logits depend slightly on
+            # how the prompt was split into batches, so reusing a cached prefix would make seeded
+            # and greedy output depend on the previous request. Prefix caching belongs to the
+            # batching scheduler, which controls the split.
+            self._llm.reset()
             self._llm.set_seed(s.seed if s.seed is not None else random.getrandbits(31))
             yield from self._run(prompt, budget, request, cancel)
 

@@ -1,0 +1,166 @@
+"""The official `openai` client against the real server process and the bundled models."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import json
+import math
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.e2e.conftest import Server
+
+GREEDY_PROMPT = "The capital of France is"
+# Gemma 3 270M Q4_K_M, greedy, 20 tokens: fixed by the model file (sha256-pinned in models/).
+GREEDY_TEXT = " the capital of the country of France. It is the largest city in France. It is the capital"
+
+
+def test_models_list(client: OpenAI) -> None:
+    ids = {m.id for m in client.models.list()}
+    assert ids == {"gemma3-270m", "all-minilm-l6-v2"}
+    assert client.models.retrieve("gemma3").id == "gemma3-270m"
+
+
+def test_greedy_completion_is_exact(client: OpenAI) -> None:
+    resp = client.completions.create(model="gemma3-270m", prompt=GREEDY_PROMPT, max_tokens=20, temperature=0)
+    assert resp.choices[0].text == GREEDY_TEXT
+    assert resp.choices[0].finish_reason == "length"
+    assert resp.usage is not None
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (6, 20)
+
+
+def test_greedy_matches_raw_llama_cpp(client: OpenAI, data_dir) -> None:  # type: ignore[no-untyped-def]
+    import llama_cpp
+
+    path = data_dir / "models" / "gemma3-270m" / "gemma-3-270m-q4_k_m.gguf"
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=4096, verbose=False)
+    prompt = "Q: Name three colours of the rainbow.\nA:"
+    raw = llm.create_completion(prompt, max_tokens=40, temperature=0)
+    ours = client.completions.create(model="gemma3-270m", prompt=prompt, max_tokens=40, temperature=0)
+    assert ours.choices[0].text == raw["choices"][0]["text"]
+    assert ours.usage.completion_tokens == raw["usage"]["completion_tokens"]
+
+
+def test_chat_stream_equals_non_stream(client: OpenAI) -> None:
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is the capital of Italy?"}]
+    full = client.chat.completions.create(model="gemma3", messages=messages, max_tokens=24, temperature=0)
+    stream = client.chat.completions.create(
+        model="gemma3", messages=messages, max_tokens=24, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert text  # the model said something
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [full.choices[0].finish_reason]
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+    assert "<end_of_turn>" not in text and "<start_of_turn>" not in text
+
+
+def test_stop_strings_cut_output(client: OpenAI) -> None:
+    resp = client.completions.create(model="gemma3-270m", prompt=GREEDY_PROMPT, max_tokens=20, temperature=0, stop=["France"])
+    assert resp.choices[0].text == " the capital of the country of "
+    assert resp.choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible(client: OpenAI) -> None:
+    kw = dict(model="gemma3-270m", prompt="Once upon a time", max_tokens=24, temperature=1.0, top_p=0.95)
+    a = client.completions.create(seed=1234, **kw).choices[0].text
+    b = client.completions.create(seed=1234, **kw).choices[0].text
+    assert a == b
+
+
+def test_concurrent_requests_do_not_corrupt_each_other(client: OpenAI) -> None:
+    prompts = ["The capital of France is", "My favourite fruit is", "def add(a, b):", "Water boils at"]
+    alone = [client.completions.create(model="gemma3-270m", prompt=p, max_tokens=16, temperature=0).choices[0].text for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        together = list(
+            pool.map(lambda p: client.completions.create(model="gemma3-270m", prompt=p, max_tokens=16, temperature=0).choices[0].text, prompts)
+        )
+    assert together == alone
+
+
+def embed(client: OpenAI, texts: list[str]) -> np.ndarray:
+    resp = client.embeddings.create(model="all-minilm-l6-v2", input=texts)
+    return np.array([d.embedding for d in resp.data])
+
+
+def test_embeddings_shape_norm_and_similarity(client: OpenAI) -> None:
+    v = embed(client, ["A cat sits on the mat.", "A kitten is resting on a rug.", "Quarterly tax filing deadlines."])
+    assert v.shape == (3, 384)
+    assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-4)
+    assert v[0] @ v[1] > v[0] @ v[2] + 0.2
+    single = client.embeddings.create(model="minilm", input="A cat sits on the mat.")
+    assert np.allclose(single.data[0].embedding, v[0], atol=1e-5)  # batching does not change results
+    assert single.usage.prompt_tokens > 0
+
+
+def test_embeddings_base64(server: Server) -> None:
+    body = {"model": "all-minilm-l6-v2", "input": ["hello world"]}
+    floats = httpx.post(f"{server.url}/v1/embeddings", json=body).json()["data"][0]["embedding"]
+    b64 = httpx.post(f"{server.url}/v1/embeddings", json={**body, "encoding_format": "base64"}).json()["data"][0]["embedding"]
+    decoded = np.frombuffer(base64.b64decode(b64), dtype="<f4")
+    assert decoded.shape == (384,)
+    assert np.allclose(decoded, floats, atol=1e-6)
+
+
+def test_unknown_model_is_404(client: OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    assert info.value.body["code"] == "model_not_found"  # type: ignore[index]
+
+
+def test_bad_parameters_are_400(client: OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="gemma3", messages=[{"role": "user", "content": "hi"}], temperature=7)
+    assert info.value.body["param"] == "temperature"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model="gemma3", input="chat model cannot embed")
+
+
+def test_prompt_longer_than_context_is_400(client: OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="gemma3-270m", prompt="word " * 6000, max_tokens=4)
+    assert info.value.body["code"] == "context_length_exceeded"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.embeddings.create(model="minilm", input="word " * 400)
+    assert info.value.body["code"] == "context_length_exceeded"  # type: ignore[index]
+
+
+def test_malformed_and_oversized_bodies(server: Server) -> None:
+    resp = httpx.post(f"{server.url}/v1/chat/completions", content=b'{"model": "gemma3", "messages": [', headers={"content-type": "application/json"})
+    assert resp.status_code == 400 and resp.json()["error"]["type"] == "invalid_request_error"
+    big = json.dumps({"model": "gemma3-270m", "prompt": "x" * (9 * 1024 * 1024)})
+    resp = httpx.post(f"{server.url}/v1/completions", content=big, headers={"content-type": "application/json"}, timeout=60)
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "payload_too_large"
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_client_disconnect_cancels_generation(server: Server, client: OpenAI) -> None:
+    body = {"model": "gemma3-270m", "prompt": "List every number:", "max_tokens": 3000, "temperature": 0.8, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as resp:
+        lines = resp.iter_lines()
+        got = [line for line, _ in zip(lines, range(6)) if line.startswith("data: ")]
+        assert got
+    # If the abandoned 3000-token generation still held the model, this would wait for it (~30 s+).
+    started = time.monotonic()
+    resp = client.completions.create(model="gemma3-270m", prompt=GREEDY_PROMPT, max_tokens=20, temperature=0)
+    assert resp.choices[0].text == GREEDY_TEXT
+    assert time.monotonic() - started < 15
+
+
+def test_health_and_version(server: Server) -> None:
+    health = httpx.get(f"{server.url}/health").json()
+    assert health["status"] == "ok"
+    assert {m["state"] for m in health["models"].values()} == {"ready"}
+    version = httpx.get(f"{server.url}/version").json()
+    assert version["version"] and version["llama_cpp_python"] == "0.3.36"
+    assert math.isfinite(health["models"]["gemma3-270m"]["load_seconds"])
