@@ -17,16 +17,25 @@ from appliance.settings import Settings, load_settings
 log = logging.getLogger("appliance")
 
 
+def _inherited(ctx: click.Context, name: str) -> Any:
+    """The innermost value of an option that several command levels accept (--data-dir, --config)."""
+    node: click.Context | None = ctx
+    while node is not None:
+        if node.params.get(name):
+            return node.params[name]
+        node = node.parent
+    return None
+
+
 def _settings(ctx: click.Context, **overrides: Any) -> Settings:
-    root = ctx.find_root().params
     flags = {
-        (None, "data_dir"): overrides.get("data_dir") or root.get("data_dir"),
+        (None, "data_dir"): overrides.get("data_dir") or _inherited(ctx, "data_dir"),
         ("server", "host"): overrides.get("host"),
         ("server", "port"): overrides.get("port"),
         ("server", "log_level"): overrides.get("log_level"),
         ("models", "load"): overrides.get("load"),
     }
-    config = overrides.get("config") or root.get("config")
+    config = overrides.get("config") or _inherited(ctx, "config")
     try:
         return load_settings(config=Path(config) if config else None, overrides=flags)
     except ApplianceError as exc:
@@ -112,7 +121,9 @@ def version() -> None:
 
 
 @main.group()
-def models() -> None:
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Data directory (or APPLIANCE_DATA_DIR).")
+@click.option("--config", type=click.Path(dir_okay=False), help="TOML settings file (or APPLIANCE_CONFIG).")
+def models(data_dir: str | None, config: str | None) -> None:
     """List, import, verify and remove models in DATA_DIR/models."""
 
 
