@@ -9,13 +9,19 @@ class ApplianceError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str | None = None
+    retry_after: int | None = None
+    """Seconds a client should wait before retrying (sent as Retry-After)."""
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, retry_after: int | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code
+        if retry_after is not None:
+            self.retry_after = retry_after
 
 
 class SettingsError(ApplianceError):
@@ -57,6 +63,27 @@ class ModelUnavailable(ApplianceError):
     status = 503
     type = "server_error"
     code = "model_unavailable"
+
+
+class ServerOverloaded(ApplianceError):
+    """The waiting queue is full: back off and retry."""
+
+    status = 503
+    type = "server_error"
+    code = "server_overloaded"
+    retry_after = 1
+
+
+class QueueTimeout(ServerOverloaded):
+    """The request waited longer than the queue timeout for a free slot."""
+
+    code = "queue_timeout"
+
+
+class RequestTimeout(ApplianceError):
+    status = 504
+    type = "server_error"
+    code = "request_timeout"
 
 
 class EngineError(ApplianceError):

@@ -41,6 +41,18 @@ class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """CPU threads for inference; 0 means one per physical core as the engines decide."""
     n_ctx: Annotated[int, msgspec.Meta(ge=256, le=1 << 20)] = 4096
     """Context window for GGUF models, capped by each model's own trained context length."""
+    parallel: Annotated[int, msgspec.Meta(ge=1, le=256)] = 8
+    """Sequences a GGUF model generates at once (continuous batching slots), each with n_ctx tokens of KV."""
+    n_batch: Annotated[int, msgspec.Meta(ge=32, le=8192)] = 512
+    """Most tokens decoded in one step (prompt chunks plus one token per generating sequence)."""
+    prefix_cache_min_tokens: Annotated[int, msgspec.Meta(ge=0)] = 32
+    """Reuse a slot's cached prompt prefix only when it is at least this long; 0 turns the prefix cache off."""
+    max_queue: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 64
+    """Requests that may wait for a slot; beyond it new requests get 503 with Retry-After."""
+    queue_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 120.0
+    """Longest wait for a free slot before the request fails with 503 queue_timeout."""
+    request_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 600.0
+    """Longest total time of one generation before it fails with 504 request_timeout."""
     gpu: Literal["auto", "off"] = "auto"
     """`auto` offloads to a GPU when llama.cpp / onnxruntime report one; `off` forces CPU."""
     embedding_batch_size: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 32
@@ -71,6 +83,8 @@ _ENV_FIELDS: dict[str, tuple[str | None, str]] = {
     "APPLIANCE_THREADS": ("models", "threads"),
     "APPLIANCE_N_CTX": ("models", "n_ctx"),
     "APPLIANCE_GPU": ("models", "gpu"),
+    "APPLIANCE_PARALLEL": ("models", "parallel"),
+    "APPLIANCE_MAX_QUEUE": ("models", "max_queue"),
 }
 
 

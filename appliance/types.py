@@ -7,6 +7,8 @@ from typing import Literal
 import msgspec
 
 FinishReason = Literal["stop", "length"]
+PRIORITY_INTERACTIVE = 0
+PRIORITY_BATCH = 1
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -26,6 +28,10 @@ class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True):
     """None: generate until a stop condition or the end of the context."""
     stop: tuple[str, ...] = ()
     sampling: SamplingParams = SamplingParams()
+    json_schema: str | None = None
+    """JSON schema the output must follow (response_format); "{}" means any JSON object."""
+    priority: int = PRIORITY_INTERACTIVE
+    """Lower runs first; equal priorities keep arrival order."""
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-from appliance.errors import ContextLengthExceeded
+from appliance.errors import ContextLengthExceeded, EngineError
 from appliance.modelstore.manifest import Manifest, ModelFile
 from appliance.types import Chunk, Embeddings, GenerationRequest, Usage
 
@@ -41,11 +41,22 @@ class FakeChatEngine:
         self.delay_s = 0.0
         self.fail_after: int | None = None
 
-    def generate(self, request: GenerationRequest, cancel: threading.Event) -> Iterator[Chunk]:
+    def submit(self, request: GenerationRequest, emit: Callable[[object], None], cancel: threading.Event) -> None:
         self.requests.append(request)
         prompt_tokens = len(request.prompt.split())
         if prompt_tokens >= self.n_ctx:
             raise ContextLengthExceeded(f"prompt has {prompt_tokens} tokens", param="messages")
+
+        def run() -> None:
+            try:
+                for chunk in self._generate(request, cancel, prompt_tokens):
+                    emit(chunk)
+            except Exception:
+                emit(EngineError("generation failed on the fake model"))
+
+        threading.Thread(target=run, daemon=True).start()
+
+    def _generate(self, request: GenerationRequest, cancel: threading.Event, prompt_tokens: int) -> Iterator[Chunk]:
         words = self.reply.split(" ")
         budget = request.max_tokens or len(words)
         sent = 0

@@ -55,7 +55,6 @@ def create_app(settings: Settings, registry: ModelRegistry) -> Litestar:
             registry.load_all()
 
     def shutdown() -> None:
-        generation.close()
         registry.close()
 
     def const(value: object) -> Provide:

@@ -51,7 +51,8 @@ def _json(status: int, body: ErrorBody, headers: dict[str, str] | None = None) -
 def handle_appliance_error(_: Request, exc: ApplianceError) -> Response[bytes]:
     if exc.status >= 500:
         log.error("%s: %s", type(exc).__name__, exc.message, exc_info=exc.__cause__ is not None)
-    return _json(exc.status, error_body(exc))
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+    return _json(exc.status, error_body(exc), headers)
 
 
 def handle_http_exception(_: Request, exc: HTTPException) -> Response[bytes]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from appliance.errors import ModelUnavailable, UnsupportedForModel
@@ -20,18 +21,29 @@ class NativeEngineFactory:
             raise ModelUnavailable(
                 f"files of {manifest.id} are missing or changed; run `appliance models verify {manifest.id}`"
             )
-        threads = self._settings.threads or None
+        s = self._settings
+        threads = s.threads or None
         path = self._store.path_of(manifest, manifest.file)
         if manifest.format == "gguf" and manifest.kind in ("chat", "completion"):
-            from appliance.engines.llama import LlamaChatEngine, resolve_gpu_layers
+            from appliance.engines.llama import LlamaBatchContext, resolve_gpu_layers
+            from appliance.engines.scheduler import BatchScheduler
 
-            n_ctx = min(self._settings.n_ctx, manifest.context_length or self._settings.n_ctx)
-            return LlamaChatEngine(
+            ctx = LlamaBatchContext(
                 path,
-                n_ctx=n_ctx,
-                n_threads=threads,
-                gpu_layers=resolve_gpu_layers(manifest.gpu_layers, self._settings.gpu),
                 model_id=manifest.id,
+                n_ctx_per_seq=min(s.n_ctx, manifest.context_length or s.n_ctx),
+                n_seq_max=s.parallel,
+                n_batch=s.n_batch,
+                n_threads=threads or os.cpu_count() or 1,
+                gpu_layers=resolve_gpu_layers(manifest.gpu_layers, s.gpu),
+            )
+            return BatchScheduler(
+                ctx,
+                model_id=manifest.id,
+                max_queue=s.max_queue,
+                prefix_min_tokens=s.prefix_cache_min_tokens,
+                queue_timeout_s=s.queue_timeout_s,
+                request_timeout_s=s.request_timeout_s,
             )
         if manifest.format == "onnx" and manifest.kind == "embedding" and manifest.tokenizer is not None:
             from appliance.engines.onnx import OnnxEmbeddingEngine

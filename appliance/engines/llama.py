@@ -1,27 +1,29 @@
-"""GGUF text generation on llama-cpp-python. The only module that imports llama_cpp (RPC aside)."""
+"""llama.cpp through llama-cpp-python's low-level API. The only module that imports llama_cpp.
+
+`LlamaBatchContext` owns one model and one context with `n_seq_max` sequences; the scheduler
+(engines/scheduler.py) drives it from a single thread. Nothing here is thread-safe on purpose.
+"""
 
 from __future__ import annotations
 
-import codecs
 import ctypes
 import logging
-import random
-import threading
-from collections.abc import Iterator
+from collections.abc import Sequence
 from pathlib import Path
 
 import llama_cpp
 from llama_cpp import _ggml
 
-from appliance.engines.stops import StopMatcher
-from appliance.errors import ContextLengthExceeded, EngineError
-from appliance.types import Chunk, GenerationRequest, Usage
+from appliance.errors import EngineError, InvalidRequest
+from appliance.types import SamplingParams
 
 log = logging.getLogger(__name__)
 
-
 # ggml_backend_dev_type: CPU = 0, GPU = 1, IGPU = 2, ACCEL = 3.
 _GPU_DEVICE_TYPES = (1, 2)
+_PENALTY_LAST_N = 64
+# Flash attention off, as llama-cpp-python's Llama does: same numerics as the high-level API.
+FLASH_ATTN = 0
 
 
 def gpu_offload_supported() -> bool:
@@ -39,7 +41,7 @@ def gpu_offload_supported() -> bool:
 
 
 def resolve_gpu_layers(preference: str | int, gpu: str) -> int:
-    """`auto` offloads every layer when llama.cpp was built with a GPU backend, none otherwise."""
+    """`auto` offloads every layer when llama.cpp has a GPU device, none otherwise."""
     if gpu == "off":
         return 0
     if preference == "auto":
@@ -47,111 +49,165 @@ def resolve_gpu_layers(preference: str | int, gpu: str) -> int:
     return int(preference)
 
 
-class LlamaChatEngine:
-    """One llama.cpp context. A context is not thread-safe: one generation runs at a time (the lock)."""
+class Sampler:
+    """One sequence's llama.cpp sampler chain (penalties, grammar, top-k/p, min-p, temperature, seed)."""
+
+    def __init__(self, vocab: object, params: SamplingParams, seed: int, grammar: str | None) -> None:
+        chain_params = llama_cpp.llama_sampler_chain_default_params()
+        self._chain = llama_cpp.llama_sampler_chain_init(chain_params)
+        add = lambda s: llama_cpp.llama_sampler_chain_add(self._chain, s)  # noqa: E731
+        if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
+            # The binding declares an extra leading n_vocab argument that current llama.cpp no longer
+            # has; passing last_n twice is right under either signature.
+            add(
+                llama_cpp.llama_sampler_init_penalties(
+                    _PENALTY_LAST_N,
+                    _PENALTY_LAST_N,
+                    params.repeat_penalty,
+                    params.frequency_penalty,
+                    params.presence_penalty,
+                )
+            )
+        if grammar is not None:
+            sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+            if not sampler:
+                self.close()
+                raise InvalidRequest("The response_format schema could not be compiled to a grammar.")
+            add(sampler)
+        if params.temperature <= 0:
+            add(llama_cpp.llama_sampler_init_greedy())
+        else:
+            if params.top_k > 0:
+                add(llama_cpp.llama_sampler_init_top_k(params.top_k))
+            add(llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+            if params.min_p > 0:
+                add(llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
+            add(llama_cpp.llama_sampler_init_temp(params.temperature))
+            add(llama_cpp.llama_sampler_init_dist(seed))
+
+    def sample(self, ctx: object, batch_index: int) -> int:
+        """Sample from the logits of one row of the last decode; llama.cpp accepts the token itself."""
+        return int(llama_cpp.llama_sampler_sample(self._chain, ctx, batch_index))
+
+    def close(self) -> None:
+        if self._chain is not None:
+            llama_cpp.llama_sampler_free(self._chain)
+            self._chain = None
+
+
+class LlamaBatchContext:
+    """A model plus a context shared by `n_seq_max` sequences, one KV stream per sequence."""
 
     def __init__(
         self,
         model_path: Path,
         *,
-        n_ctx: int,
-        n_threads: int | None,
-        gpu_layers: int,
         model_id: str,
+        n_ctx_per_seq: int,
+        n_seq_max: int,
+        n_batch: int,
+        n_threads: int,
+        gpu_layers: int,
     ) -> None:
         self.model_id = model_id
-        self._lock = threading.Lock()
-        log.info("loading %s from %s (n_ctx=%d, n_gpu_layers=%d)", model_id, model_path, n_ctx, gpu_layers)
-        try:
-            self._llm = llama_cpp.Llama(
-                model_path=str(model_path),
-                n_ctx=n_ctx,
-                n_threads=n_threads,
-                n_threads_batch=n_threads,
-                n_gpu_layers=gpu_layers,
-                verbose=False,
-            )
-        except Exception as exc:  # llama_cpp raises ValueError/RuntimeError with native details
-            raise EngineError(f"model {model_id} failed to load: {exc}") from exc
-        self.n_ctx = self._llm.n_ctx()
+        self.n_seq_max = n_seq_max
+        self.n_batch = n_batch
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = 0x7FFFFFFF if gpu_layers < 0 else gpu_layers
+        log.info(
+            "loading %s from %s (n_ctx=%d x %d sequences, n_gpu_layers=%d, threads=%d)",
+            model_id, model_path, n_ctx_per_seq, n_seq_max, gpu_layers, n_threads,
+        )
+        self._model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
+        if not self._model:
+            raise EngineError(f"model {model_id} failed to load from {model_path}")
+        self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self._model))
+        self.n_ctx_per_seq = min(n_ctx_per_seq, self.n_ctx_train)
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = self.n_ctx_per_seq * n_seq_max
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch
+        cparams.n_seq_max = n_seq_max
+        cparams.n_threads = n_threads
+        cparams.n_threads_batch = n_threads
+        cparams.kv_unified = False  # one stream per sequence: attention only over its own cells
+        cparams.swa_full = True  # keep sliding-window layers whole so cached prefixes stay reusable
+        cparams.no_perf = True
+        cparams.flash_attn_type = FLASH_ATTN
+        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            raise EngineError(f"model {model_id}: could not create a context (out of memory?)")
+        self.vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._piece = ctypes.create_string_buffer(256)
         where = "GPU" if gpu_layers != 0 and gpu_offload_supported() else "CPU"
-        log.info("loaded %s: n_ctx=%d, offload=%s", model_id, self.n_ctx, where)
+        log.info("loaded %s: %d sequences x %d tokens, offload=%s", model_id, n_seq_max, self.n_ctx_per_seq, where)
+
+    # -- text ----------------------------------------------------------------------------------
 
     def tokenize(self, text: str) -> list[int]:
-        return self._llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buf = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, capacity, True, True)
+        if n < 0:
+            capacity = -n
+            buf = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, capacity, True, True)
+        return list(buf[:n])
 
-    def generate(self, request: GenerationRequest, cancel: threading.Event) -> Iterator[Chunk]:
-        """Yield text chunks; the last chunk carries finish_reason and exact token usage.
+    def piece(self, token: int) -> bytes:
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, True)
+        if n < 0:
+            big = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, big, len(big), 0, True)
+            return big.raw[:n]
+        return self._piece.raw[:n]
 
-        Runs in a worker thread. Setting `cancel` stops the generation at the next token.
-        """
-        prompt = self.tokenize(request.prompt)
-        if len(prompt) >= self.n_ctx:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {self.n_ctx} tokens, but the prompt has "
-                f"{len(prompt)} tokens.",
-                param="messages",
-            )
-        room = self.n_ctx - len(prompt)
-        budget = room if request.max_tokens is None else min(request.max_tokens, room)
-        s = request.sampling
-        with self._lock:
-            # Always evaluate the prompt from a clean context: llama.cpp's logits depend slightly on
-            # how the prompt was split into batches, so reusing a cached prefix would make seeded
-            # and greedy output depend on the previous request. Prefix caching belongs to the
-            # batching scheduler, which controls the split.
-            self._llm.reset()
-            self._llm.set_seed(s.seed if s.seed is not None else random.getrandbits(31))
-            yield from self._run(prompt, budget, request, cancel)
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
-    def _run(
-        self, prompt: list[int], budget: int, request: GenerationRequest, cancel: threading.Event
-    ) -> Iterator[Chunk]:
-        s = request.sampling
-        llm = self._llm
-        vocab = llm._model.vocab
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stops = StopMatcher(request.stop)
-        generated = 0
-        finish: str = "length"
-        stopped_by_text = False
+    def sampler(self, params: SamplingParams, seed: int, grammar: str | None) -> Sampler:
+        return Sampler(self.vocab, params, seed, grammar)
+
+    def compile_schema(self, schema: str) -> str:
+        """GBNF for a JSON schema (llama-cpp-python's converter); "{}" gives any JSON object."""
+        from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+        if schema.strip() in ("", "{}"):
+            return JSON_GBNF
         try:
-            tokens = llm.generate(
-                prompt,
-                top_k=s.top_k,
-                top_p=s.top_p,
-                min_p=s.min_p,
-                temp=s.temperature,
-                repeat_penalty=s.repeat_penalty,
-                frequency_penalty=s.frequency_penalty,
-                presence_penalty=s.presence_penalty,
-            )
-            for token in tokens:
-                if cancel.is_set() or generated >= budget:
-                    break
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    finish = "stop"
-                    break
-                generated += 1
-                text, hit = stops.feed(decoder.decode(llm.detokenize([token], special=True)))
-                if text:
-                    yield Chunk(text=text)
-                if hit:
-                    finish, stopped_by_text = "stop", True
-                    break
-        except ContextLengthExceeded:
-            raise
-        except Exception as exc:
-            log.exception("generation failed on %s", self.model_id)
-            raise EngineError(f"generation failed on model {self.model_id}") from exc
-        tail = ""
-        if not stopped_by_text:
-            # Text held back as a possible stop-string prefix was not one: release it.
-            tail, hit = stops.feed(decoder.decode(b"", final=True))
-            if not hit:
-                tail += stops.flush()
-        yield Chunk(
-            text=tail,
-            finish_reason=finish,  # type: ignore[arg-type]
-            usage=Usage(prompt_tokens=len(prompt), completion_tokens=generated),
-        )
+            return json_schema_to_gbnf(schema)
+        except Exception as exc:  # the converter raises plain exceptions on unsupported schemas
+            raise InvalidRequest(f"Unsupported JSON schema: {exc}", param="response_format") from None
+
+    def sample(self, sampler: Sampler, batch_index: int) -> int:
+        return sampler.sample(self._ctx, batch_index)
+
+    # -- compute -------------------------------------------------------------------------------
+
+    def decode(self, entries: Sequence[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode over (token, position, sequence, wants_logits) entries."""
+        b = self._batch
+        for i, (token, pos, seq, logits) in enumerate(entries):
+            b.token[i] = token
+            b.pos[i] = pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = logits
+        b.n_tokens = len(entries)
+        rc = llama_cpp.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise EngineError(f"llama_decode failed on {self.model_id} (code {rc})")
+
+    def seq_rm(self, seq: int, p0: int, p1: int = -1) -> bool:
+        return bool(llama_cpp.llama_memory_seq_rm(self._mem, seq, p0, p1))
+
+    def close(self) -> None:
+        if self._ctx:
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            llama_cpp.llama_model_free(self._model)
+            self._ctx = None

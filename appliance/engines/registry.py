@@ -26,7 +26,15 @@ class ChatEngine(Protocol):
     model_id: str
     n_ctx: int
 
-    def generate(self, request: GenerationRequest, cancel: threading.Event) -> Any: ...
+    def submit(
+        self, request: GenerationRequest, emit: Callable[[Chunk | ApplianceError], None], cancel: threading.Event
+    ) -> None:
+        """Queue a generation; `emit` gets each Chunk (the last has finish_reason) or one error.
+
+        Raises at once for requests that can never run (context length, full queue).
+        """
+
+    def close(self) -> None: ...
 
 
 class EmbeddingEngine(Protocol):
@@ -129,10 +137,13 @@ class ModelRegistry:
     # -- status --------------------------------------------------------------------------------
 
     def status(self) -> dict[str, dict[str, Any]]:
-        return {
-            model_id: {"state": s.state, "kind": s.manifest.kind, "error": s.error, "load_seconds": s.load_seconds}
-            for model_id, s in self._slots.items()
-        }
+        out: dict[str, dict[str, Any]] = {}
+        for model_id, s in self._slots.items():
+            out[model_id] = {"state": s.state, "kind": s.manifest.kind, "error": s.error, "load_seconds": s.load_seconds}
+            stats = getattr(s.engine, "stats", None)
+            if stats is not None:
+                out[model_id]["engine"] = stats.snapshot()
+        return out
 
     def health(self) -> Literal["ok", "loading", "degraded"]:
         states = {s.state for s in self._slots.values()}
@@ -144,3 +155,10 @@ class ModelRegistry:
 
     def close(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
+        for slot in self._slots.values():
+            close = getattr(slot.engine, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    log.exception("closing %s failed", slot.manifest.id)

@@ -13,7 +13,7 @@ import msgspec
 
 from appliance.errors import InvalidRequest
 from appliance.modelstore.manifest import Sampling
-from appliance.types import SamplingParams
+from appliance.types import PRIORITY_BATCH, PRIORITY_INTERACTIVE, SamplingParams
 
 Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
 TopP = Annotated[float, msgspec.Meta(gt=0, le=1)]
@@ -55,8 +55,15 @@ class ChatMessage(msgspec.Struct):
         return "".join(parts)
 
 
+class JsonSchemaFormat(msgspec.Struct):
+    name: str = "response"
+    schema: dict[str, Any] = {}
+    strict: bool | None = None
+
+
 class ResponseFormat(msgspec.Struct):
-    type: str = "text"
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
 
 
 class _SamplingFields(msgspec.Struct, kw_only=True):
@@ -73,6 +80,12 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     frequency_penalty: Penalty = 0.0
     logprobs: Any = None
     user: str | None = None
+    priority: Literal["interactive", "batch"] = "interactive"
+    """Not in OpenAI's API: batch work waits behind interactive requests."""
+
+    @property
+    def priority_level(self) -> int:
+        return PRIORITY_BATCH if self.priority == "batch" else PRIORITY_INTERACTIVE
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -113,13 +126,19 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
 
     def check(self) -> None:
         self.check_common()
-        if self.response_format is not None and self.response_format.type != "text":
-            raise InvalidRequest(
-                f"response_format type {self.response_format.type!r} is not supported yet.",
-                param="response_format",
-            )
+        rf = self.response_format
+        if rf is not None and rf.type == "json_schema" and rf.json_schema is None:
+            raise InvalidRequest("response_format json_schema needs a json_schema object.", param="response_format")
         if self.tools:
             raise InvalidRequest("Tool calling is not supported by this server.", param="tools")
+
+    def json_schema(self) -> str | None:
+        rf = self.response_format
+        if rf is None or rf.type == "text":
+            return None
+        if rf.type == "json_object" or rf.json_schema is None:
+            return "{}"
+        return msgspec.json.encode(rf.json_schema.schema).decode()
 
     @property
     def token_limit(self) -> int | None:

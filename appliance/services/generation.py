@@ -6,12 +6,11 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from appliance.engines.registry import ModelRegistry
+from appliance.engines.registry import ChatEngine, ModelRegistry
 from appliance.errors import ApplianceError, EngineError
 from appliance.modelstore.manifest import Manifest
 from appliance.protocol.openai import ChatCompletionRequest, CompletionRequest
@@ -57,15 +56,9 @@ class Generation:
 
 
 class GenerationService:
-    def __init__(self, registry: ModelRegistry, *, max_workers: int = 64) -> None:
+    def __init__(self, registry: ModelRegistry) -> None:
         self._registry = registry
-        # Generations wait on a per-model lock inside their thread; a dedicated pool keeps them
-        # from starving the default executor that other blocking work uses.
-        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="generate")
         self._templates = ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def render_chat(self, manifest: Manifest, request: ChatCompletionRequest) -> str:
         messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(request.messages)]
@@ -91,7 +84,7 @@ class GenerationService:
         request.check()
         manifest = self._registry.resolve(request.model, kinds=("chat",))
         prompt = self.render_chat(manifest, request)
-        return await self._start(manifest, prompt, request.token_limit, request)
+        return await self._start(manifest, prompt, request.token_limit, request, json_schema=request.json_schema())
 
     async def complete(self, request: CompletionRequest) -> Generation:
         request.check()
@@ -104,6 +97,7 @@ class GenerationService:
         prompt: str,
         max_tokens: int | None,
         request: ChatCompletionRequest | CompletionRequest,
+        json_schema: str | None = None,
     ) -> Generation:
         engine = await self._registry.engine(manifest)
         generation = GenerationRequest(
@@ -111,6 +105,8 @@ class GenerationService:
             max_tokens=max_tokens if max_tokens is not None else manifest.sampling.max_tokens,
             stop=(*request.stop_list(), *manifest.stop),
             sampling=request.sampling(manifest.sampling),
+            json_schema=json_schema,
+            priority=request.priority_level,
         )
         rest = self._run(engine, generation)
         try:
@@ -122,34 +118,30 @@ class GenerationService:
             raise
         return Generation(manifest, first, rest)
 
-    async def _run(self, engine: object, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        """Iterate the engine's blocking generator on a worker thread, yielding chunks here.
+    async def _run(self, engine: ChatEngine, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        """Submit to the engine and yield its chunks as they arrive from the engine's thread.
 
-        Closing this iterator (client gone, error) sets `cancel`, and the engine stops at its next token.
+        Closing this iterator (client gone, error) sets `cancel`; the engine frees the sequence's
+        slot at its next step.
         """
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[object] = asyncio.Queue()
+        queue: asyncio.Queue[Chunk | ApplianceError] = asyncio.Queue()
         cancel = threading.Event()
 
-        def work() -> None:
+        def emit(item: Chunk | ApplianceError) -> None:
             try:
-                for chunk in engine.generate(request, cancel):  # type: ignore[attr-defined]
-                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
-                    if cancel.is_set():
-                        break
-            except BaseException as exc:  # delivered to the awaiting side and raised there
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, _END)
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is gone (shutdown): nobody is listening
+                cancel.set()
 
-        loop.run_in_executor(self._pool, work)
+        engine.submit(request, emit, cancel)
         try:
-            while (item := await queue.get()) is not _END:
+            while True:
+                item = await queue.get()
                 if isinstance(item, ApplianceError):
                     raise item
-                if isinstance(item, BaseException):
-                    raise EngineError("generation failed") from item
-                yield item  # type: ignore[misc]
+                yield item
+                if item.finish_reason is not None:
+                    return
         finally:
             cancel.set()
-

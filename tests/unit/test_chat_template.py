@@ -12,11 +12,8 @@ def gemma():
 
 
 def render(messages: list[ChatMessage]) -> str:
-    service = GenerationService(registry=None, max_workers=1)  # type: ignore[arg-type]
-    try:
-        return service.render_chat(gemma(), ChatCompletionRequest(model="gemma3", messages=messages))
-    finally:
-        service.close()
+    service = GenerationService(registry=None)  # type: ignore[arg-type]
+    return service.render_chat(gemma(), ChatCompletionRequest(model="gemma3", messages=messages))
 
 
 def test_single_user_turn() -> None:

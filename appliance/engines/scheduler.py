@@ -1,0 +1,393 @@
+"""Continuous batching over one llama.cpp context, with per-slot prefix caching and admission control.
+
+One thread owns the context and runs the step loop: each step puts the next token of every
+generating sequence plus prompt chunks of newly admitted sequences into a single batch (at most
+`n_batch` tokens), decodes once, samples every sequence from its own logits row, and hands the text
+to the waiting request through its `emit` callback (which must not block).
+
+A finished sequence leaves its tokens in its slot's KV cells; the next request is placed in the free
+slot whose cached tokens share the longest prefix with its prompt, and only the rest is computed.
+
+The native side is behind the small `BatchContext` protocol so the loop is testable with a fake.
+"""
+
+from __future__ import annotations
+
+import codecs
+import heapq
+import itertools
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from appliance.engines.stops import StopMatcher
+from appliance.errors import (
+    ApplianceError,
+    ContextLengthExceeded,
+    EngineError,
+    QueueTimeout,
+    RequestTimeout,
+    ServerOverloaded,
+)
+from appliance.types import Chunk, GenerationRequest, SamplingParams, Usage
+
+log = logging.getLogger(__name__)
+Emit = Callable[[Chunk | ApplianceError], None]
+
+
+class SeqSampler(Protocol):
+    def close(self) -> None: ...
+
+
+class BatchContext(Protocol):
+    n_seq_max: int
+    n_batch: int
+    n_ctx_per_seq: int
+
+    def tokenize(self, text: str) -> list[int]: ...
+    def piece(self, token: int) -> bytes: ...
+    def is_eog(self, token: int) -> bool: ...
+    def sampler(self, params: SamplingParams, seed: int, grammar: str | None) -> Any: ...
+    def compile_schema(self, schema: str) -> str: ...
+    def sample(self, sampler: Any, batch_index: int) -> int: ...
+    def decode(self, entries: list[tuple[int, int, int, bool]]) -> None: ...
+    def seq_rm(self, seq: int, p0: int, p1: int = -1) -> bool: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class SchedulerStats:
+    """Counters the gateway will export as metrics. Written by the loop thread only."""
+
+    requests: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    generated_tokens: int = 0
+    steps: int = 0
+    batch_tokens: int = 0
+    ttft_s: list[float] = field(default_factory=list)
+    queue_depth: int = 0
+    busy_slots: int = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        hits = self.prefix_hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+        ttft = sorted(self.ttft_s[-1000:])
+        return {
+            "requests": self.requests,
+            "completed": self.completed,
+            "cancelled": self.cancelled,
+            "rejected": dict(self.rejected),
+            "prompt_tokens": self.prompt_tokens,
+            "prefix_cache_hit_rate": round(hits, 4),
+            "generated_tokens": self.generated_tokens,
+            "mean_batch_tokens": round(self.batch_tokens / self.steps, 2) if self.steps else 0.0,
+            "ttft_p50_s": round(ttft[len(ttft) // 2], 4) if ttft else None,
+            "queue_depth": self.queue_depth,
+            "busy_slots": self.busy_slots,
+        }
+
+
+class _Sequence:
+    def __init__(self, request: GenerationRequest, prompt: list[int], emit: Emit, cancel: threading.Event) -> None:
+        self.request = request
+        self.prompt = prompt
+        self.emit = emit
+        self.cancel = cancel
+        self.submitted = time.monotonic()
+        self.first_token_at: float | None = None
+        self.slot: int = -1
+        self.n_past = 0  # tokens of prompt already in the KV cells
+        self.pending: int | None = None  # sampled, not yet decoded
+        self.generated = 0
+        self.sampler: Any = None
+        self.stops = StopMatcher(request.stop)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.batch_index = -1
+        self.prefix_hit = 0
+        self.grammar: str | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.n_past < len(self.prompt)
+
+
+@dataclass
+class _Slot:
+    index: int
+    tokens: list[int] = field(default_factory=list)  # what the KV cells of this sequence hold
+    seq: _Sequence | None = None
+    last_used: float = 0.0
+
+
+class BatchScheduler:
+    def __init__(
+        self,
+        ctx: BatchContext,
+        *,
+        model_id: str,
+        max_queue: int,
+        prefix_min_tokens: int = 32,
+        queue_timeout_s: float,
+        request_timeout_s: float,
+    ) -> None:
+        self.ctx = ctx
+        self.model_id = model_id
+        self.n_ctx = ctx.n_ctx_per_seq
+        self._max_queue = max_queue
+        self._prefix_min = prefix_min_tokens
+        self._queue_timeout = queue_timeout_s
+        self._request_timeout = request_timeout_s
+        self._slots = [_Slot(i) for i in range(ctx.n_seq_max)]
+        self._waiting: list[tuple[int, int, _Sequence]] = []  # heap of (priority, arrival, seq)
+        self._arrivals = itertools.count()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._running = True
+        self.stats = SchedulerStats()
+        self._thread = threading.Thread(target=self._loop, name=f"scheduler-{model_id}", daemon=True)
+        self._thread.start()
+
+    # -- request side (any thread) -------------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.ctx.tokenize(text)
+
+    def submit(self, request: GenerationRequest, emit: Emit, cancel: threading.Event) -> None:
+        """Queue a generation. Raises at once if it can never run or the queue is full."""
+        prompt = self.ctx.tokenize(request.prompt)
+        if len(prompt) >= self.n_ctx:
+            self._count_reject("context_length")
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.n_ctx} tokens, but the prompt has "
+                f"{len(prompt)} tokens.",
+                param="messages",
+            )
+        seq = _Sequence(request, prompt, emit, cancel)
+        if request.json_schema is not None:
+            seq.grammar = self.ctx.compile_schema(request.json_schema)
+        with self._lock:
+            if len(self._waiting) >= self._max_queue:
+                self.stats.rejected["queue_full"] = self.stats.rejected.get("queue_full", 0) + 1
+                raise ServerOverloaded(
+                    f"The server is at capacity ({self._max_queue} requests waiting); retry shortly.",
+                    retry_after=max(1, int(len(self._waiting) / max(1, len(self._slots)))),
+                )
+            heapq.heappush(self._waiting, (request.priority, next(self._arrivals), seq))
+            self.stats.requests += 1
+            self.stats.queue_depth = len(self._waiting)
+            self._wake.notify()
+
+    def _count_reject(self, reason: str) -> None:
+        with self._lock:
+            self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
+
+    def close(self) -> None:
+        with self._lock:
+            self._running = False
+            self._wake.notify()
+        self._thread.join(timeout=10)
+        for _, _, seq in self._waiting:
+            seq.emit(EngineError("the server is shutting down"))
+        for slot in self._slots:
+            if slot.seq is not None:
+                slot.seq.emit(EngineError("the server is shutting down"))
+        self.ctx.close()
+
+    # -- the loop (one thread) -----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while self._running and not self._waiting and not self._active():
+                    self._wake.wait()
+                if not self._running:
+                    return
+                self._expire_waiting()
+                self._admit()
+                self.stats.queue_depth = len(self._waiting)
+            try:
+                self._step()
+            except ApplianceError as exc:
+                self._fail_all(exc)
+            except Exception:
+                log.exception("scheduler step failed on %s", self.model_id)
+                self._fail_all(EngineError(f"generation failed on model {self.model_id}"))
+
+    def _active(self) -> list[_Sequence]:
+        return [s.seq for s in self._slots if s.seq is not None]
+
+    def _expire_waiting(self) -> None:
+        now = time.monotonic()
+        keep = []
+        for item in self._waiting:
+            seq = item[2]
+            if seq.cancel.is_set():
+                self.stats.cancelled += 1
+                continue
+            if now - seq.submitted > self._queue_timeout:
+                self.stats.rejected["queue_timeout"] = self.stats.rejected.get("queue_timeout", 0) + 1
+                seq.emit(QueueTimeout(f"The request waited {self._queue_timeout:.0f} s for a free slot; retry shortly."))
+                continue
+            keep.append(item)
+        if len(keep) != len(self._waiting):
+            self._waiting = keep
+            heapq.heapify(self._waiting)
+
+    def _admit(self) -> None:
+        while self._waiting:
+            free = [s for s in self._slots if s.seq is None]
+            if not free:
+                return
+            _, _, seq = heapq.heappop(self._waiting)
+            slot = max(free, key=lambda s: (_common_prefix(s.tokens, seq.prompt), -s.last_used))
+            self._place(seq, slot)
+
+    def _place(self, seq: _Sequence, slot: _Slot) -> None:
+        # Keep at least one prompt token to compute: its logits are what the first sample reads.
+        keep = min(_common_prefix(slot.tokens, seq.prompt), len(seq.prompt) - 1)
+        if self._prefix_min == 0 or keep < self._prefix_min:
+            # A short hit saves little, and llama.cpp's numerics depend slightly on how a prompt is
+            # split into batches: short prompts stay bit-identical to a cold run.
+            keep = 0
+        if not self.ctx.seq_rm(slot.index, keep, -1):
+            self.ctx.seq_rm(slot.index, -1, -1)
+            keep = 0
+        slot.tokens = seq.prompt[:keep]
+        slot.seq = seq
+        seq.slot = slot.index
+        seq.n_past = keep
+        seq.prefix_hit = keep
+        s = seq.request.sampling
+        seed = s.seed if s.seed is not None else random.getrandbits(32)
+        seq.sampler = self.ctx.sampler(s, seed, seq.grammar)
+        self.stats.prompt_tokens += len(seq.prompt)
+        self.stats.prefix_hit_tokens += keep
+
+    def _step(self) -> None:
+        active = self._active()
+        now = time.monotonic()
+        for seq in active:
+            if seq.cancel.is_set():
+                self._finish(seq, cancelled=True)
+            elif now - seq.submitted > self._request_timeout:
+                self._finish(seq, error=RequestTimeout(f"The request exceeded {self._request_timeout:.0f} s."))
+        active = self._active()
+        self.stats.busy_slots = len(active)
+        if not active:
+            return
+        entries: list[tuple[int, int, int, bool]] = []
+        generating: list[_Sequence] = []
+        prefilled: list[_Sequence] = []
+        # Generating sequences first: one token each keeps their latency flat while prompts stream in.
+        for seq in active:
+            seq.batch_index = -1
+            if seq.pending is not None:
+                seq.batch_index = len(entries)
+                entries.append((seq.pending, len(self._slots[seq.slot].tokens), seq.slot, True))
+                generating.append(seq)
+        budget = self.ctx.n_batch - len(entries)
+        for seq in active:
+            if budget <= 0:
+                break
+            if seq.prefilling:
+                end = min(len(seq.prompt), seq.n_past + budget)
+                for i in range(seq.n_past, end):
+                    entries.append((seq.prompt[i], i, seq.slot, i == len(seq.prompt) - 1))
+                budget -= end - seq.n_past
+                seq.n_past = end
+                if end == len(seq.prompt):
+                    seq.batch_index = len(entries) - 1
+                prefilled.append(seq)
+        if not entries:
+            return
+        self.ctx.decode(entries)
+        self.stats.steps += 1
+        self.stats.batch_tokens += len(entries)
+        # The cells now hold these tokens too.
+        for seq in generating:
+            self._slots[seq.slot].tokens.append(seq.pending)  # type: ignore[arg-type]
+        for seq in prefilled:
+            self._slots[seq.slot].tokens = seq.prompt[: seq.n_past]
+        for seq in active:
+            if seq.batch_index >= 0:
+                self._advance(seq, self.ctx.sample(seq.sampler, seq.batch_index))
+
+    def _advance(self, seq: _Sequence, token: int) -> None:
+        if seq.first_token_at is None:
+            seq.first_token_at = time.monotonic()
+            self.stats.ttft_s.append(seq.first_token_at - seq.submitted)
+            if len(self.stats.ttft_s) > 4096:
+                del self.stats.ttft_s[:2048]
+        seq.pending = None
+        if self.ctx.is_eog(token):
+            self._finish(seq, reason="stop")
+            return
+        seq.generated += 1
+        self.stats.generated_tokens += 1
+        text, hit = seq.stops.feed(seq.decoder.decode(self.ctx.piece(token)))
+        if text:
+            seq.emit(Chunk(text=text))
+        if hit:
+            self._finish(seq, reason="stop", stopped_by_text=True)
+            return
+        limit = seq.request.max_tokens
+        room = self.n_ctx - len(seq.prompt) - seq.generated
+        if (limit is not None and seq.generated >= limit) or room <= 0:
+            self._finish(seq, reason="length")
+            return
+        seq.pending = token
+
+    def _finish(
+        self,
+        seq: _Sequence,
+        *,
+        reason: str = "stop",
+        stopped_by_text: bool = False,
+        cancelled: bool = False,
+        error: ApplianceError | None = None,
+    ) -> None:
+        slot = self._slots[seq.slot]
+        slot.seq = None
+        slot.last_used = time.monotonic()
+        self.stats.busy_slots = len(self._active())
+        if seq.sampler is not None:
+            seq.sampler.close()
+        if cancelled:
+            self.stats.cancelled += 1
+            return
+        if error is not None:
+            seq.emit(error)
+            return
+        tail = ""
+        if not stopped_by_text:
+            # Text held back as a possible stop-string prefix was not one: release it.
+            tail, hit = seq.stops.feed(seq.decoder.decode(b"", final=True))
+            if not hit:
+                tail += seq.stops.flush()
+        self.stats.completed += 1
+        usage = Usage(prompt_tokens=len(seq.prompt), completion_tokens=seq.generated)
+        seq.emit(Chunk(text=tail, finish_reason=reason, usage=usage))  # type: ignore[arg-type]
+
+    def _fail_all(self, exc: ApplianceError) -> None:
+        for slot in self._slots:
+            if slot.seq is not None:
+                seq = slot.seq
+                self._finish(seq, error=exc)
+            # The cells' content is unknown after a failed decode: forget the cached prefix.
+            self.ctx.seq_rm(slot.index, -1, -1)
+            slot.tokens = []
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
