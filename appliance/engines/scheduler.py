@@ -246,16 +246,21 @@ class BatchScheduler:
             if not free:
                 return
             _, _, seq = heapq.heappop(self._waiting)
-            slot = max(free, key=lambda s: (_common_prefix(s.tokens, seq.prompt), -s.last_used))
+            # The slot whose cache serves this prompt best; otherwise the least recently used one, so
+            # a short accidental match (the BOS token) never evicts a valuable cached prefix.
+            slot = max(free, key=lambda s: (self._reusable(s.tokens, seq.prompt), -s.last_used))
             self._place(seq, slot)
 
+    def _reusable(self, cached: list[int], prompt: list[int]) -> int:
+        """Prompt tokens a slot's cache would save, below the threshold counted as none."""
+        keep = min(_common_prefix(cached, prompt), len(prompt) - 1)
+        return keep if self._prefix_min and keep >= self._prefix_min else 0
+
     def _place(self, seq: _Sequence, slot: _Slot) -> None:
-        # Keep at least one prompt token to compute: its logits are what the first sample reads.
-        keep = min(_common_prefix(slot.tokens, seq.prompt), len(seq.prompt) - 1)
-        if self._prefix_min == 0 or keep < self._prefix_min:
-            # A short hit saves little, and llama.cpp's numerics depend slightly on how a prompt is
-            # split into batches: short prompts stay bit-identical to a cold run.
-            keep = 0
+        # At least one prompt token is computed: its logits are what the first sample reads. A short
+        # hit saves little, and llama.cpp's numerics depend slightly on how a prompt is split into
+        # batches, so prompts without a real hit stay bit-identical to a cold run.
+        keep = self._reusable(slot.tokens, seq.prompt)
         if not self.ctx.seq_rm(slot.index, keep, -1):
             self.ctx.seq_rm(slot.index, -1, -1)
             keep = 0

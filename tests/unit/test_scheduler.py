@@ -285,3 +285,15 @@ def test_native_failure_fails_running_requests_and_loop_survives(ctx: FakeBatchC
     sched.submit(request("a"), out, threading.Event())
     assert out.result()[0] == "hello"
     sched.close()
+
+
+def test_a_cached_prefix_is_not_evicted_by_an_unrelated_prompt() -> None:
+    ctx = FakeBatchContext(n_seq_max=3)
+    sched = make(ctx)
+    for prompt in ("shared manual text A", "unrelated one", "different two", "shared manual text B"):
+        out = Collector()
+        sched.submit(request(prompt), out, threading.Event())
+        out.result()
+    # The last prompt found "shared manual text " still cached although two others ran in between.
+    assert sched.stats.prefix_hit_tokens == len("shared manual text ") + 1
+    sched.close()
