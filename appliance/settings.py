@@ -40,7 +40,7 @@ class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     threads: Threads = 0
     """CPU threads for inference; 0 means one per physical core as the engines decide."""
     n_ctx: Annotated[int, msgspec.Meta(ge=256, le=1 << 20)] = 4096
-    """Context window for GGUF models, capped by each model's own trained context length."""
+    """Context window of each GGUF sequence, capped by the model's own trained context length."""
     parallel: Annotated[int, msgspec.Meta(ge=1, le=256)] = 8
     """Sequences a GGUF model generates at once (continuous batching slots), each with n_ctx tokens of KV."""
     n_batch: Annotated[int, msgspec.Meta(ge=32, le=8192)] = 512

@@ -147,6 +147,7 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
 
 class CompletionRequest(_SamplingFields, kw_only=True):
     prompt: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=1)]
+    max_tokens: MaxTokens | None = 16  # OpenAI's default for the legacy completions endpoint
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
