@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -238,6 +239,24 @@ async def prefix_ttft(url: str, llm: object) -> dict[str, float]:
     return {"ttft_hit_s": round(h, 4), "ttft_cold_s": round(c, 4), "ratio": round(h / c, 3)}
 
 
+def levels_with_restarts(
+    name: str, start: Callable[[int], ServerProc], levels: list[int], prompts: list[str], max_tokens: int, report: Report
+) -> list[Level]:
+    """One fresh server per concurrency level, started with as many slots as clients."""
+    results, peak = [], 0.0
+    for n in levels:
+        srv = start(n)
+        try:
+            srv.wait_ready()
+            results.append(asyncio.run(run_level(srv.url, MODEL_ID, prompts, n, max_tokens)))
+        finally:
+            peak = max(peak, srv.peak_rss_mb())
+            srv.stop()
+        print(f"{name:<16} {n:>2} clients: {results[-1].agg_tps:7.1f} tok/s", flush=True)
+    report.peak_rss_mb[name] = round(peak, 1)
+    return results
+
+
 def appliance_server(data_dir: Path, parallel: int, n_ctx: int, threads: int) -> ServerProc:
     port = free_port()
     cmd = [sys.executable, "-m", "appliance", "serve", "--port", str(port), "--data-dir", str(data_dir), "--log-level", "warning"]
@@ -286,19 +305,10 @@ def main() -> None:
     print(f"appliance HTTP single-stream decode: {api_tps:.1f} tok/s ({api_n} tokens) -> ratio {api_tps / raw_tps:.3f} (target >= 0.95)", flush=True)
 
     n_ctx = max(256, args.prompt_tokens + args.max_tokens + 64)
-    runs: dict[str, list[Level]] = {"appliance": []}
-    peak = 0.0
-    for n in levels:
-        srv = appliance_server(data_dir, n, n_ctx, args.threads)
-        try:
-            srv.wait_ready()
-            runs["appliance"].append(asyncio.run(run_level(srv.url, MODEL_ID, prompts, n, args.max_tokens)))
-        finally:
-            peak = max(peak, srv.peak_rss_mb())
-            srv.stop()
-        print(f"appliance     {n:>2} clients: {runs['appliance'][-1].agg_tps:7.1f} tok/s", flush=True)
-    report.peak_rss_mb["appliance"] = round(peak, 1)
-
+    runs: dict[str, list[Level]] = {}
+    runs["appliance"] = levels_with_restarts(
+        "appliance", lambda n: appliance_server(data_dir, n, n_ctx, args.threads), levels, prompts, args.max_tokens, report
+    )
     if args.llama_cpp_python:
         runs["llama_cpp.server"] = []
         port = free_port()
@@ -310,27 +320,20 @@ def main() -> None:
             srv.wait_ready()
             for n in levels:
                 runs["llama_cpp.server"].append(asyncio.run(run_level(srv.url, MODEL_ID, prompts, n, args.max_tokens)))
-                print(f"llama_cpp.srv {n:>2} clients: {runs['llama_cpp.server'][-1].agg_tps:7.1f} tok/s", flush=True)
+                print(f"{'llama_cpp.server':<16} {n:>2} clients: {runs['llama_cpp.server'][-1].agg_tps:7.1f} tok/s", flush=True)
         finally:
             report.peak_rss_mb["llama_cpp.server"] = round(srv.peak_rss_mb(), 1)
             srv.stop()
 
     if args.llama_server:
-        runs["llama-server"] = []
-        peak = 0.0
-        for n in levels:
+
+        def llama_server(n: int) -> ServerProc:
             port = free_port()
             cmd = [str(args.llama_server), "-m", str(model_path), "--port", str(port), "-np", str(n), "-c", str(n_ctx * n),
                    "-t", str(args.threads), "-tb", str(args.threads), "--alias", MODEL_ID, "--no-webui"]
-            srv = ServerProc("llama_server", cmd, port)
-            try:
-                srv.wait_ready()
-                runs["llama-server"].append(asyncio.run(run_level(srv.url, MODEL_ID, prompts, n, args.max_tokens)))
-            finally:
-                peak = max(peak, srv.peak_rss_mb())
-                srv.stop()
-            print(f"llama-server  {n:>2} clients: {runs['llama-server'][-1].agg_tps:7.1f} tok/s", flush=True)
-        report.peak_rss_mb["llama-server"] = round(peak, 1)
+            return ServerProc("llama_server", cmd, port)
+
+        runs["llama-server"] = levels_with_restarts("llama-server", llama_server, levels, prompts, args.max_tokens, report)
     report.levels = runs
 
     srv = appliance_server(data_dir, 8, 2048, args.threads)
