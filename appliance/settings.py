@@ -61,11 +61,19 @@ class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Most inputs one /v1/embeddings request may carry."""
 
 
+class RetrievalSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    embedding_model: str = "all-minilm-l6-v2"
+    """Embedding model (id or alias) that collections are built with."""
+    resume_on_start: bool = True
+    """Re-ingest documents that a crash left half-ingested, once the server has started."""
+
+
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     data_dir: Path = Path(platformdirs.user_data_dir("appliance", appauthor=False))
     """Where models and state live. Models are under DATA_DIR/models/<id>/."""
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     models: ModelSettings = msgspec.field(default_factory=ModelSettings)
+    retrieval: RetrievalSettings = msgspec.field(default_factory=RetrievalSettings)
 
     @property
     def models_dir(self) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from importlib import metadata
 
@@ -12,9 +13,11 @@ from litestar.exceptions import HTTPException
 
 from appliance import __version__
 from appliance.api.errors import handle_appliance_error, handle_http_exception, handle_unexpected
+from appliance.api.documents import DocumentsController
 from appliance.api.openai import OpenAIController
 from appliance.engines.registry import ModelRegistry
 from appliance.errors import ApplianceError
+from appliance.services.documents import DocumentService
 from appliance.services.embeddings import EmbeddingService
 from appliance.services.generation import GenerationService
 from appliance.settings import Settings
@@ -46,26 +49,42 @@ def version() -> dict[str, object]:
     }
 
 
+async def _resume(documents: DocumentService) -> None:
+    try:
+        await documents.resume()
+    except ApplianceError as exc:
+        log.error("resuming interrupted ingestion failed: %s", exc.message)
+    except Exception:
+        log.exception("resuming interrupted ingestion failed")
+
+
 def create_app(settings: Settings, registry: ModelRegistry) -> Litestar:
     generation = GenerationService(registry)
     embeddings = EmbeddingService(registry, max_inputs=settings.models.max_embedding_inputs)
+    documents = DocumentService(
+        settings.data_dir / "collections", registry, embedding_model=settings.retrieval.embedding_model
+    )
 
-    def start_loading() -> None:
+    async def start_loading() -> None:
         if settings.models.load == "startup":
             registry.load_all()
+        if settings.retrieval.resume_on_start and any(m.kind == "embedding" for m in registry.manifests()):
+            asyncio.get_running_loop().create_task(_resume(documents))
 
     def shutdown() -> None:
+        documents.close()
         registry.close()
 
     def const(value: object) -> Provide:
         return Provide(lambda: value, sync_to_thread=False, use_cache=True)
 
     return Litestar(
-        route_handlers=[health, version, OpenAIController],
+        route_handlers=[health, version, OpenAIController, DocumentsController],
         dependencies={
             "registry": const(registry),
             "generation_service": const(generation),
             "embedding_service": const(embeddings),
+            "document_service": const(documents),
         },
         exception_handlers={
             ApplianceError: handle_appliance_error,

@@ -66,13 +66,24 @@ class OnnxEmbeddingEngine:
             raise EngineError(f"model {model_id} failed to load: {exc}") from exc
         self._tokenizer.no_truncation()
         self._tokenizer.enable_padding()
+        # A second, unpadded copy for counting: padding is a tokenizer-wide switch, not per call.
+        self._counter = Tokenizer.from_file(str(tokenizer_path))
+        self._counter.no_truncation()
+        self._counter.no_padding()
         self._input_names = {i.name for i in self._session.get_inputs()}
         # One session run at a time keeps memory bounded; onnxruntime parallelises inside a run.
         self._lock = threading.Lock()
         log.info("loaded %s with providers %s", model_id, self._session.get_providers())
 
-    def count_tokens(self, texts: list[str]) -> list[int]:
-        return [len(e.ids) for e in self._tokenizer.encode_batch(texts, add_special_tokens=True)]
+    def count_tokens(self, texts: list[str], special: bool = True) -> list[int]:
+        """Tokens per text as the model sees them (special tokens included unless asked otherwise)."""
+        return [len(e.ids) for e in self._counter.encode_batch(texts, add_special_tokens=special)]
+
+    def truncate(self, text: str) -> str:
+        """The longest prefix of text that fits the model's window."""
+        offsets = self._counter.encode(text, add_special_tokens=False).offsets
+        keep = self.max_length - 2
+        return text if len(offsets) <= keep else text[: offsets[keep - 1][1]]
 
     def embed(self, texts: list[str]) -> Embeddings:
         lengths = self.count_tokens(texts)

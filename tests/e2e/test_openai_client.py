@@ -141,6 +141,14 @@ def test_embeddings_shape_norm_and_similarity(client: OpenAI) -> None:
     assert single.usage.prompt_tokens > 0
 
 
+def test_embedding_usage_counts_each_input_unpadded(client: OpenAI) -> None:
+    texts = ["hi", "A considerably longer sentence that has many more tokens than the first one does."]
+    singles = [client.embeddings.create(model="minilm", input=t).usage.prompt_tokens for t in texts]
+    both = client.embeddings.create(model="minilm", input=texts).usage.prompt_tokens
+    assert singles[0] == 3  # [CLS] hi [SEP]
+    assert both == sum(singles)
+
+
 def test_embeddings_base64(server: Server) -> None:
     body = {"model": "all-minilm-l6-v2", "input": ["hello world"]}
     floats = httpx.post(f"{server.url}/v1/embeddings", json=body).json()["data"][0]["embedding"]

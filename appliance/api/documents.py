@@ -1,0 +1,78 @@
+"""Collections, documents and search routes. Thin: decode, call the document service, encode."""
+
+from __future__ import annotations
+
+import msgspec
+from litestar import Controller, Request, Response, delete, get, post
+from litestar.datastructures import UploadFile
+
+from appliance.errors import InvalidRequest
+from appliance.protocol.documents import CreateCollection, DocumentIn, SearchHit, SearchRequest, SearchResponse
+from appliance.protocol.openai import decode_request
+from appliance.services.documents import DEFAULT_TENANT, DocumentService
+
+MAX_UPLOAD_BYTES = 256 * 1024 * 1024
+
+
+def _json(obj: object, status: int = 200) -> Response[bytes]:
+    return Response(content=msgspec.json.encode(obj), media_type="application/json", status_code=status)
+
+
+class DocumentsController(Controller):
+    path = "/v1/collections"
+
+    @post("/", status_code=201)
+    async def create_collection(self, request: Request, document_service: DocumentService) -> Response[bytes]:
+        body: CreateCollection = decode_request(await request.body(), CreateCollection)
+        return _json(await document_service.create(DEFAULT_TENANT, body.name), 201)
+
+    @get("/")
+    async def list_collections(self, document_service: DocumentService) -> Response[bytes]:
+        return _json({"object": "list", "data": document_service.list(DEFAULT_TENANT)})
+
+    @delete("/{name:str}", status_code=200)
+    async def delete_collection(self, name: str, document_service: DocumentService) -> Response[bytes]:
+        await document_service.delete(DEFAULT_TENANT, name)
+        return _json({"name": name, "deleted": True})
+
+    @post("/{name:str}/documents", status_code=200, request_max_body_size=MAX_UPLOAD_BYTES)
+    async def add_documents(self, name: str, request: Request, document_service: DocumentService) -> Response[bytes]:
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            form = await request.form()
+            files = []
+            for _, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    files.append((value.filename or "upload", await value.read()))
+            results = await document_service.ingest_files(DEFAULT_TENANT, name, files)
+        else:
+            doc: DocumentIn = decode_request(await request.body(), DocumentIn)
+            res = await document_service.ingest_text(
+                DEFAULT_TENANT, name, doc.text, doc_id=doc.id, title=doc.title, metadata=doc.metadata
+            )
+            results = [res]
+        counts = {s: sum(1 for r in results if r.status == s) for s in ("ingested", "unchanged", "failed")}
+        return _json({"collection": name, "results": results, **counts})
+
+    @get("/{name:str}/documents")
+    async def list_documents(self, name: str, document_service: DocumentService) -> Response[bytes]:
+        return _json({"object": "list", "data": await document_service.documents(DEFAULT_TENANT, name)})
+
+    @delete("/{name:str}/documents/{doc_id:str}", status_code=200)
+    async def delete_document(self, name: str, doc_id: str, document_service: DocumentService) -> Response[bytes]:
+        await document_service.delete_document(DEFAULT_TENANT, name, doc_id)
+        return _json({"id": doc_id, "deleted": True})
+
+    @post("/{name:str}/search", status_code=200)
+    async def search(self, name: str, request: Request, document_service: DocumentService) -> Response[bytes]:
+        body: SearchRequest = decode_request(await request.body(), SearchRequest)
+        f = body.filter
+        if f is not None and f.page_from is not None and f.page_to is not None and f.page_from > f.page_to:
+            raise InvalidRequest("filter.page_from is after filter.page_to.", param="filter")
+        hits = await document_service.search(DEFAULT_TENANT, name, body.query, top_k=body.top_k, mode=body.mode, flt=f)
+        data = [
+            SearchHit(h.document_id, h.chunk_id, h.title, h.source, h.page, h.heading, h.text, h.start, h.end,
+                      h.score, h.snippet, h.highlights, h.metadata)
+            for h in hits
+        ]
+        return _json(SearchResponse(body.query, body.mode, data))

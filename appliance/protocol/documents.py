@@ -1,0 +1,50 @@
+"""Wire types of the collections, documents and search API."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from appliance.retrieval.collection import SearchFilter
+
+
+class CreateCollection(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+
+
+class DocumentIn(msgspec.Struct, forbid_unknown_fields=True):
+    text: str
+    id: str | None = None
+    title: str | None = None
+    metadata: dict[str, str | int | float | bool] = {}
+
+
+class SearchRequest(msgspec.Struct, forbid_unknown_fields=True):
+    query: Annotated[str, msgspec.Meta(max_length=10_000)]
+    top_k: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5
+    mode: Literal["hybrid", "bm25", "vector"] = "hybrid"
+    filter: SearchFilter | None = None
+
+
+class SearchHit(msgspec.Struct):
+    document_id: str
+    chunk_id: int
+    title: str
+    source: str
+    page: int | None
+    heading: str | None
+    text: str
+    start: int
+    end: int
+    score: float
+    snippet: str
+    highlights: list[tuple[int, int]]
+    metadata: dict[str, Any]
+
+
+class SearchResponse(msgspec.Struct):
+    query: str
+    mode: str
+    data: list[SearchHit]
+    object: str = "list"

@@ -1,0 +1,136 @@
+"""Structure-aware, token-aware chunking with the embedding model's own tokenizer.
+
+Sections (pages, headings) are never merged; inside a section, paragraphs are packed into chunks of
+at most `max_tokens` tokens as the embedding model counts them (special tokens included), with about
+`overlap_tokens` of the previous chunk repeated at the start of the next. A paragraph too long for one
+chunk is split at sentences, then words, then characters, so no chunk is ever truncated by the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+
+import msgspec
+
+from appliance.retrieval.parsing import Section
+
+CountTokens = Callable[[list[str]], list[int]]
+"""Tokens of each text *without* special tokens."""
+
+_PARAGRAPHS = re.compile(r"\n\s*\n")
+_SENTENCES = re.compile(r"(?<=[.!?])\s+(?=\S)")
+_WORDS = re.compile(r"(?<=\S)\s+(?=\S)")
+SECTION_SEPARATOR = "\n\n"
+
+
+class Chunk(msgspec.Struct, frozen=True):
+    text: str
+    start: int
+    """Character offset of the chunk in the document's full text."""
+    end: int
+    page: int | None
+    heading: str | None
+    tokens: int
+    content_hash: str
+
+
+def full_text(sections: list[Section]) -> str:
+    return SECTION_SEPARATOR.join(s.text for s in sections)
+
+
+class Chunker:
+    def __init__(self, count_tokens: CountTokens, *, max_tokens: int = 256, special_tokens: int = 2, overlap_tokens: int = 32) -> None:
+        self._count = count_tokens
+        self._special = special_tokens
+        self.max_tokens = max_tokens
+        self._budget = max_tokens - special_tokens
+        self._overlap = min(overlap_tokens, self._budget // 4)
+
+    def chunk(self, sections: list[Section]) -> list[Chunk]:
+        chunks: list[Chunk] = []
+        offset = 0
+        for section in sections:
+            chunks.extend(self._section(section, offset))
+            offset += len(section.text) + len(SECTION_SEPARATOR)
+        return chunks
+
+    def _section(self, section: Section, base: int) -> list[Chunk]:
+        units = self._units(section.text)  # (start, end, tokens) spans of the section text
+        chunks: list[Chunk] = []
+        i = 0
+        while i < len(units):
+            j, used = i, 0
+            while j < len(units) and used + units[j][2] <= self._budget:
+                used += units[j][2]
+                j += 1
+            j = max(j, i + 1)
+            start, end = units[i][0], units[j - 1][1]
+            text = section.text[start:end].strip()
+            tokens = self._count([text])[0] + self._special
+            while tokens > self.max_tokens and j - i > 1:
+                # Joining units can add a token or two at the seams: drop units until it fits.
+                j -= 1
+                end = units[j - 1][1]
+                text = section.text[start:end].strip()
+                tokens = self._count([text])[0] + self._special
+            if text:
+                lead = len(section.text[start:end]) - len(section.text[start:end].lstrip())
+                s = base + start + lead
+                chunks.append(Chunk(text, s, s + len(text), section.page, section.heading, tokens, _hash(text)))
+            if j >= len(units):
+                break
+            # Overlap: restart at the latest units that fit in the overlap budget (always progressing).
+            back, carried = j, 0
+            while back - 1 > i and carried + units[back - 1][2] <= self._overlap:
+                back -= 1
+                carried += units[back][2]
+            i = back
+        return chunks
+
+    def _units(self, text: str) -> list[tuple[int, int, int]]:
+        """Spans that each fit the budget: paragraphs, else sentences, else words, else characters."""
+        spans = _split(text, 0, len(text), _PARAGRAPHS)
+        return self._fit(text, spans, (_SENTENCES, _WORDS))
+
+    def _fit(self, text: str, spans: list[tuple[int, int]], finer: tuple[re.Pattern[str], ...]) -> list[tuple[int, int, int]]:
+        counts = self._count([text[a:b] for a, b in spans]) if spans else []
+        out: list[tuple[int, int, int]] = []
+        for (a, b), n in zip(spans, counts):
+            if n <= self._budget:
+                out.append((a, b, n))
+            elif finer:
+                out.extend(self._fit(text, _split(text, a, b, finer[0]), finer[1:]))
+            else:
+                out.extend(self._hard_split(text, a, b))
+        return out
+
+    def _hard_split(self, text: str, a: int, b: int) -> list[tuple[int, int, int]]:
+        out = []
+        step = max(1, self._budget)  # one token is at least one character
+        while a < b:
+            end = min(b, a + step * 4)
+            while True:
+                n = self._count([text[a:end]])[0]
+                if n <= self._budget or end - a <= 1:
+                    break
+                end = a + max(1, (end - a) * 3 // 4)
+            out.append((a, end, n))
+            a = end
+        return out
+
+
+def _split(text: str, a: int, b: int, pattern: re.Pattern[str]) -> list[tuple[int, int]]:
+    spans, start = [], a
+    for match in pattern.finditer(text, a, b):
+        if match.start() > start:
+            spans.append((start, match.start()))
+        start = match.end()
+    if start < b:
+        spans.append((start, b))
+    return [(s, e) for s, e in spans if text[s:e].strip()]
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:32]

@@ -1,0 +1,70 @@
+"""Retrieval quality on a SQuAD-format file: each paragraph becomes a document, each question a query."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from appliance.retrieval.chunking import Chunker
+from appliance.retrieval.collection import Collection, DocumentInput
+from appliance.retrieval.parsing import Section
+
+Embed = Callable[[list[str]], np.ndarray]
+MODES = ("bm25", "vector", "hybrid")
+
+
+def load_squad(path: Path, limit: int | None = None) -> tuple[list[DocumentInput], list[tuple[str, str]]]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    docs, questions = [], []
+    for article in data["data"]:
+        for i, para in enumerate(article["paragraphs"]):
+            doc_id = f"{article.get('title', 'doc')}-{i}"
+            docs.append(DocumentInput(doc_id, article.get("title", ""), path.name, [Section(para["context"])]))
+            questions.extend((qa["question"], doc_id) for qa in para["qas"])
+    if limit:
+        questions = questions[:limit]
+    return docs, questions
+
+
+def evaluate(
+    dataset: Path,
+    embed: Embed,
+    chunker: Chunker,
+    *,
+    embedding_model: str,
+    ndim: int,
+    limit: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, dict[str, float]]:
+    docs, questions = load_squad(dataset, limit)
+    with tempfile.TemporaryDirectory(prefix="appliance-eval-") as tmp:
+        col = Collection(Path(tmp) / "eval", embedding_model=embedding_model, ndim=ndim, chunker=chunker)
+        col.ingest(docs, embed)
+        vectors = embed([q for q, _ in questions])
+        ranks: dict[str, list[int | None]] = {m: [] for m in MODES}
+        for (question, gold), vec in zip(questions, vectors):
+            for mode in MODES:
+                hits = col.search(question, top_k=30, mode=mode, query_vector=vec, snippets=False)
+                seen: list[str] = []
+                for h in hits:
+                    if h.document_id not in seen:
+                        seen.append(h.document_id)
+                ranks[mode].append(seen.index(gold) + 1 if gold in seen else None)
+            if progress:
+                progress(1)
+        col.close()
+    return {mode: _metrics(r) for mode, r in ranks.items()}
+
+
+def _metrics(ranks: list[int | None]) -> dict[str, float]:
+    n = len(ranks) or 1
+
+    def recall(k: int) -> float:
+        return sum(1 for r in ranks if r is not None and r <= k) / n
+
+    mrr = sum(1.0 / r for r in ranks if r is not None and r <= 10) / n
+    return {"recall@1": round(recall(1), 4), "recall@5": round(recall(5), 4), "recall@10": round(recall(10), 4), "mrr@10": round(mrr, 4)}

@@ -1,0 +1,111 @@
+"""BM25 over chunks with tantivy (the only module that imports it).
+
+One writer per index directory (tantivy allows one). `with index.writer()` would commit even when
+the block raises, so writes go through explicit commit/rollback here.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import msgspec
+import tantivy
+
+log = logging.getLogger(__name__)
+TITLE_BOOST = 2.0
+HEADING_BOOST = 1.5
+
+
+class LexicalHit(msgspec.Struct, frozen=True):
+    chunk_id: int
+    score: float
+
+
+class LexicalChunk(msgspec.Struct, frozen=True):
+    chunk_id: int
+    document_id: str
+    title: str
+    heading: str
+    text: str
+
+
+def _schema() -> tantivy.Schema:
+    b = tantivy.SchemaBuilder()
+    b.add_unsigned_field("chunk_id", stored=True, indexed=True, fast=True)
+    b.add_text_field("document_id", stored=False, tokenizer_name="raw")
+    b.add_text_field("title", stored=False, tokenizer_name="en_stem")
+    b.add_text_field("heading", stored=False, tokenizer_name="en_stem")
+    b.add_text_field("text", stored=True, tokenizer_name="en_stem")
+    return b.build()
+
+
+class LexicalIndex:
+    def __init__(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self._schema = _schema()
+        self._index = tantivy.Index(self._schema, path=str(path), reuse=True)
+        self._writer: tantivy.IndexWriter | None = None
+
+    def _w(self) -> tantivy.IndexWriter:
+        if self._writer is None:
+            self._writer = self._index.writer(heap_size=50_000_000, num_threads=1)
+        return self._writer
+
+    def add(self, chunks: list[LexicalChunk]) -> None:
+        w = self._w()
+        for c in chunks:
+            doc = tantivy.Document()
+            doc.add_unsigned("chunk_id", c.chunk_id)
+            doc.add_text("document_id", c.document_id)
+            doc.add_text("title", c.title)
+            doc.add_text("heading", c.heading)
+            doc.add_text("text", c.text)
+            w.add_document(doc)
+
+    def delete_document(self, document_id: str) -> None:
+        self._w().delete_documents_by_term("document_id", document_id)
+
+    def commit(self) -> None:
+        self._w().commit()
+        self._index.reload()
+
+    def rollback(self) -> None:
+        if self._writer is not None:
+            self._writer.rollback()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.wait_merging_threads()
+            self._writer = None
+
+    def search(self, text: str, limit: int) -> list[LexicalHit]:
+        """BM25 with title and heading boosts. User syntax never raises: parsing is lenient."""
+        query, _errors = self._index.parse_query_lenient(
+            text, ["text", "title", "heading"], field_boosts={"title": TITLE_BOOST, "heading": HEADING_BOOST}
+        )
+        searcher = self._index.searcher()
+        result = searcher.search(query, limit)
+        hits = []
+        for score, address in result.hits:
+            doc = searcher.doc(address)
+            hits.append(LexicalHit(int(doc.get_first("chunk_id")), float(score)))
+        return hits
+
+    def snippet(self, text: str, chunk_text: str, max_chars: int = 240) -> tuple[str, list[tuple[int, int]]]:
+        """A fragment of chunk_text with the query terms' ranges (as Python string indices)."""
+        query, _ = self._index.parse_query_lenient(text, ["text"])
+        searcher = self._index.searcher()
+        generator = tantivy.SnippetGenerator.create(searcher, query, self._schema, "text")
+        generator.set_max_num_chars(max_chars)
+        doc = tantivy.Document()
+        doc.add_text("text", chunk_text)
+        snippet = generator.snippet_from_doc(doc)
+        fragment = snippet.fragment()
+        raw = fragment.encode("utf-8")
+        # tantivy reports UTF-8 byte offsets; convert them before slicing Python strings.
+        ranges = [(len(raw[: r.start].decode("utf-8", "ignore")), len(raw[: r.end].decode("utf-8", "ignore"))) for r in snippet.highlighted()]
+        return fragment, ranges
+
+    def num_docs(self) -> int:
+        return self._index.searcher().num_docs

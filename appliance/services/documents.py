@@ -1,0 +1,233 @@
+"""Document collections: create, ingest files or text, list, delete, search. No HTTP in here."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from appliance.engines.registry import ModelRegistry
+from appliance.errors import ApplianceError, InvalidRequest
+from appliance.modelstore.manifest import Manifest
+from appliance.retrieval.chunking import Chunker
+from appliance.retrieval.collection import Collection, DocumentInput, Hit, IngestResult, SearchFilter
+from appliance.retrieval.parsing import DocumentError, Section, parse
+
+log = logging.getLogger(__name__)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_DOC_ID = re.compile(r"^[^\x00-\x1f/\\]{1,200}$")
+DEFAULT_TENANT = "default"
+
+
+class CollectionNotFound(ApplianceError):
+    status = 404
+    type = "invalid_request_error"
+    code = "collection_not_found"
+
+
+class CollectionExists(ApplianceError):
+    status = 409
+    type = "invalid_request_error"
+    code = "collection_exists"
+
+
+class DocumentNotFound(ApplianceError):
+    status = 404
+    type = "invalid_request_error"
+    code = "document_not_found"
+
+
+class FileResult(msgspec.Struct):
+    document_id: str | None
+    source: str
+    status: str
+    chunks: int = 0
+    error: str | None = None
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise InvalidRequest(
+            "Collection names use letters, digits, '_' and '-' (at most 64, starting with a letter or digit).",
+            param="name",
+        )
+    return name
+
+
+def check_document_id(doc_id: str) -> str:
+    if not _DOC_ID.match(doc_id):
+        raise InvalidRequest("Document ids are 1-200 characters without control characters or slashes.", param="id")
+    return doc_id
+
+
+class DocumentService:
+    def __init__(self, root: Path, registry: ModelRegistry, *, embedding_model: str) -> None:
+        self._root = root
+        self._registry = registry
+        self._embedding_name = embedding_model
+        self._open: dict[tuple[str, str], Collection] = {}
+        self._lock = threading.Lock()
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _dir(self, tenant: str, name: str) -> Path:
+        return self._root / tenant / check_name(name)
+
+    async def _embedder(self) -> tuple[Manifest, Any]:
+        manifest = self._registry.resolve(self._embedding_name, kinds=("embedding",))
+        return manifest, await self._registry.engine(manifest)
+
+    @staticmethod
+    def chunker_for(engine: Any) -> Chunker:
+        return Chunker(lambda texts: engine.count_tokens(texts, special=False), max_tokens=engine.max_length)
+
+    @staticmethod
+    def embed_fn(engine: Any) -> Callable[[list[str]], np.ndarray]:
+        return lambda texts: np.asarray(engine.embed(texts).vectors, dtype=np.float32)
+
+    async def _collection(self, tenant: str, name: str, *, create: bool = False) -> tuple[Collection, Any]:
+        path = self._dir(tenant, name)
+        manifest, engine = await self._embedder()
+        with self._lock:
+            col = self._open.get((tenant, name))
+            if col is None:
+                if not path.exists() and not create:
+                    raise CollectionNotFound(f"Collection '{name}' does not exist.", param="name")
+                col = await asyncio.to_thread(
+                    Collection,
+                    path,
+                    embedding_model=manifest.id,
+                    ndim=manifest.embedding_dim or 384,
+                    chunker=self.chunker_for(engine),
+                )
+                self._open[(tenant, name)] = col
+        return col, engine
+
+    def close(self) -> None:
+        with self._lock:
+            for col in self._open.values():
+                col.close()
+            self._open.clear()
+
+    # -- collections ---------------------------------------------------------------------------
+
+    async def create(self, tenant: str, name: str) -> dict[str, Any]:
+        if self._dir(tenant, name).exists():
+            raise CollectionExists(f"Collection '{name}' already exists.", param="name")
+        col, _ = await self._collection(tenant, name, create=True)
+        return {"name": name, **col.stats()}
+
+    def list(self, tenant: str) -> list[dict[str, Any]]:
+        base = self._root / tenant
+        if not base.is_dir():
+            return []
+        out = []
+        for path in sorted(base.iterdir()):
+            if path.is_dir() and _NAME.match(path.name):
+                col = self._open.get((tenant, path.name))
+                out.append({"name": path.name, **(col.stats() if col else {})})
+        return out
+
+    async def delete(self, tenant: str, name: str) -> None:
+        path = self._dir(tenant, name)
+        with self._lock:
+            col = self._open.pop((tenant, name), None)
+        if col is not None:
+            await asyncio.to_thread(col.close)
+        if not path.exists():
+            raise CollectionNotFound(f"Collection '{name}' does not exist.", param="name")
+        trash = path.with_name(f".deleting-{path.name}")
+        path.rename(trash)
+        await asyncio.to_thread(shutil.rmtree, trash, True)
+
+    # -- documents -----------------------------------------------------------------------------
+
+    async def ingest_files(self, tenant: str, name: str, files: list[tuple[str, bytes]]) -> list[FileResult]:
+        if not files:
+            raise InvalidRequest("No files were uploaded.", param="files")
+        col, engine = await self._collection(tenant, name)
+        results: list[FileResult] = []
+        inputs: list[tuple[int, DocumentInput]] = []
+        for filename, data in files:
+            source = Path(filename).name or "upload"
+            try:
+                sections = await asyncio.to_thread(parse, source, data)
+            except DocumentError as exc:
+                results.append(FileResult(None, source, "failed", error=exc.message))
+                continue
+            doc = DocumentInput(check_document_id(source), _title(source, sections), source, sections)
+            results.append(FileResult(doc.id, source, "pending"))
+            inputs.append((len(results) - 1, doc))
+        done = await asyncio.to_thread(col.ingest, [d for _, d in inputs], self.embed_fn(engine))
+        for (i, _), res in zip(inputs, done):
+            results[i] = FileResult(res.document_id, results[i].source, res.status, res.chunks, res.error)
+        return results
+
+    async def ingest_text(
+        self, tenant: str, name: str, text: str, *, doc_id: str | None, title: str | None, metadata: dict[str, Any]
+    ) -> IngestResult:
+        if not text.strip():
+            raise InvalidRequest("The document text is empty.", param="text")
+        col, engine = await self._collection(tenant, name)
+        doc_id = check_document_id(doc_id or hashlib.sha256(text.encode()).hexdigest()[:16])
+        doc = DocumentInput(doc_id, title or doc_id, "text", [Section(text)], metadata)
+        [result] = await asyncio.to_thread(col.ingest, [doc], self.embed_fn(engine))
+        return result
+
+    async def documents(self, tenant: str, name: str) -> list[dict[str, Any]]:
+        col, _ = await self._collection(tenant, name)
+        return col.documents()
+
+    async def delete_document(self, tenant: str, name: str, doc_id: str) -> None:
+        col, _ = await self._collection(tenant, name)
+        if not await asyncio.to_thread(col.delete, doc_id):
+            raise DocumentNotFound(f"Document '{doc_id}' is not in collection '{name}'.", param="id")
+
+    async def search(
+        self, tenant: str, name: str, query: str, *, top_k: int, mode: str, flt: SearchFilter | None
+    ) -> list[Hit]:
+        if not query.strip():
+            raise InvalidRequest("The query is empty.", param="query")
+        col, engine = await self._collection(tenant, name)
+        vector = None
+        if mode in ("vector", "hybrid"):
+            vector = (await asyncio.to_thread(self.embed_fn(engine), [_clip(engine, query)]))[0]
+        return await asyncio.to_thread(col.search, query, top_k=top_k, mode=mode, query_vector=vector, flt=flt)
+
+    async def resume(self) -> None:
+        """Re-ingest documents a crash left pending (their text is kept in the registry)."""
+        base = self._root
+        if not base.is_dir():
+            return
+        for tenant_dir in base.iterdir():
+            for path in tenant_dir.iterdir() if tenant_dir.is_dir() else []:
+                if not _NAME.match(path.name):
+                    continue
+                col, engine = await self._collection(tenant_dir.name, path.name)
+                pending = col.pending()
+                if pending:
+                    log.info("collection %s: resuming %d documents", path.name, len(pending))
+                    await asyncio.to_thread(col.ingest, pending, self.embed_fn(engine))
+
+
+def _title(source: str, sections: list[Section]) -> str:
+    for s in sections:
+        if s.heading:
+            return s.heading
+    return Path(source).stem
+
+
+def _clip(engine: Any, query: str) -> str:
+    """Queries longer than the encoder's window are cut to it rather than refused."""
+    if engine.count_tokens([query], special=True)[0] <= engine.max_length:
+        return query
+    return engine.truncate(query)

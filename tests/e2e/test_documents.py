@@ -1,0 +1,135 @@
+"""Collections, ingestion of real files and hybrid search through the real server."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.docfixtures import HTML, MARKDOWN, make_docx, make_encrypted_pdf, make_pdf
+from tests.e2e.conftest import Server
+
+
+@pytest.fixture
+def col(server: Server) -> str:
+    name = "manuals"
+    httpx.delete(f"{server.url}/v1/collections/{name}")
+    r = httpx.post(f"{server.url}/v1/collections", json={"name": name})
+    assert r.status_code == 201, r.text
+    return name
+
+
+def upload(server: Server, name: str, files: list[tuple[str, bytes]]) -> dict:
+    r = httpx.post(
+        f"{server.url}/v1/collections/{name}/documents",
+        files=[("files", (fn, data)) for fn, data in files],
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def search(server: Server, name: str, query: str, **kw: object) -> list[dict]:
+    r = httpx.post(f"{server.url}/v1/collections/{name}/search", json={"query": query, **kw}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["data"]
+
+
+def test_ingest_every_format_and_search_each_mode(server: Server, col: str) -> None:
+    pdf = make_pdf(["The compressor oil must be changed every 2000 hours.", "Page two covers the cooling fan belt tension."])
+    docx = make_docx("Turbine startup", ["Open the steam valve slowly to warm the casing.", "Check bearing temperatures."])
+    out = upload(
+        server,
+        col,
+        [("pump.html", HTML), ("boiler.md", MARKDOWN), ("compressor.pdf", pdf), ("turbine.docx", docx),
+         ("notes.txt", b"The forklift battery is charged overnight in bay 4.")],
+    )
+    assert out["ingested"] == 5 and out["failed"] == 0
+    for mode in ("bm25", "vector", "hybrid"):
+        hits = search(server, col, "how often should the mechanical seal be replaced", mode=mode, top_k=3)
+        assert hits[0]["document_id"] == "pump.html", (mode, hits)
+    pdf_hit = search(server, col, "cooling fan belt tension", top_k=1)[0]
+    assert (pdf_hit["document_id"], pdf_hit["page"]) == ("compressor.pdf", 2)
+    hit = search(server, col, "feedwater hardness", top_k=1)[0]
+    assert hit["document_id"] == "boiler.md" and hit["heading"] == "Water treatment"
+    assert hit["snippet"] and hit["highlights"]
+    start, end = hit["highlights"][0]
+    assert hit["snippet"][start:end].lower().startswith("feedwater")
+    docs = httpx.get(f"{server.url}/v1/collections/{col}/documents").json()["data"]
+    assert {d["id"] for d in docs} == {"pump.html", "boiler.md", "compressor.pdf", "turbine.docx", "notes.txt"}
+    assert all(d["state"] == "ready" for d in docs)
+
+
+def test_bad_files_fail_alone(server: Server, col: str) -> None:
+    out = upload(
+        server,
+        col,
+        [("good.txt", b"Lubricate the conveyor chain monthly."), ("empty.txt", b""), ("image.png", b"\x89PNG...."),
+         ("broken.pdf", b"%PDF-1.4 garbage"), ("locked.pdf", make_encrypted_pdf("secret plans")),
+         ("bad.docx", b"PK not really a zip")],
+    )
+    status = {r["source"]: r["status"] for r in out["results"]}
+    assert status == {"good.txt": "ingested", "empty.txt": "failed", "image.png": "failed", "broken.pdf": "failed",
+                      "locked.pdf": "failed", "bad.docx": "failed"}
+    errors = {r["source"]: r["error"] for r in out["results"]}
+    assert "encrypted" in errors["locked.pdf"] and "unsupported" in errors["image.png"] and "empty" in errors["empty.txt"]
+    assert search(server, col, "conveyor chain", top_k=1)[0]["document_id"] == "good.txt"
+
+
+def test_reingest_replace_skip_and_delete(server: Server, col: str) -> None:
+    base = f"{server.url}/v1/collections/{col}/documents"
+    r = httpx.post(base, json={"id": "policy", "title": "Leave policy", "text": "Staff get 25 days of annual leave."}).json()
+    assert r["ingested"] == 1
+    r = httpx.post(base, json={"id": "policy", "title": "Leave policy", "text": "Staff get 25 days of annual leave."}).json()
+    assert r["unchanged"] == 1
+    httpx.post(base, json={"id": "policy", "title": "Leave policy", "text": "Staff get 30 days of annual leave."})
+    hits = search(server, col, "annual leave days", mode="bm25")
+    assert [h["text"] for h in hits] == ["Staff get 30 days of annual leave."]
+    assert httpx.delete(f"{base}/policy").status_code == 200
+    assert search(server, col, "annual leave days") == []
+    assert httpx.delete(f"{base}/policy").status_code == 404
+
+
+def test_metadata_and_page_filters(server: Server, col: str) -> None:
+    base = f"{server.url}/v1/collections/{col}/documents"
+    for i, dept in enumerate(["finance", "legal", "finance"]):
+        httpx.post(base, json={"id": f"memo{i}", "text": f"Memo {i}: the audit deadline is in March.", "metadata": {"dept": dept}})
+    hits = search(server, col, "audit deadline", filter={"metadata": {"dept": "legal"}})
+    assert [h["document_id"] for h in hits] == ["memo1"]
+    hits = search(server, col, "audit deadline", filter={"document_id": ["memo0", "memo2"]}, top_k=10)
+    assert {h["document_id"] for h in hits} == {"memo0", "memo2"}
+    upload(server, col, [("manual.pdf", make_pdf(["alpha pressure gauge", "beta pressure gauge", "gamma pressure gauge"]))])
+    hits = search(server, col, "pressure gauge", filter={"document_id": "manual.pdf", "page_from": 2, "page_to": 3}, top_k=10)
+    assert sorted(h["page"] for h in hits) == [2, 3]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("post", "/v1/collections", {"name": "../etc"}, 400),
+        ("post", "/v1/collections", {"name": ""}, 400),
+        ("post", "/v1/collections", {"nom": "x"}, 400),
+        ("post", "/v1/collections/missing/search", {"query": "x"}, 404),
+        ("get", "/v1/collections/missing/documents", None, 404),
+        ("delete", "/v1/collections/missing", None, 404),
+        ("post", "/v1/collections/manuals/search", {"query": ""}, 400),
+        ("post", "/v1/collections/manuals/search", {"query": "x", "mode": "magic"}, 400),
+        ("post", "/v1/collections/manuals/search", {"query": "x", "top_k": 0}, 400),
+        ("post", "/v1/collections/manuals/search", {"query": "x", "filter": {"page_from": 3, "page_to": 1}}, 400),
+        ("post", "/v1/collections/manuals/documents", {"text": "   "}, 400),
+        ("post", "/v1/collections/manuals/documents", {"text": "x", "id": "a/b"}, 400),
+    ],
+)
+def test_bad_input_is_rejected_clearly(server: Server, col: str, method: str, path: str, body: dict | None, status: int) -> None:
+    r = getattr(httpx, method)(f"{server.url}{path}", **({"json": body} if body is not None else {}))
+    assert r.status_code == status, r.text
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_lenient_query_syntax_and_duplicate_collection(server: Server, col: str) -> None:
+    httpx.post(f"{server.url}/v1/collections/{col}/documents", json={"text": "valve AND pump maintenance"})
+    for q in ("valve AND (", 'title:"unclosed', "*** ??? ((("):
+        assert httpx.post(f"{server.url}/v1/collections/{col}/search", json={"query": q}).status_code == 200
+    r = httpx.post(f"{server.url}/v1/collections", json={"name": col})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "collection_exists"
+    names = [c["name"] for c in httpx.get(f"{server.url}/v1/collections").json()["data"]]
+    assert col in names
