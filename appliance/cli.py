@@ -252,3 +252,169 @@ def models_install_defaults(ctx: click.Context) -> None:
             click.echo(f"{'installed' if installed else 'present  '} {template.id}")
     except ApplianceError as exc:
         _fail(exc)
+
+
+# -- documents -------------------------------------------------------------------------------------
+
+
+def _document_service(ctx: click.Context) -> Any:
+    """A DocumentService over the data directory with just the embedding model loaded."""
+    from appliance.engines.factory import NativeEngineFactory
+    from appliance.engines.registry import ModelRegistry
+    from appliance.modelstore.store import ModelStore
+    from appliance.services.documents import DocumentService
+
+    settings = _settings(ctx)
+    _setup_logging("warning")
+    store = ModelStore(settings.models_dir)
+    manifests = [m for m in store.manifests() if m.kind == "embedding"]
+    registry = ModelRegistry(manifests, NativeEngineFactory(store, settings.models), load_timeout_s=600)
+    return DocumentService(
+        settings.data_dir / "collections", registry, embedding_model=settings.retrieval.embedding_model
+    ), registry
+
+
+def _run_documents(ctx: click.Context, work: Any) -> Any:
+    import asyncio
+
+    service, registry = _document_service(ctx)
+    try:
+        return asyncio.run(work(service))
+    except ApplianceError as exc:
+        _fail(exc)
+    except OSError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except ValueError as exc:  # tantivy LockBusy and friends
+        click.echo(f"error: {exc} (is a running server using this collection? use the HTTP API)", err=True)
+        sys.exit(1)
+    finally:
+        service.close()
+        registry.close()
+
+
+@main.group()
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Data directory (or APPLIANCE_DATA_DIR).")
+def collections(data_dir: str | None) -> None:
+    """Create, list and delete document collections (on disk; use the API while the server runs)."""
+
+
+@collections.command("create")
+@click.argument("name")
+@click.pass_context
+def collections_create(ctx: click.Context, name: str) -> None:
+    """Create an empty collection."""
+    _run_documents(ctx, lambda s: s.create("default", name))
+    click.echo(f"created {name}")
+
+
+@collections.command("list")
+@click.pass_context
+def collections_list(ctx: click.Context) -> None:
+    """List collections."""
+    service, registry = _document_service(ctx)
+    for c in service.list("default"):
+        click.echo(c["name"])
+    registry.close()
+
+
+@collections.command("delete")
+@click.argument("name")
+@click.pass_context
+def collections_delete(ctx: click.Context, name: str) -> None:
+    """Delete a collection and its indexes."""
+    _run_documents(ctx, lambda s: s.delete("default", name))
+    click.echo(f"deleted {name}")
+
+
+@main.command()
+@click.argument("collection")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--create", is_flag=True, help="Create the collection if it does not exist.")
+@click.option("--batch", default=16, show_default=True, help="Files per index commit.")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Data directory (or APPLIANCE_DATA_DIR).")
+@click.pass_context
+def ingest(ctx: click.Context, collection: str, paths: tuple[Path, ...], create: bool, batch: int, data_dir: str | None) -> None:
+    """Ingest files (.txt .md .html .pdf .docx) or folders of them into COLLECTION."""
+    from appliance.retrieval.parsing import SUPPORTED
+
+    files = []
+    for p in paths:
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUPPORTED)
+        else:
+            files.append(p)
+
+    async def work(service: Any) -> list[Any]:
+        from appliance.services.documents import CollectionNotFound
+
+        try:
+            await service.documents("default", collection)
+        except CollectionNotFound:
+            if not create:
+                raise
+            await service.create("default", collection)
+        results = []
+        with _bar(len(files), f"ingesting into {collection}") as bar:
+            for i in range(0, len(files), batch):
+                group = files[i : i + batch]
+                results += await service.ingest_files("default", collection, [(f.name, f.read_bytes()) for f in group])
+                bar.update(len(group))
+        return results
+
+    results = _run_documents(ctx, work)
+    for r in results:
+        line = f"{r.status:<9} {r.source}" + (f" ({r.chunks} chunks)" if r.chunks else "")
+        click.echo(line + (f": {r.error}" if r.error else ""))
+    if any(r.status == "failed" for r in results):
+        sys.exit(2)
+
+
+@main.command()
+@click.argument("collection")
+@click.argument("query")
+@click.option("--mode", type=click.Choice(["hybrid", "bm25", "vector"]), default="hybrid", show_default=True)
+@click.option("--top-k", default=5, show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Data directory (or APPLIANCE_DATA_DIR).")
+@click.pass_context
+def search(ctx: click.Context, collection: str, query: str, mode: str, top_k: int, data_dir: str | None) -> None:
+    """Search COLLECTION and print the best chunks."""
+    hits = _run_documents(ctx, lambda s: s.search("default", collection, query, top_k=top_k, mode=mode, flt=None))
+    for i, h in enumerate(hits, 1):
+        where = h.source + (f" p.{h.page}" if h.page else "")
+        click.echo(f"[{i}] {h.score:.3f} {where}: {h.snippet or h.text[:200]}")
+
+
+@main.group("eval")
+def eval_group() -> None:
+    """Measure retrieval quality."""
+
+
+@eval_group.command("retrieval")
+@click.option("--dataset", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="SQuAD-format JSON.")
+@click.option("--limit", type=int, help="Evaluate only the first N questions.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Data directory (or APPLIANCE_DATA_DIR).")
+@click.pass_context
+def eval_retrieval(ctx: click.Context, dataset: Path, limit: int | None, as_json: bool, data_dir: str | None) -> None:
+    """Recall@1/5/10 and MRR@10 of bm25, vector and hybrid search, one document per paragraph."""
+    from appliance.retrieval.evaluate import evaluate, load_squad
+
+    async def work(service: Any) -> dict[str, dict[str, float]]:
+        manifest, engine = await service.embedder()
+        n = len(load_squad(dataset, limit)[1])
+        with _bar(n, "questions") as bar:
+            return await asyncio.to_thread(
+                evaluate, dataset, service.embed_fn(engine), service.chunker_for(engine),
+                embedding_model=manifest.id, ndim=manifest.embedding_dim or 384, limit=limit, progress=bar.update,
+            )
+
+    import asyncio
+
+    scores = _run_documents(ctx, work)
+    if as_json:
+        click.echo(json.dumps(scores, indent=2))
+        return
+    click.echo(f"{'mode':<8} {'R@1':>7} {'R@5':>7} {'R@10':>7} {'MRR@10':>7}")
+    for mode, m in scores.items():
+        click.echo(f"{mode:<8} {m['recall@1']:>7.3f} {m['recall@5']:>7.3f} {m['recall@10']:>7.3f} {m['mrr@10']:>7.3f}")

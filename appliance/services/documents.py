@@ -82,7 +82,7 @@ class DocumentService:
     def _dir(self, tenant: str, name: str) -> Path:
         return self._root / tenant / check_name(name)
 
-    async def _embedder(self) -> tuple[Manifest, Any]:
+    async def embedder(self) -> tuple[Manifest, Any]:
         manifest = self._registry.resolve(self._embedding_name, kinds=("embedding",))
         return manifest, await self._registry.engine(manifest)
 
@@ -96,7 +96,7 @@ class DocumentService:
 
     async def _collection(self, tenant: str, name: str, *, create: bool = False) -> tuple[Collection, Any]:
         path = self._dir(tenant, name)
-        manifest, engine = await self._embedder()
+        manifest, engine = await self.embedder()
         with self._lock:
             col = self._open.get((tenant, name))
             if col is None:
