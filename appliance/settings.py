@@ -64,6 +64,8 @@ class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class RetrievalSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     embedding_model: str = "all-minilm-l6-v2"
     """Embedding model (id or alias) that collections are built with."""
+    answer_model: str | None = None
+    """Model for grounded answers when a request names none; default: the first chat/completion model."""
     resume_on_start: bool = True
     """Re-ingest documents that a crash left half-ingested, once the server has started."""
 

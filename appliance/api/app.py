@@ -17,6 +17,7 @@ from appliance.api.documents import DocumentsController
 from appliance.api.openai import OpenAIController
 from appliance.engines.registry import ModelRegistry
 from appliance.errors import ApplianceError
+from appliance.services.ask import AskService
 from appliance.services.documents import DocumentService
 from appliance.services.embeddings import EmbeddingService
 from appliance.services.generation import GenerationService
@@ -65,6 +66,8 @@ def create_app(settings: Settings, registry: ModelRegistry) -> Litestar:
         settings.data_dir / "collections", registry, embedding_model=settings.retrieval.embedding_model
     )
 
+    ask = AskService(documents, generation, registry, default_model=settings.retrieval.answer_model)
+
     async def start_loading() -> None:
         if settings.models.load == "startup":
             registry.load_all()
@@ -85,6 +88,7 @@ def create_app(settings: Settings, registry: ModelRegistry) -> Litestar:
             "generation_service": const(generation),
             "embedding_service": const(embeddings),
             "document_service": const(documents),
+            "ask_service": const(ask),
         },
         exception_handlers={
             ApplianceError: handle_appliance_error,

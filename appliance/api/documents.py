@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import msgspec
+from collections.abc import AsyncIterator
+from typing import Any
+
 from litestar import Controller, Request, Response, delete, get, post
+from litestar.response import Stream
 from litestar.datastructures import UploadFile
 
 from appliance.errors import InvalidRequest
-from appliance.protocol.documents import CreateCollection, DocumentIn, SearchHit, SearchRequest, SearchResponse
+from appliance.api.errors import error_body
+from appliance.errors import ApplianceError
+from appliance.protocol.documents import AskRequest, CreateCollection, DocumentIn, SearchHit, SearchRequest, SearchResponse
+from appliance.services.ask import AskService
 from appliance.protocol.openai import decode_request
 from appliance.services.documents import DEFAULT_TENANT, DocumentService
 
@@ -76,3 +83,21 @@ class DocumentsController(Controller):
             for h in hits
         ]
         return _json(SearchResponse(body.query, body.mode, data))
+
+    @post("/{name:str}/ask", status_code=200)
+    async def ask(self, name: str, request: Request, ask_service: AskService) -> Response[bytes] | Stream:
+        body: AskRequest = decode_request(await request.body(), AskRequest)
+        args = dict(top_k=body.top_k, model=body.model, max_tokens=body.max_tokens)
+        if not body.stream:
+            return _json(await ask_service.ask(DEFAULT_TENANT, name, body.question, **args))
+        events = await ask_service.stream(DEFAULT_TENANT, name, body.question, **args)
+        return Stream(_sse(events), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    try:
+        async for event in events:
+            yield b"data: " + msgspec.json.encode(event) + b"\n\n"
+        yield b"data: [DONE]\n\n"
+    except ApplianceError as exc:
+        yield b"data: " + msgspec.json.encode(error_body(exc)) + b"\n\n"

@@ -69,6 +69,8 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_de
     """Jinja template turning `messages` into a prompt; required for kind = chat."""
     stop: list[str] = []
     """Stop strings always applied (e.g. the end-of-turn marker of the chat template)."""
+    instruction_tuned: bool = True
+    """False for base models: grounded answers then use a completion-style prompt, not the chat template."""
     sampling: Sampling = msgspec.field(default_factory=Sampling)
     gpu_layers: Literal["auto"] | Annotated[int, msgspec.Meta(ge=-1)] = "auto"
     """Layers to offload: "auto" = all when a GPU backend is present, else 0."""

@@ -300,7 +300,14 @@ class ModelStore:
             if all(a.sha256 == b.sha256 for a, b in zip(current.files(), template.files())) and self.sizes_match(
                 current
             ):
-                return None
+                wanted = msgspec.structs.replace(template, created=current.created)
+                if wanted == current:
+                    return None
+                # Same files, newer catalogue entry (template, stops, defaults): refresh the manifest only.
+                tmp = existing.with_suffix(".tmp")
+                write_manifest(wanted, tmp)
+                os.replace(tmp, existing)
+                return wanted
             raise ModelStoreError(
                 f"{template.id} is installed but differs from the catalogue; run `appliance models remove "
                 f"{template.id}` first",

@@ -48,3 +48,11 @@ class SearchResponse(msgspec.Struct):
     mode: str
     data: list[SearchHit]
     object: str = "list"
+
+
+class AskRequest(msgspec.Struct, forbid_unknown_fields=True):
+    question: Annotated[str, msgspec.Meta(max_length=10_000)]
+    top_k: Annotated[int, msgspec.Meta(ge=1, le=20)] = 5
+    stream: bool = False
+    model: str | None = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 256

@@ -14,7 +14,7 @@ from appliance.engines.registry import ChatEngine, ModelRegistry
 from appliance.errors import ApplianceError, EngineError
 from appliance.modelstore.manifest import Manifest
 from appliance.protocol.openai import ChatCompletionRequest, CompletionRequest
-from appliance.types import Chunk, GenerationRequest, Usage
+from appliance.types import Chunk, GenerationRequest, SamplingParams, Usage
 
 log = logging.getLogger(__name__)
 _END = object()
@@ -61,12 +61,11 @@ class GenerationService:
         self._templates = ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False)
 
     def render_chat(self, manifest: Manifest, request: ChatCompletionRequest) -> str:
-        messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(request.messages)]
-        if messages[-1]["role"] == "assistant":
-            # A trailing assistant message is a prefill: continue it rather than open a new turn.
-            add_generation_prompt = False
-        else:
-            add_generation_prompt = True
+        return self._render(manifest, [{"role": m.role, "content": m.text(i)} for i, m in enumerate(request.messages)])
+
+    def _render(self, manifest: Manifest, messages: list[dict[str, str]]) -> str:
+        # A trailing assistant message is a prefill: continue it rather than open a new turn.
+        add_generation_prompt = messages[-1]["role"] != "assistant"
         try:
             template = self._templates.from_string(manifest.chat_template or "")
             prompt = template.render(messages=messages, add_generation_prompt=add_generation_prompt)
@@ -91,6 +90,26 @@ class GenerationService:
         manifest = self._registry.resolve(request.model, kinds=("chat", "completion"))
         return await self._start(manifest, request.prompt_text, request.max_tokens, request)
 
+    async def generate(
+        self,
+        manifest: Manifest,
+        *,
+        prompt: str,
+        messages: list[dict[str, str]] | None = None,
+        max_tokens: int,
+        stop: tuple[str, ...] = (),
+        temperature: float = 0.0,
+    ) -> Generation:
+        """For other services (grounded answers): a prompt, or messages for the model's chat template."""
+        if messages is not None:
+            prompt = self._render(manifest, messages)
+        d = manifest.sampling
+        sampling = SamplingParams(
+            temperature=temperature, top_p=d.top_p, top_k=d.top_k, min_p=d.min_p, repeat_penalty=d.repeat_penalty
+        )
+        request = GenerationRequest(prompt=prompt, max_tokens=max_tokens, stop=(*stop, *manifest.stop), sampling=sampling)
+        return await self._launch(manifest, request)
+
     async def _start(
         self,
         manifest: Manifest,
@@ -99,7 +118,6 @@ class GenerationService:
         request: ChatCompletionRequest | CompletionRequest,
         json_schema: str | None = None,
     ) -> Generation:
-        engine = await self._registry.engine(manifest)
         generation = GenerationRequest(
             prompt=prompt,
             max_tokens=max_tokens if max_tokens is not None else manifest.sampling.max_tokens,
@@ -108,6 +126,10 @@ class GenerationService:
             json_schema=json_schema,
             priority=request.priority_level,
         )
+        return await self._launch(manifest, generation)
+
+    async def _launch(self, manifest: Manifest, generation: GenerationRequest) -> Generation:
+        engine = await self._registry.engine(manifest)
         rest = self._run(engine, generation)
         try:
             first = await anext(rest)

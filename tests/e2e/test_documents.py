@@ -133,3 +133,34 @@ def test_lenient_query_syntax_and_duplicate_collection(server: Server, col: str)
     assert r.status_code == 409 and r.json()["error"]["code"] == "collection_exists"
     names = [c["name"] for c in httpx.get(f"{server.url}/v1/collections").json()["data"]]
     assert col in names
+
+
+def test_ask_cites_sources_streams_and_admits_ignorance(server: Server, col: str) -> None:
+    base = f"{server.url}/v1/collections/{col}"
+    httpx.post(f"{base}/documents", json={"id": "lib", "title": "Library", "text": "The city library opens at 9 am on weekdays."})
+    httpx.post(f"{base}/documents", json={"id": "pool", "title": "Pool", "text": "The swimming pool closes at 8 pm every day."})
+    r = httpx.post(f"{base}/ask", json={"question": "When does the city library open on weekdays?", "max_tokens": 40}, timeout=120)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "gemma3-270m"
+    assert body["sources"][0]["document_id"] == "lib"
+    assert "9" in body["answer"]
+    assert body["citations"] and body["citations"][0]["document_id"] == "lib"
+    assert body["citations"][0]["supported"] and body["grounded"]
+    assert body["usage"]["completion_tokens"] > 0
+    # Streaming: sources first, then text deltas, then the checked answer; the same text either way.
+    events = []
+    with httpx.stream("POST", f"{base}/ask", json={"question": "When does the city library open on weekdays?",
+                                                    "max_tokens": 40, "stream": True}, timeout=120) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(__import__("json").loads(line[6:]))
+    assert events[0]["type"] == "sources" and events[-1]["type"] == "done"
+    streamed = "".join(e["text"] for e in events if e["type"] == "delta")
+    assert streamed.strip() == events[-1]["answer"] == body["answer"]
+    # Nothing relevant: no invented answer.
+    r = httpx.post(f"{base}/ask", json={"question": "What is the airspeed velocity of an unladen swallow?"}, timeout=120)
+    assert r.json()["sources"] == [] and r.json()["grounded"] is False
+    assert "enough information" in r.json()["answer"]
+    assert httpx.post(f"{server.url}/v1/collections/missing/ask", json={"question": "x"}).status_code == 404
+    assert httpx.post(f"{base}/ask", json={"question": "  "}).status_code == 400
