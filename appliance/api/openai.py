@@ -29,7 +29,10 @@ from appliance.protocol.responses import (
     now,
     usage_out,
 )
+from appliance.services.ask import AskService
+from appliance.services.documents import DEFAULT_TENANT
 from appliance.services.embeddings import EmbeddingService
+from appliance.types import Usage
 from appliance.services.generation import Generation, GenerationService
 
 log = logging.getLogger(__name__)
@@ -87,6 +90,41 @@ async def _completion_events(generation: Generation, include_usage: bool, echo: 
             yield _event(TextCompletion(cid, created, model, [], usage=usage_out(piece.usage)))
 
 
+async def _grounded_chat(body: ChatCompletionRequest, ask: AskService) -> Response[bytes] | Stream:
+    """`collection` in a chat request: the same retrieval, prompt and checks as /ask, in OpenAI's shape."""
+    body.check()
+    args = dict(top_k=body.collection_top_k, model=body.model, max_tokens=body.token_limit or 256)
+    if body.stream:
+        events = await ask.stream(DEFAULT_TENANT, body.collection or "", body.question(), **args)
+        return Stream(_grounded_events(events), media_type="text/event-stream", headers=_SSE_HEADERS)
+    answer = await ask.ask(DEFAULT_TENANT, body.collection or "", body.question(), **args)
+    usage = Usage(prompt_tokens=answer.usage["prompt_tokens"], completion_tokens=answer.usage["completion_tokens"])
+    choice = ChatChoice(0, AssistantMessage(answer.answer), "stop")
+    return _json(
+        ChatCompletion(new_id("chatcmpl"), now(), answer.model, [choice], usage_out(usage),
+                       citations=answer.citations, grounded=answer.grounded)
+    )
+
+
+async def _grounded_events(events: AsyncIterator[dict]) -> AsyncIterator[bytes]:
+    cid, created = new_id("chatcmpl"), now()
+    model = ""
+    try:
+        async for event in events:
+            if event["type"] == "delta":
+                yield _event(ChatCompletionChunk(cid, created, model, [ChunkChoice(0, Delta(content=event["text"]))]))
+            elif event["type"] == "sources":
+                yield _event(ChatCompletionChunk(cid, created, model, [ChunkChoice(0, Delta(role="assistant", content=""))]))
+            elif event["type"] == "done":
+                model = event["model"]
+                final = msgspec.to_builtins(ChatCompletionChunk(cid, created, model, [ChunkChoice(0, Delta(), "stop")]))
+                final["citations"], final["grounded"] = event["citations"], event["grounded"]
+                yield b"data: " + _encode(final) + b"\n\n"
+        yield b"data: [DONE]\n\n"
+    except ApplianceError as exc:
+        yield _event(error_body(exc))
+
+
 class OpenAIController(Controller):
     path = "/v1"
 
@@ -102,9 +140,11 @@ class OpenAIController(Controller):
 
     @post("/chat/completions", status_code=200)
     async def chat_completions(
-        self, request: Request, generation_service: GenerationService
+        self, request: Request, generation_service: GenerationService, ask_service: AskService
     ) -> Response[bytes] | Stream:
         body: ChatCompletionRequest = decode_request(await request.body(), ChatCompletionRequest)
+        if body.collection is not None:
+            return await _grounded_chat(body, ask_service)
         generation = await generation_service.chat(body)
         if body.stream:
             events = _chat_events(generation, body.include_usage)

@@ -123,6 +123,15 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     max_completion_tokens: MaxTokens | None = None
     response_format: ResponseFormat | None = None
     tools: Any = None
+    collection: str | None = None
+    """Appliance extension: answer from this document collection, with citations."""
+    collection_top_k: Annotated[int, msgspec.Meta(ge=1, le=20)] = 5
+
+    def question(self) -> str:
+        for i in range(len(self.messages) - 1, -1, -1):
+            if self.messages[i].role == "user":
+                return self.messages[i].text(i)
+        raise InvalidRequest("A grounded chat needs a user message.", param="messages")
 
     def check(self) -> None:
         self.check_common()

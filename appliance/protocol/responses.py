@@ -41,6 +41,9 @@ class ChatCompletion(msgspec.Struct):
     usage: UsageOut
     object: str = "chat.completion"
     system_fingerprint: str = FINGERPRINT
+    citations: list[Any] | msgspec.UnsetType = msgspec.UNSET
+    """Appliance extension, with `collection` in the request: the checked citations (else absent)."""
+    grounded: bool | msgspec.UnsetType = msgspec.UNSET
 
 
 class Delta(msgspec.Struct, omit_defaults=True):

@@ -164,3 +164,16 @@ def test_ask_cites_sources_streams_and_admits_ignorance(server: Server, col: str
     assert "enough information" in r.json()["answer"]
     assert httpx.post(f"{server.url}/v1/collections/missing/ask", json={"question": "x"}).status_code == 404
     assert httpx.post(f"{base}/ask", json={"question": "  "}).status_code == 400
+
+
+def test_chat_completions_with_a_collection_is_grounded(server: Server, col: str, client) -> None:  # type: ignore[no-untyped-def]
+    httpx.post(f"{server.url}/v1/collections/{col}/documents", json={"id": "lib", "text": "The city library opens at 9 am on weekdays."})
+    messages = [{"role": "user", "content": "When does the city library open on weekdays?"}]
+    resp = client.chat.completions.create(model="gemma3", messages=messages, max_tokens=40, extra_body={"collection": col})
+    extra = resp.model_extra or {}
+    assert "9" in resp.choices[0].message.content
+    assert extra["citations"][0]["document_id"] == "lib" and extra["grounded"] is True
+    stream = client.chat.completions.create(model="gemma3", messages=messages, max_tokens=40, stream=True, extra_body={"collection": col})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip() == resp.choices[0].message.content
+    assert (chunks[-1].model_extra or {})["citations"][0]["document_id"] == "lib"
