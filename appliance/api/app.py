@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from importlib import metadata
+from importlib import metadata, resources
+from typing import Any
 
 from litestar import Litestar, Response, get
 from litestar.datastructures import State
@@ -39,6 +40,23 @@ def health(registry: ModelRegistry) -> Response[dict[str, object]]:
     return Response(
         {"status": status, "models": registry.status()}, status_code=200 if status == "ok" else 503
     )
+
+
+_PAGE_HEADERS = {
+    # Air-gapped page: nothing but this server, ever.
+    "Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+def _page_handler() -> Any:
+    page = (resources.files("appliance") / "web" / "index.html").read_bytes()
+
+    @get("/", sync_to_thread=False, include_in_schema=False)
+    def index() -> Response[bytes]:
+        return Response(page, media_type="text/html; charset=utf-8", headers=_PAGE_HEADERS)
+
+    return index
 
 
 @get("/version", sync_to_thread=False)
@@ -82,7 +100,7 @@ def create_app(settings: Settings, registry: ModelRegistry) -> Litestar:
         return Provide(lambda: value, sync_to_thread=False, use_cache=True)
 
     return Litestar(
-        route_handlers=[health, version, OpenAIController, DocumentsController],
+        route_handlers=[_page_handler(), health, version, OpenAIController, DocumentsController],
         dependencies={
             "registry": const(registry),
             "generation_service": const(generation),
