@@ -78,7 +78,7 @@ class Chunker:
             if text:
                 lead = len(section.text[start:end]) - len(section.text[start:end].lstrip())
                 s = base + start + lead
-                chunks.append(Chunk(text, s, s + len(text), section.page, section.heading, tokens, _hash(text)))
+                chunks.append(Chunk(text, s, s + len(text), section.page, section.heading, tokens, content_digest(text)))
             if j >= len(units):
                 break
             # Overlap: restart at the latest units that fit in the overlap budget (always progressing).
@@ -132,5 +132,5 @@ def _split(text: str, a: int, b: int, pattern: re.Pattern[str]) -> list[tuple[in
     return [(s, e) for s, e in spans if text[s:e].strip()]
 
 
-def _hash(text: str) -> str:
+def content_digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]

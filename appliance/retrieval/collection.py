@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from appliance.retrieval.chunking import Chunk, Chunker
+from appliance.retrieval.chunking import Chunk, Chunker, content_digest, full_text
 from appliance.retrieval.fusion import fuse
 from appliance.retrieval.lexical import LexicalChunk, LexicalIndex
 from appliance.retrieval.parsing import Section
@@ -36,6 +36,7 @@ from appliance.storage.sqlite import connect, migrate
 log = logging.getLogger(__name__)
 Embed = Callable[[list[str]], np.ndarray]
 COMPACT_TOMBSTONE_SHARE = 0.25
+BATCH_CHUNKS = 2048  # chunks per commit of a large ingest
 
 
 def _m1(conn: sqlite3.Connection) -> None:
@@ -187,73 +188,108 @@ class Collection:
 
     # -- writes --------------------------------------------------------------------------------
 
-    def ingest(self, docs: list[DocumentInput], embed: Embed, progress: Callable[[int], None] | None = None) -> list[IngestResult]:
-        """Chunk, embed and index documents; unchanged ones (same content hash) are skipped."""
+    def ingest(
+        self, docs: list[DocumentInput], embed: Embed, progress: Callable[[int], None] | None = None
+    ) -> list[IngestResult]:
+        """Chunk, embed and index documents; unchanged ones (same content hash) are skipped.
+
+        Documents go through the commit protocol in batches (one tantivy commit and one usearch save
+        per batch); a batch becomes visible all at once.
+        """
         results: list[IngestResult] = []
         with self._write:
+            batch: list[tuple[DocumentInput, str, list[Chunk]]] = []
+            size = 0
+            seen: set[str] = set()
             for doc in docs:
-                results.append(self._ingest_one(doc, embed))
-                if progress:
-                    progress(1)
+                if doc.id in seen:
+                    results.append(IngestResult(doc.id, "failed", error="the same document id twice in one request"))
+                    continue
+                seen.add(doc.id)
+                prepared = self._prepare(doc)
+                if isinstance(prepared, IngestResult):
+                    results.append(prepared)
+                    if progress:
+                        progress(1)
+                    continue
+                batch.append(prepared)
+                size += len(prepared[2])
+                if size >= BATCH_CHUNKS:
+                    results += self._commit_batch(batch, embed, progress)
+                    batch, size = [], 0
+            if batch:
+                results += self._commit_batch(batch, embed, progress)
             self._maybe_compact()
-        return results
+        order: dict[str, int] = {}
+        for i, d in enumerate(docs):
+            order.setdefault(d.id, i)
+        return sorted(results, key=lambda r: (order.get(r.document_id, 0), r.status == "failed"))
 
-    def _ingest_one(self, doc: DocumentInput, embed: Embed) -> IngestResult:
-        from appliance.retrieval.chunking import _hash, full_text
-
+    def _prepare(self, doc: DocumentInput) -> IngestResult | tuple[DocumentInput, str, list[Chunk]]:
         text = full_text(doc.sections)
-        content_hash = _hash(text + json.dumps(doc.metadata, sort_keys=True) + doc.title)
+        content_hash = content_digest(text + json.dumps(doc.metadata, sort_keys=True) + doc.title)
         row = self._db.execute("SELECT content_hash, state FROM documents WHERE id = ?", (doc.id,)).fetchone()
         if row is not None and row[0] == content_hash and row[1] == "ready":
             return IngestResult(doc.id, "unchanged", self._chunk_count(doc.id))
         chunks = self._chunker.chunk(doc.sections)
         if not chunks:
             return IngestResult(doc.id, "failed", error="no text to index")
-        vectors = embed([c.text for c in chunks])
+        return doc, content_hash, chunks
+
+    def _commit_batch(
+        self, batch: list[tuple[DocumentInput, str, list[Chunk]]], embed: Embed, progress: Callable[[int], None] | None
+    ) -> list[IngestResult]:
+        vectors = embed([c.text for _, _, chunks in batch for c in chunks])
         now = time.time()
         # 1. registry: pending, new chunks not live.
+        old_keys: list[int] = []
+        new_keys: list[list[int]] = []
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            self._db.execute(
-                """INSERT INTO documents(id, title, source, metadata, content_hash, text, sections, state, created, updated)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)
-                   ON CONFLICT(id) DO UPDATE SET title=excluded.title, source=excluded.source, metadata=excluded.metadata,
-                   content_hash=excluded.content_hash, text=excluded.text, sections=excluded.sections, state='pending',
-                   updated=excluded.updated""",
-                (doc.id, doc.title, doc.source, json.dumps(doc.metadata), content_hash, text,
-                 msgspec.json.encode(doc.sections).decode(), now, now),
-            )
-            old_keys = [r[0] for r in self._db.execute("SELECT id FROM chunks WHERE document_id = ?", (doc.id,))]
-            new_keys = [self._insert_chunk(doc.id, i, c) for i, c in enumerate(chunks)]
+            for doc, content_hash, chunks in batch:
+                self._db.execute(
+                    """INSERT INTO documents(id, title, source, metadata, content_hash, text, sections, state, created, updated)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)
+                       ON CONFLICT(id) DO UPDATE SET title=excluded.title, source=excluded.source,
+                       metadata=excluded.metadata, content_hash=excluded.content_hash, text=excluded.text,
+                       sections=excluded.sections, state='pending', updated=excluded.updated""",
+                    (doc.id, doc.title, doc.source, json.dumps(doc.metadata), content_hash, full_text(doc.sections),
+                     msgspec.json.encode(doc.sections).decode(), now, now),
+                )
+                old_keys += [r[0] for r in self._db.execute("SELECT id FROM chunks WHERE document_id = ?", (doc.id,))]
+                new_keys.append([self._insert_chunk(doc.id, i, c) for i, c in enumerate(chunks)])
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
-        # 2. tantivy, 3. usearch.
+        # 2. tantivy, one atomic commit for the batch.
         try:
-            self._lexical.delete_document(doc.id)
-            self._lexical.add(
-                [LexicalChunk(k, doc.id, doc.title, c.heading or "", c.text) for k, c in zip(new_keys, chunks)]
-            )
+            for (doc, _, chunks), keys in zip(batch, new_keys):
+                self._lexical.delete_document(doc.id)
+                self._lexical.add(
+                    [LexicalChunk(k, doc.id, doc.title, c.heading or "", c.text) for k, c in zip(keys, chunks)]
+                )
             self._lexical.commit()
         except BaseException:
             self._lexical.rollback()
             raise
+        # 3. usearch: one save (temp file, fsync, rename).
         with self._vector_lock:
             self._vectors.remove(old_keys)
-            self._vectors.add(new_keys, vectors)
+            self._vectors.add([k for keys in new_keys for k in keys], vectors)
             self._vectors.save()
-        # 4. registry: live and ready.
+        # 4. registry: live and ready; only now is the batch reported.
         self._db.execute("BEGIN IMMEDIATE")
-        self._db.execute("DELETE FROM chunks WHERE document_id = ? AND live = 1", (doc.id,))
-        self._db.execute("UPDATE chunks SET live = 1 WHERE document_id = ?", (doc.id,))
-        self._db.execute(
-            "UPDATE documents SET state = 'ready', chunk_count = ? WHERE id = ?", (len(new_keys), doc.id)
-        )
+        for (doc, _, _), keys in zip(batch, new_keys):
+            self._db.execute("DELETE FROM chunks WHERE document_id = ? AND live = 1", (doc.id,))
+            self._db.execute("UPDATE chunks SET live = 1 WHERE document_id = ?", (doc.id,))
+            self._db.execute("UPDATE documents SET state = 'ready', chunk_count = ? WHERE id = ?", (len(keys), doc.id))
         if old_keys:
             self._add_tombstones(len(old_keys))
         self._db.execute("COMMIT")
-        return IngestResult(doc.id, "ingested", len(new_keys))
+        if progress:
+            progress(len(batch))
+        return [IngestResult(doc.id, "ingested", len(keys)) for (doc, _, _), keys in zip(batch, new_keys)]
 
     def _insert_chunk(self, doc_id: str, ordinal: int, c: Chunk) -> int:
         cur = self._db.execute(
