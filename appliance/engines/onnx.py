@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 # Keep onnxruntime from writing telemetry under $HOME; must be set before the import.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
@@ -64,12 +65,11 @@ class OnnxEmbeddingEngine:
             self._tokenizer = Tokenizer.from_file(str(tokenizer_path))
         except Exception as exc:
             raise EngineError(f"model {model_id} failed to load: {exc}") from exc
+        # No truncation (over-long input is an error, never silently cut) and no padding: batches are
+        # padded here, so one unpadded encoding serves counting and running.
         self._tokenizer.no_truncation()
-        self._tokenizer.enable_padding()
-        # A second, unpadded copy for counting: padding is a tokenizer-wide switch, not per call.
-        self._counter = Tokenizer.from_file(str(tokenizer_path))
-        self._counter.no_truncation()
-        self._counter.no_padding()
+        self._tokenizer.no_padding()
+        self._pad_id = self._tokenizer.token_to_id("[PAD]") or 0
         self._input_names = {i.name for i in self._session.get_inputs()}
         # One session run at a time keeps memory bounded; onnxruntime parallelises inside a run.
         self._lock = threading.Lock()
@@ -77,16 +77,18 @@ class OnnxEmbeddingEngine:
 
     def count_tokens(self, texts: list[str], special: bool = True) -> list[int]:
         """Tokens per text as the model sees them (special tokens included unless asked otherwise)."""
-        return [len(e.ids) for e in self._counter.encode_batch(texts, add_special_tokens=special)]
+        return [len(e.ids) for e in self._tokenizer.encode_batch(texts, add_special_tokens=special)]
 
     def truncate(self, text: str) -> str:
         """The longest prefix of text that fits the model's window."""
-        offsets = self._counter.encode(text, add_special_tokens=False).offsets
+        offsets = self._tokenizer.encode(text, add_special_tokens=False).offsets
         keep = self.max_length - 2
         return text if len(offsets) <= keep else text[: offsets[keep - 1][1]]
 
     def embed(self, texts: list[str]) -> Embeddings:
-        lengths = self.count_tokens(texts)
+        # Tokenize once; batches are padded from these encodings.
+        encoded = self._tokenizer.encode_batch(texts, add_special_tokens=True)
+        lengths = [len(e.ids) for e in encoded]
         for i, n in enumerate(lengths):
             if n > self.max_length:
                 raise ContextLengthExceeded(
@@ -100,18 +102,24 @@ class OnnxEmbeddingEngine:
         out: dict[int, np.ndarray] = {}
         for start in range(0, len(order), self._batch_size):
             idx = order[start : start + self._batch_size]
-            for i, vec in zip(idx, self._run([texts[i] for i in idx])):
+            for i, vec in zip(idx, self._run([encoded[i] for i in idx])):
                 out[i] = vec
         vectors = [out[i].tolist() for i in range(len(texts))]
         return Embeddings(vectors=vectors, prompt_tokens=sum(lengths))
 
-    def _run(self, batch: list[str]) -> np.ndarray:
-        encoded = self._tokenizer.encode_batch(batch, add_special_tokens=True)
-        ids = np.array([e.ids for e in encoded], dtype=np.int64)
-        mask = np.array([e.attention_mask for e in encoded], dtype=np.int64)
+    def _run(self, encoded: list[Any]) -> np.ndarray:
+        width = max(len(e.ids) for e in encoded)
+        ids = np.full((len(encoded), width), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(encoded), width), dtype=np.int64)
+        types = np.zeros((len(encoded), width), dtype=np.int64)
+        for row, e in enumerate(encoded):
+            n = len(e.ids)
+            ids[row, :n] = e.ids
+            mask[row, :n] = 1
+            types[row, :n] = e.type_ids
         feeds = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in self._input_names:
-            feeds["token_type_ids"] = np.array([e.type_ids for e in encoded], dtype=np.int64)
+            feeds["token_type_ids"] = types
         try:
             with self._lock:
                 hidden = self._session.run(None, feeds)[0]

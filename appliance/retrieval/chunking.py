@@ -68,7 +68,8 @@ class Chunker:
             j = max(j, i + 1)
             start, end = units[i][0], units[j - 1][1]
             text = section.text[start:end].strip()
-            tokens = self._count([text])[0] + self._special
+            # A single unit was counted already; joined units are counted again (seams can add tokens).
+            tokens = (units[i][2] if j - i == 1 else self._count([text])[0]) + self._special
             while tokens > self.max_tokens and j - i > 1:
                 # Joining units can add a token or two at the seams: drop units until it fits.
                 j -= 1

@@ -391,9 +391,10 @@ class Collection:
         for key, score in ranked[:top_k]:
             hit = visible[key]
             hit.score = round(float(score), 6)
-            if snippets:
-                hit.snippet, hit.highlights = self._lexical.snippet(query, hit.text)
             hits.append(hit)
+        if snippets and hits:
+            for hit, (fragment, ranges) in zip(hits, self._lexical.snippets(query, [h.text for h in hits])):
+                hit.snippet, hit.highlights = fragment, ranges
         return hits
 
     def _visible(self, keys: Iterable[int], flt: SearchFilter | None) -> dict[int, Hit]:

@@ -36,7 +36,7 @@ def _schema() -> tantivy.Schema:
     b.add_text_field("document_id", stored=False, tokenizer_name="raw")
     b.add_text_field("title", stored=False, tokenizer_name="en_stem")
     b.add_text_field("heading", stored=False, tokenizer_name="en_stem")
-    b.add_text_field("text", stored=True, tokenizer_name="en_stem")
+    b.add_text_field("text", stored=False, tokenizer_name="en_stem")  # the text lives in SQLite
     return b.build()
 
 
@@ -92,20 +92,25 @@ class LexicalIndex:
             hits.append(LexicalHit(int(doc.get_first("chunk_id")), float(score)))
         return hits
 
-    def snippet(self, text: str, chunk_text: str, max_chars: int = 240) -> tuple[str, list[tuple[int, int]]]:
-        """A fragment of chunk_text with the query terms' ranges (as Python string indices)."""
+    def snippets(self, text: str, chunk_texts: list[str], max_chars: int = 240) -> list[tuple[str, list[tuple[int, int]]]]:
+        """For each chunk text, a fragment with the query terms' ranges (as Python string indices)."""
         query, _ = self._index.parse_query_lenient(text, ["text"])
-        searcher = self._index.searcher()
-        generator = tantivy.SnippetGenerator.create(searcher, query, self._schema, "text")
+        generator = tantivy.SnippetGenerator.create(self._index.searcher(), query, self._schema, "text")
         generator.set_max_num_chars(max_chars)
-        doc = tantivy.Document()
-        doc.add_text("text", chunk_text)
-        snippet = generator.snippet_from_doc(doc)
-        fragment = snippet.fragment()
-        raw = fragment.encode("utf-8")
-        # tantivy reports UTF-8 byte offsets; convert them before slicing Python strings.
-        ranges = [(len(raw[: r.start].decode("utf-8", "ignore")), len(raw[: r.end].decode("utf-8", "ignore"))) for r in snippet.highlighted()]
-        return fragment, ranges
+        out = []
+        for chunk_text in chunk_texts:
+            doc = tantivy.Document()
+            doc.add_text("text", chunk_text)
+            snippet = generator.snippet_from_doc(doc)
+            fragment = snippet.fragment()
+            raw = fragment.encode("utf-8")
+            # tantivy reports UTF-8 byte offsets; convert them before slicing Python strings.
+            ranges = [
+                (len(raw[: r.start].decode("utf-8", "ignore")), len(raw[: r.end].decode("utf-8", "ignore")))
+                for r in snippet.highlighted()
+            ]
+            out.append((fragment, ranges))
+        return out
 
     def num_docs(self) -> int:
         return self._index.searcher().num_docs
