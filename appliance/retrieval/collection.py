@@ -47,8 +47,6 @@ def _m1(conn: sqlite3.Connection) -> None:
             source TEXT NOT NULL,
             metadata TEXT NOT NULL DEFAULT '{}',
             content_hash TEXT NOT NULL,
-            text TEXT NOT NULL,
-            sections TEXT NOT NULL,
             state TEXT NOT NULL CHECK (state IN ('pending', 'ready', 'deleting')),
             chunk_count INTEGER NOT NULL DEFAULT 0,
             created REAL NOT NULL,
@@ -71,6 +69,14 @@ def _m1(conn: sqlite3.Connection) -> None:
         )"""
     )
     conn.execute("CREATE INDEX chunks_by_document ON chunks(document_id)")
+    # The full text (kept for resuming) lives apart: large rows would slow every lookup of a document.
+    conn.execute(
+        """CREATE TABLE document_texts (
+            id TEXT PRIMARY KEY REFERENCES documents(id) ON DELETE CASCADE,
+            text TEXT NOT NULL,
+            sections TEXT NOT NULL
+        )"""
+    )
     conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
 
 
@@ -180,7 +186,10 @@ class Collection:
             log.warning("collection %s: recovered %d interrupted documents", self.name, len(stale))
 
     def pending(self) -> list[DocumentInput]:
-        rows = self._db.execute("SELECT id, title, source, metadata, sections FROM documents WHERE state = 'pending'")
+        rows = self._db.execute(
+            "SELECT d.id, d.title, d.source, d.metadata, t.sections FROM documents d "
+            "JOIN document_texts t ON t.id = d.id WHERE d.state = 'pending'"
+        )
         return [
             DocumentInput(r[0], r[1], r[2], msgspec.json.decode(r[4], type=list[Section]), json.loads(r[3]))
             for r in rows.fetchall()
@@ -248,13 +257,16 @@ class Collection:
         try:
             for doc, content_hash, chunks in batch:
                 self._db.execute(
-                    """INSERT INTO documents(id, title, source, metadata, content_hash, text, sections, state, created, updated)
-                       VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)
+                    """INSERT INTO documents(id, title, source, metadata, content_hash, state, created, updated)
+                       VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)
                        ON CONFLICT(id) DO UPDATE SET title=excluded.title, source=excluded.source,
-                       metadata=excluded.metadata, content_hash=excluded.content_hash, text=excluded.text,
-                       sections=excluded.sections, state='pending', updated=excluded.updated""",
-                    (doc.id, doc.title, doc.source, json.dumps(doc.metadata), content_hash, full_text(doc.sections),
-                     msgspec.json.encode(doc.sections).decode(), now, now),
+                       metadata=excluded.metadata, content_hash=excluded.content_hash, state='pending',
+                       updated=excluded.updated""",
+                    (doc.id, doc.title, doc.source, json.dumps(doc.metadata), content_hash, now, now),
+                )
+                self._db.execute(
+                    "INSERT OR REPLACE INTO document_texts(id, text, sections) VALUES (?, ?, ?)",
+                    (doc.id, full_text(doc.sections), msgspec.json.encode(doc.sections).decode()),
                 )
                 old_keys += [r[0] for r in self._db.execute("SELECT id FROM chunks WHERE document_id = ?", (doc.id,))]
                 new_keys.append([self._insert_chunk(doc.id, i, c) for i, c in enumerate(chunks)])
@@ -379,17 +391,19 @@ class Collection:
             with self._vector_lock:
                 vector = self._vectors.search(query_vector, pool)
         visible = self._visible([k for k, _ in lexical] + [k for k, _ in vector], flt)
-        lexical = [(k, s) for k, s in lexical if k in visible]
-        vector = [(k, s) for k, s in vector if k in visible]
+        lexical = [(k, sc) for k, sc in lexical if k in visible]
+        vector = [(k, sc) for k, sc in vector if k in visible]
         if mode == "bm25":
             ranked = lexical
         elif mode == "vector":
             ranked = vector
         else:
             ranked = fuse(lexical, vector)
+        ranked = ranked[:top_k]
+        details = self._details([k for k, _ in ranked])
         hits = []
-        for key, score in ranked[:top_k]:
-            hit = visible[key]
+        for key, score in ranked:
+            hit = details[key]
             hit.score = round(float(score), 6)
             hits.append(hit)
         if snippets and hits:
@@ -397,14 +411,15 @@ class Collection:
                 hit.snippet, hit.highlights = fragment, ranges
         return hits
 
-    def _visible(self, keys: Iterable[int], flt: SearchFilter | None) -> dict[int, Hit]:
+    def _visible(self, keys: Iterable[int], flt: SearchFilter | None) -> set[int]:
+        """The candidate chunk ids that are live, of ready documents, and pass the filter."""
         keys = list(dict.fromkeys(keys))
         if not keys:
-            return {}
+            return set()
+        # CROSS JOIN fixes the order: look the candidates up by id, then their documents by key.
         sql = (
-            "SELECT c.id, c.document_id, d.title, d.source, c.page, c.heading, c.text, c.start, c.end, d.metadata "
-            "FROM chunks c JOIN documents d ON d.id = c.document_id "
-            f"WHERE c.live = 1 AND d.state = 'ready' AND c.id IN ({','.join('?' * len(keys))})"
+            "SELECT c.id FROM chunks c CROSS JOIN documents d ON d.id = c.document_id "
+            f"WHERE c.id IN ({','.join('?' * len(keys))}) AND c.live = 1 AND d.state = 'ready'"
         )
         args: list[Any] = list(keys)
         if flt is not None:
@@ -424,10 +439,20 @@ class Collection:
             for key, value in flt.metadata.items():
                 sql += " AND json_extract(d.metadata, ?) = ?"
                 args += [f'$."{key}"', value]
-        out = {}
-        for r in self._db.execute(sql, args).fetchall():
-            out[r[0]] = Hit(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], 0.0, json.loads(r[9]))
-        return out
+        return {r[0] for r in self._db.execute(sql, args).fetchall()}
+
+    def _details(self, keys: list[int]) -> dict[int, Hit]:
+        if not keys:
+            return {}
+        sql = (
+            "SELECT c.id, c.document_id, d.title, d.source, c.page, c.heading, c.text, c.start, c.end, d.metadata "
+            "FROM chunks c CROSS JOIN documents d ON d.id = c.document_id "
+            f"WHERE c.id IN ({','.join('?' * len(keys))})"
+        )
+        return {
+            r[0]: Hit(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], 0.0, json.loads(r[9]))
+            for r in self._db.execute(sql, keys).fetchall()
+        }
 
     def destroy(self) -> None:
         self.close()

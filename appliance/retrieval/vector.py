@@ -39,7 +39,8 @@ class VectorIndex:
 
     def add(self, keys: list[int], vectors: np.ndarray) -> None:
         if keys:
-            self._index.add(np.asarray(keys, dtype=np.uint64), np.asarray(vectors, dtype=np.float32), threads=1)
+            # usearch parallelises one add itself (threads=0: all cores); never add from several threads.
+            self._index.add(np.asarray(keys, dtype=np.uint64), np.asarray(vectors, dtype=np.float32), threads=0)
 
     def remove(self, keys: list[int]) -> None:
         present = [k for k in keys if self._index.contains(k)]
