@@ -112,8 +112,7 @@ def main() -> None:
             times = []
             for q in questions[: args.queries]:
                 t = time.perf_counter()
-                vec = embed([q])[0]
-                col.search(q, top_k=10, mode="hybrid", query_vector=vec)
+                col.search(q, top_k=10, mode="hybrid", query_vector=lambda q=q: embed([q])[0])
                 times.append(time.perf_counter() - t)
             chunks = col.stats()["chunks"]
             col.close()

@@ -7,6 +7,7 @@ the block raises, so writes go through explicit commit/rollback here.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import msgspec
@@ -28,6 +29,24 @@ class LexicalChunk(msgspec.Struct, frozen=True):
     title: str
     heading: str
     text: str
+
+
+# Function words carry almost no BM25 weight but have the longest posting lists: dropping them from
+# plain-text queries makes search several times cheaper on large collections. Queries using the query
+# syntax (quotes, fields, operators, grouping) are left exactly as written.
+_STOPWORDS = frozenset(
+    "a an and are as at be by did do does for from had has have how i in is it its of on or that the this "
+    "to was were what when where which who whom why will with".split()
+)
+_SYNTAX = re.compile(r'["():+\-^*~\[\]{}]|\b(AND|OR|NOT)\b')
+
+
+def _drop_stopwords(text: str) -> str:
+    if _SYNTAX.search(text):
+        return text
+    words = text.split()
+    kept = [w for w in words if w.lower().strip(".,;!?'") not in _STOPWORDS]
+    return " ".join(kept) if kept else text
 
 
 def _schema() -> tantivy.Schema:
@@ -82,7 +101,7 @@ class LexicalIndex:
     def search(self, text: str, limit: int) -> list[LexicalHit]:
         """BM25 with title and heading boosts. User syntax never raises: parsing is lenient."""
         query, _errors = self._index.parse_query_lenient(
-            text, ["text", "title", "heading"], field_boosts={"title": TITLE_BOOST, "heading": HEADING_BOOST}
+            _drop_stopwords(text), ["text", "title", "heading"], field_boosts={"title": TITLE_BOOST, "heading": HEADING_BOOST}
         )
         searcher = self._index.searcher()
         result = searcher.search(query, limit)

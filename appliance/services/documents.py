@@ -198,10 +198,10 @@ class DocumentService:
         if not query.strip():
             raise InvalidRequest("The query is empty.", param="query")
         col, engine = await self._collection(tenant, name)
-        vector = None
-        if mode in ("vector", "hybrid"):
-            vector = (await asyncio.to_thread(self.embed_fn(engine), [_clip(engine, query)]))[0]
-        return await asyncio.to_thread(col.search, query, top_k=top_k, mode=mode, query_vector=vector, flt=flt)
+        embed = self.embed_fn(engine)
+        return await asyncio.to_thread(
+            col.search, query, top_k=top_k, mode=mode, query_vector=lambda: embed([_clip(engine, query)])[0], flt=flt
+        )
 
     async def resume(self) -> None:
         """Re-ingest documents a crash left pending (their text is kept in the registry)."""

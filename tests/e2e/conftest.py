@@ -36,6 +36,15 @@ def data_dir() -> Path:
     return path
 
 
+def fresh_data_dir(models_from: Path, path: Path) -> Path:
+    """A new data directory that shares the materialised models (symlinks) but nothing else."""
+    (path / "models").mkdir(parents=True)
+    for model in (models_from / "models").iterdir():
+        if not model.name.startswith("."):
+            (path / "models" / model.name).symlink_to(model)
+    return path
+
+
 class Server:
     def __init__(self, url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
         self.url = url
@@ -76,7 +85,8 @@ def stop_server(server: Server) -> None:
 
 @pytest.fixture(scope="session")
 def server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(data_dir, tmp_path_factory.mktemp("server") / "server.log")
+    base = tmp_path_factory.mktemp("server")
+    srv = start_server(fresh_data_dir(data_dir, base / "data"), base / "server.log")
     yield srv
     stop_server(srv)
     assert "Traceback" not in srv.log.read_text(), "the server logged an unexpected traceback"

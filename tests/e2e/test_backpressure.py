@@ -11,16 +11,17 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import Server, start_server, stop_server
+from tests.e2e.conftest import Server, fresh_data_dir, start_server, stop_server
 
 LONG = {"model": "gemma3-270m", "prompt": "List every number:", "max_tokens": 3000, "temperature": 0.8}
 
 
 @pytest.fixture(scope="module")
 def tight(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    base = tmp_path_factory.mktemp("tight")
     srv = start_server(
-        data_dir,
-        tmp_path_factory.mktemp("tight") / "server.log",
+        fresh_data_dir(data_dir, base / "data"),
+        base / "server.log",
         env={"APPLIANCE_PARALLEL": "1", "APPLIANCE_MAX_QUEUE": "1"},
     )
     yield srv

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.e2e.conftest import Server, start_server
+from tests.e2e.conftest import Server, fresh_data_dir, start_server
 
 WORDS = "valve pump boiler seal impeller bearing gasket turbine compressor filter nozzle flange".split()
 
@@ -44,10 +44,7 @@ def visible_chunks(server: Server, doc_id: str, mode: str) -> int:
 
 
 def test_kill_during_ingest_loses_nothing_reported(data_dir: Path, tmp_path: Path) -> None:
-    work = tmp_path / "data"
-    (work / "models").mkdir(parents=True)
-    for model in (data_dir / "models").iterdir():
-        (work / "models" / model.name).symlink_to(model)
+    work = fresh_data_dir(data_dir, tmp_path / "data")
     reported: list[str] = []
     attempted = 0
     rng = random.Random(7)
