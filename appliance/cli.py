@@ -418,3 +418,58 @@ def eval_retrieval(ctx: click.Context, dataset: Path, limit: int | None, as_json
     click.echo(f"{'mode':<8} {'R@1':>7} {'R@5':>7} {'R@10':>7} {'MRR@10':>7}")
     for mode, m in scores.items():
         click.echo(f"{mode:<8} {m['recall@1']:>7.3f} {m['recall@5']:>7.3f} {m['recall@10']:>7.3f} {m['mrr@10']:>7.3f}")
+
+
+@eval_group.command("answers")
+@click.option("--dataset", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="SQuAD-format JSON.")
+@click.option("--limit", type=int, default=100, show_default=True, help="Questions to ask (each runs the model).")
+@click.option("--model", help="Model answering (default: the first chat/completion model).")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Data directory (or APPLIANCE_DATA_DIR).")
+@click.pass_context
+def eval_answers(ctx: click.Context, dataset: Path, limit: int, model: str | None, data_dir: str | None) -> None:
+    """Share of grounded answers containing the gold answer, and citing the gold paragraph."""
+    import asyncio
+    import tempfile
+
+    from appliance.engines.factory import NativeEngineFactory
+    from appliance.engines.registry import ModelRegistry
+    from appliance.modelstore.store import ModelStore
+    from appliance.retrieval.evaluate import answer_hits, load_squad, load_squad_answers
+    from appliance.services.ask import AskService
+    from appliance.services.documents import DocumentService
+    from appliance.services.generation import GenerationService
+
+    settings = _settings(ctx)
+    _setup_logging("warning")
+    store = ModelStore(settings.models_dir)
+    registry = ModelRegistry(store.manifests(), NativeEngineFactory(store, settings.models), load_timeout_s=600)
+    docs, _ = load_squad(dataset)
+    questions = load_squad_answers(dataset, limit)
+
+    async def work(tmp: str) -> dict[str, float]:
+        documents = DocumentService(Path(tmp), registry, embedding_model=settings.retrieval.embedding_model)
+        ask = AskService(documents, GenerationService(registry), registry, default_model=model)
+        await documents.create("eval", "squad")
+        col, engine = await documents._collection("eval", "squad")
+        await asyncio.to_thread(col.ingest, docs, documents.embed_fn(engine))
+        found = cited = grounded = 0
+        with _bar(len(questions), "questions") as bar:
+            for question, gold_doc, gold in questions:
+                answer = await ask.ask("eval", "squad", question, top_k=3, model=model, max_tokens=48)
+                found += answer_hits(answer.answer, gold)
+                cited += any(c.document_id == gold_doc for c in answer.citations)
+                grounded += answer.grounded
+                bar.update(1)
+        documents.close()
+        n = max(1, len(questions))
+        return {"answer_contains_gold": found / n, "cites_gold_paragraph": cited / n, "grounded": grounded / n}
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="appliance-eval-") as tmp:
+            scores = asyncio.run(work(tmp))
+    except ApplianceError as exc:
+        _fail(exc)
+    finally:
+        registry.close()
+    for key, value in scores.items():
+        click.echo(f"{key:<22} {value:.3f}")

@@ -68,3 +68,20 @@ def _metrics(ranks: list[int | None]) -> dict[str, float]:
 
     mrr = sum(1.0 / r for r in ranks if r is not None and r <= 10) / n
     return {"recall@1": round(recall(1), 4), "recall@5": round(recall(5), 4), "recall@10": round(recall(10), 4), "mrr@10": round(mrr, 4)}
+
+
+def answer_hits(answer: str, gold: list[str]) -> bool:
+    """The generated answer contains one of the gold answer texts (case- and space-insensitive)."""
+    norm = " ".join(answer.lower().split())
+    return any(" ".join(g.lower().split()) in norm for g in gold if g.strip())
+
+
+def load_squad_answers(path: Path, limit: int | None) -> list[tuple[str, str, list[str]]]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    out = []
+    for article in data["data"]:
+        for i, para in enumerate(article["paragraphs"]):
+            doc_id = f"{article.get('title', 'doc')}-{i}"
+            for qa in para["qas"]:
+                out.append((qa["question"], doc_id, [a["text"] for a in qa.get("answers", [])]))
+    return out[:limit] if limit else out
