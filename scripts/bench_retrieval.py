@@ -17,6 +17,7 @@ import json
 import os
 import random
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +48,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="10000,100000")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--throughput-docs", type=int, default=240)
+    ap.add_argument("--chroma-python", type=Path, help="python of a venv with chromadb: compare on the same corpus")
     args = ap.parse_args()
     data_dir = REPO / ".appliance-data" / "test"
     store = ModelStore(data_dir / "models")
@@ -120,6 +122,20 @@ def main() -> None:
                               "p99_ms": round(pct(times, 0.99) * 1000, 2)}
         print(f"{chunks} chunks (built in {build:.0f} s): hybrid search incl. query embedding p50 "
               f"{latency[str(size)]['p50_ms']} ms, p99 {latency[str(size)]['p99_ms']} ms (targets 10 / 30 ms)", flush=True)
+        if args.chroma_python:
+            work = REPO / ".bench"
+            work.mkdir(exist_ok=True)
+            np.savez(work / "corpus.npz", texts=np.array(texts), vectors=np.stack(vectors))
+            (work / "questions.json").write_text(json.dumps(questions[: args.queries]))
+            out = subprocess.run(
+                [str(args.chroma_python), str(REPO / "scripts" / "bench_chroma.py"), str(work / "corpus.npz"),
+                 str(work / "questions.json"), str(mdir)],
+                capture_output=True, text=True, check=True,
+            )
+            chroma = json.loads(out.stdout.strip().splitlines()[-1])
+            latency[str(size)]["chromadb_vector_only"] = chroma
+            print(f"  chromadb (embedded, vector only, same vectors and query model): built in {chroma['build_s']} s, "
+                  f"p50 {chroma['p50_ms']} ms, p99 {chroma['p99_ms']} ms", flush=True)
     report["search"] = latency
     out = REPO / "bench-results" / "retrieval.json"
     out.parent.mkdir(exist_ok=True)
