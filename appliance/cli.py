@@ -346,7 +346,7 @@ def ingest(ctx: click.Context, collection: str, paths: tuple[Path, ...], create:
             files.append(p)
 
     async def work(service: Any) -> list[Any]:
-        from appliance.services.documents import CollectionNotFound
+        from appliance.errors import CollectionNotFound
 
         try:
             await service.documents("default", collection)

@@ -104,3 +104,21 @@ class ModelStoreError(ApplianceError):
 
 class ChecksumMismatch(ModelStoreError):
     code = "checksum_mismatch"
+
+
+class CollectionNotFound(ApplianceError):
+    status = 404
+    type = "invalid_request_error"
+    code = "collection_not_found"
+
+
+class CollectionExists(ApplianceError):
+    status = 409
+    type = "invalid_request_error"
+    code = "collection_exists"
+
+
+class DocumentNotFound(ApplianceError):
+    status = 404
+    type = "invalid_request_error"
+    code = "document_not_found"

@@ -23,6 +23,7 @@ from typing import BinaryIO
 import msgspec
 
 from appliance.errors import ChecksumMismatch, ModelStoreError
+from appliance.storage.files import fsync_dir
 from appliance.modelstore.manifest import (
     MANIFEST_NAME,
     FileSource,
@@ -71,13 +72,6 @@ def hash_file(path: Path, progress: Progress | None = None) -> tuple[str, int]:
                 progress(len(block))
     return digest.hexdigest(), size
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ModelStore:
@@ -158,14 +152,14 @@ class ModelStore:
 
     def _commit(self, staging: Path, manifest: Manifest) -> None:
         write_manifest(manifest, staging / MANIFEST_NAME)
-        _fsync_dir(staging)
+        fsync_dir(staging)
         target = self.root / manifest.id
         try:
             os.rename(staging, target)
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise ModelStoreError(f"cannot register {manifest.id}: {exc}") from None
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def _check_names_free(self, names: Iterable[str], replacing: str | None = None) -> None:
         for manifest in self.manifests():

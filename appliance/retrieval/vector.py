@@ -15,13 +15,8 @@ from pathlib import Path
 import numpy as np
 from usearch.index import Index
 
+from appliance.storage.files import fsync_dir
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class VectorIndex:
@@ -66,7 +61,7 @@ class VectorIndex:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
 
     def reset(self) -> None:
         self._index = Index(ndim=self.ndim, metric="cos", dtype="f16")

@@ -16,7 +16,7 @@ import msgspec
 import numpy as np
 
 from appliance.engines.registry import ModelRegistry
-from appliance.errors import ApplianceError, InvalidRequest
+from appliance.errors import CollectionExists, CollectionNotFound, DocumentNotFound, InvalidRequest
 from appliance.modelstore.manifest import Manifest
 from appliance.retrieval.chunking import Chunker
 from appliance.retrieval.collection import Collection, DocumentInput, Hit, IngestResult, SearchFilter
@@ -26,24 +26,6 @@ log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _DOC_ID = re.compile(r"^[^\x00-\x1f/\\]{1,200}$")
 DEFAULT_TENANT = "default"
-
-
-class CollectionNotFound(ApplianceError):
-    status = 404
-    type = "invalid_request_error"
-    code = "collection_not_found"
-
-
-class CollectionExists(ApplianceError):
-    status = 409
-    type = "invalid_request_error"
-    code = "collection_exists"
-
-
-class DocumentNotFound(ApplianceError):
-    status = 404
-    type = "invalid_request_error"
-    code = "document_not_found"
 
 
 class FileResult(msgspec.Struct):
