@@ -13,7 +13,7 @@ the answer says so instead of asking the model to invent one.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -35,7 +35,8 @@ INSTRUCTIONS = (
 MIN_SIMILARITY = 0.3  # cosine of the best chunk below which nothing counts as relevant
 SUPPORT_THRESHOLD = 0.5  # share of a sentence's content words found in its source
 MAX_PER_DOCUMENT = 3
-CONTEXT_CHARS = 6000  # about 1,500 tokens of sources
+CONTEXT_TOKENS = 1500  # sources in the prompt, as the answering model counts tokens
+PROMPT_OVERHEAD_TOKENS = 200  # the worked example, labels and the question's frame
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'-]*")
 _CITE = re.compile(r"\[(\d{1,2})\]")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
@@ -99,8 +100,10 @@ def best_quote(sentence: str, passage: str) -> str:
     return max(parts, key=lambda p: support(sentence, p)).strip()
 
 
-def select_context(hits: list[Hit], limit: int) -> list[Hit]:
-    """Best hits first, at most MAX_PER_DOCUMENT per document, no near-duplicates, within the budget."""
+def select_context(
+    hits: list[Hit], limit: int, *, count_tokens: Callable[[str], int] = lambda t: len(t) // 4, budget: int = CONTEXT_TOKENS
+) -> list[Hit]:
+    """Best hits first, at most MAX_PER_DOCUMENT per document, no near-duplicates, within the token budget."""
     chosen: list[Hit] = []
     per_doc: dict[str, int] = {}
     used = 0
@@ -110,11 +113,12 @@ def select_context(hits: list[Hit], limit: int) -> list[Hit]:
         words = _content_words(h.text)
         if any(len(words & _content_words(c.text)) > 0.8 * max(1, len(words)) for c in chosen):
             continue
-        if used + len(h.text) > CONTEXT_CHARS and chosen:
-            break
+        cost = count_tokens(h.text)
+        if used + cost > budget:
+            continue  # a smaller chunk further down may still fit
         chosen.append(h)
         per_doc[h.document_id] = per_doc.get(h.document_id, 0) + 1
-        used += len(h.text)
+        used += cost
     return chosen
 
 
@@ -193,13 +197,20 @@ class AskService:
             return generative[0]
         return self._registry.resolve(name, kinds=("chat", "completion"))
 
-    async def retrieve(self, tenant: str, collection: str, question: str, top_k: int) -> list[Source]:
+    async def retrieve(
+        self, tenant: str, collection: str, question: str, top_k: int, *, manifest: Manifest, max_tokens: int
+    ) -> list[Source]:
         hits = await self._documents.search(tenant, collection, question, top_k=top_k * 3, mode="hybrid", flt=None)
         # Relevance needs an absolute measure: the best cosine similarity among the candidates.
         vector_hits = await self._documents.search(tenant, collection, question, top_k=1, mode="vector", flt=None)
         if not vector_hits or vector_hits[0].score < MIN_SIMILARITY:
             return []
-        chosen = select_context(hits, top_k)
+        engine = await self._registry.engine(manifest)
+        # Sources get what the answering model's context leaves after the answer and the prompt frame.
+        room = getattr(engine, "n_ctx", 4096) - max_tokens - PROMPT_OVERHEAD_TOKENS - len(question) // 2
+        tokenize = getattr(engine, "tokenize", None)
+        count = (lambda t: len(tokenize(t))) if tokenize else (lambda t: len(t) // 4)
+        chosen = select_context(hits, top_k, count_tokens=count, budget=max(0, min(CONTEXT_TOKENS, room)))
         return [Source(i + 1, h.document_id, h.chunk_id, h.title, h.source, h.page, h.text) for i, h in enumerate(chosen)]
 
     async def start(
@@ -208,7 +219,7 @@ class AskService:
         if not question.strip():
             raise InvalidRequest("The question is empty.", param="question")
         manifest = self._model(model)
-        sources = await self.retrieve(tenant, collection, question, top_k)
+        sources = await self.retrieve(tenant, collection, question, top_k, manifest=manifest, max_tokens=max_tokens)
         if not sources:
             return manifest, sources, None
         prompt, messages = build_prompt(manifest, question, sources)

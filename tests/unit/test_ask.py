@@ -58,3 +58,9 @@ def test_context_selection_caps_documents_and_drops_duplicates() -> None:
 def test_a_wrong_number_is_not_supported() -> None:
     [cite] = check_citations("The library opens at 11 am on weekdays [1].", [src(1, "The library opens at 9 am on weekdays.")])
     assert not cite.supported
+
+
+def test_context_stays_within_the_token_budget() -> None:
+    hits = [hit(1, "a", "alpha " * 300), hit(2, "b", "beta " * 50), hit(3, "c", "gamma " * 50)]
+    chosen = select_context(hits, limit=5, count_tokens=lambda t: len(t.split()), budget=120)
+    assert [h.chunk_id for h in chosen] == [2, 3]
