@@ -450,8 +450,7 @@ def eval_answers(ctx: click.Context, dataset: Path, limit: int, model: str | Non
         documents = DocumentService(Path(tmp), registry, embedding_model=settings.retrieval.embedding_model)
         ask = AskService(documents, GenerationService(registry), registry, default_model=model)
         await documents.create("eval", "squad")
-        col, engine = await documents._collection("eval", "squad")
-        await asyncio.to_thread(col.ingest, docs, documents.embed_fn(engine))
+        await documents.ingest("eval", "squad", docs)
         found = cited = grounded = 0
         with _bar(len(questions), "questions") as bar:
             for question, gold_doc, gold in questions:

@@ -133,10 +133,15 @@ class DocumentService:
 
     # -- documents -----------------------------------------------------------------------------
 
+    async def ingest(self, tenant: str, name: str, docs: list[DocumentInput]) -> list[IngestResult]:
+        """Chunk, embed and index parsed documents (the one path every ingest takes)."""
+        col, engine = await self._collection(tenant, name)
+        return await asyncio.to_thread(col.ingest, docs, self.embed_fn(engine))
+
     async def ingest_files(self, tenant: str, name: str, files: list[tuple[str, bytes]]) -> list[FileResult]:
         if not files:
             raise InvalidRequest("No files were uploaded.", param="files")
-        col, engine = await self._collection(tenant, name)
+        await self._collection(tenant, name)  # a missing collection fails before any parsing
         results: list[FileResult] = []
         inputs: list[tuple[int, DocumentInput]] = []
         for filename, data in files:
@@ -149,7 +154,7 @@ class DocumentService:
             doc = DocumentInput(check_document_id(source), _title(source, sections), source, sections)
             results.append(FileResult(doc.id, source, "pending"))
             inputs.append((len(results) - 1, doc))
-        done = await asyncio.to_thread(col.ingest, [d for _, d in inputs], self.embed_fn(engine))
+        done = await self.ingest(tenant, name, [d for _, d in inputs])
         for (i, _), res in zip(inputs, done):
             results[i] = FileResult(res.document_id, results[i].source, res.status, res.chunks, res.error)
         return results
@@ -159,10 +164,8 @@ class DocumentService:
     ) -> IngestResult:
         if not text.strip():
             raise InvalidRequest("The document text is empty.", param="text")
-        col, engine = await self._collection(tenant, name)
         doc_id = check_document_id(doc_id or hashlib.sha256(text.encode()).hexdigest()[:16])
-        doc = DocumentInput(doc_id, title or doc_id, "text", [Section(text)], metadata)
-        [result] = await asyncio.to_thread(col.ingest, [doc], self.embed_fn(engine))
+        [result] = await self.ingest(tenant, name, [DocumentInput(doc_id, title or doc_id, "text", [Section(text)], metadata)])
         return result
 
     async def documents(self, tenant: str, name: str) -> list[dict[str, Any]]:
@@ -194,11 +197,11 @@ class DocumentService:
             for path in tenant_dir.iterdir() if tenant_dir.is_dir() else []:
                 if not _NAME.match(path.name):
                     continue
-                col, engine = await self._collection(tenant_dir.name, path.name)
+                col, _ = await self._collection(tenant_dir.name, path.name)
                 pending = col.pending()
                 if pending:
                     log.info("collection %s: resuming %d documents", path.name, len(pending))
-                    await asyncio.to_thread(col.ingest, pending, self.embed_fn(engine))
+                    await self.ingest(tenant_dir.name, path.name, pending)
 
 
 def _title(source: str, sections: list[Section]) -> str:
