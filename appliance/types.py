@@ -54,3 +54,21 @@ class Chunk(msgspec.Struct, frozen=True, kw_only=True):
 class Embeddings(msgspec.Struct, frozen=True, kw_only=True):
     vectors: list[list[float]]
     prompt_tokens: int
+
+
+Role = Literal["admin", "user"]
+
+
+class Principal(msgspec.Struct, frozen=True, kw_only=True):
+    """Who is calling: resolved once from the API key (or the cluster signature) at the edge."""
+
+    tenant: str
+    key_id: str | None
+    """The key's public id (its visible prefix); None in open local mode, where no keys exist yet."""
+    role: Role
+    forwarded_by: str | None = None
+    """Name of the peer appliance that forwarded this request on the caller's behalf."""
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
