@@ -48,6 +48,20 @@ def _setup_logging(level: str) -> None:
     )
 
 
+def _setup_server_logging(settings: Settings) -> None:
+    from appliance.observability.logs import setup_logging
+
+    setup_logging(settings.server.log_level, json_lines=settings.gateway.json_logs, redact=_log_redactor())
+
+
+def _log_redactor() -> Any:
+    try:
+        from appliance.policy.guardrails import redact_text
+    except ImportError:
+        return None
+    return redact_text
+
+
 def _fail(exc: ApplianceError) -> None:
     click.echo(f"error: {exc.message}", err=True)
     sys.exit(1)
@@ -76,9 +90,26 @@ def main(config: str | None, data_dir: str | None) -> None:
 def serve(ctx: click.Context, **flags: Any) -> None:
     """Run the HTTP server on the registered models (see `appliance models list`)."""
     settings = _settings(ctx, **flags)
-    _setup_logging(settings.server.log_level)
+    _setup_server_logging(settings)
 
     import uvicorn
+
+    from appliance.policy.db import open_gateway_db
+    from appliance.policy.gateway import loopback_host
+    from appliance.policy.tenancy import TenantStore
+
+    if not loopback_host(settings.server.host):
+        conn = open_gateway_db(settings.data_dir)
+        try:
+            has_keys = TenantStore(conn).any_keys()
+        finally:
+            conn.close()
+        if not has_keys:
+            raise click.UsageError(
+                f"refusing to listen on {settings.server.host}: no API keys exist, so anyone who can reach this"
+                " address could use the server. Create one first (`appliance tenants create TEAM` and"
+                " `appliance keys create --tenant TEAM`) or bind to 127.0.0.1."
+            )
 
     from appliance.api.app import create_app
     from appliance.engines.factory import NativeEngineFactory
@@ -109,7 +140,8 @@ def serve(ctx: click.Context, **flags: Any) -> None:
         host=settings.server.host,
         port=settings.server.port,
         log_level=settings.server.log_level,
-        access_log=settings.server.log_level == "debug",
+        access_log=False,  # the gateway logs every request with its id and tenant
+        log_config=None,
         timeout_graceful_shutdown=5,
     )
 
@@ -472,3 +504,12 @@ def eval_answers(ctx: click.Context, dataset: Path, limit: int, model: str | Non
         registry.close()
     for key, value in scores.items():
         click.echo(f"{key:<22} {value:.3f}")
+
+
+def _register_gateway_commands() -> None:
+    from appliance.cli_gateway import register
+
+    register(main)
+
+
+_register_gateway_commands()

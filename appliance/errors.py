@@ -65,6 +65,12 @@ class ModelUnavailable(ApplianceError):
     code = "model_unavailable"
 
 
+class PeerUnavailable(ModelUnavailable):
+    """A model split over RPC workers cannot run: a worker is unreachable, died, or runs another llama.cpp build."""
+
+    code = "peer_unavailable"
+
+
 class ServerOverloaded(ApplianceError):
     """The waiting queue is full: back off and retry."""
 
@@ -122,3 +128,50 @@ class DocumentNotFound(ApplianceError):
     status = 404
     type = "invalid_request_error"
     code = "document_not_found"
+
+
+class AuthenticationFailed(ApplianceError):
+    """No key, an unknown key, a revoked or expired key, or a bad cluster signature."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(ApplianceError):
+    """The key is valid but its role or tenant may not do this (or use this model)."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
+
+
+class RateLimited(ApplianceError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+    retry_after = 1
+
+
+class BudgetExceeded(RateLimited):
+    """The tenant's daily or monthly token budget cannot cover this request (prompt + max_tokens)."""
+
+    code = "budget_exceeded"
+
+
+class TenantNotFound(ApplianceError):
+    status = 404
+    type = "invalid_request_error"
+    code = "tenant_not_found"
+
+
+class TenantExists(ApplianceError):
+    status = 409
+    type = "invalid_request_error"
+    code = "tenant_exists"
+
+
+class KeyNotFound(ApplianceError):
+    status = 404
+    type = "invalid_request_error"
+    code = "key_not_found"

@@ -32,6 +32,32 @@ class ServerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Log verbosity of the server process."""
 
 
+RpcEndpoint = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]+:[0-9]{1,5}$")]
+
+
+class RpcSplitSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One model split over llama.cpp RPC workers (`appliance peer serve`), e.g. [models.rpc.gemma3-270m]."""
+
+    peers: Annotated[list[RpcEndpoint], msgspec.Meta(min_length=1, max_length=16)]
+    """Workers as host:port (IPv4 or a name; a worker on another host is reached through an SSH tunnel)."""
+    tensor_split: list[Annotated[float, msgspec.Meta(ge=0)]] | None = None
+    """Share of the offloaded layers per device, in order: the workers' devices, then local GPUs; default by free memory."""
+    offload_layers: Annotated[int, msgspec.Meta(ge=-1)] = -1
+    """Layers placed on the workers (and local GPUs); -1 all of them; the rest stay on this node's CPU."""
+    connect_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 5.0
+    """How long to wait for a worker's connection and RPC hello before it counts as unreachable."""
+    stall_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    """A worker that leaves a step or a ping unanswered this long counts as dead (host down, cable pulled)."""
+
+    def __post_init__(self) -> None:
+        if len(set(self.peers)) != len(self.peers):
+            raise ValueError("a peer is listed twice")
+        if any(not 1 <= int(p.rpartition(":")[2]) <= 65535 for p in self.peers):
+            raise ValueError("a peer's port is outside 1-65535")
+        if self.tensor_split is not None and (len(self.tensor_split) > 16 or sum(self.tensor_split) <= 0):
+            raise ValueError("tensor_split needs at most 16 shares and a positive sum")
+
+
 class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     load: Literal["startup", "lazy"] = "startup"
     """`startup` loads every registered model before /health turns 200; `lazy` loads on first use."""
@@ -59,6 +85,8 @@ class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Texts per ONNX run when embedding."""
     max_embedding_inputs: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 2048
     """Most inputs one /v1/embeddings request may carry."""
+    rpc: dict[str, RpcSplitSettings] = msgspec.field(default_factory=dict)
+    """GGUF models split over RPC workers, by model id: [models.rpc.<id>] peers = ["127.0.0.1:50052"]."""
 
 
 class RetrievalSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -70,12 +98,43 @@ class RetrievalSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     """Re-ingest documents that a crash left half-ingested, once the server has started."""
 
 
+class Price(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    prompt_per_1k: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    """Price of 1,000 prompt (or embedding) tokens, in the operator's currency."""
+    completion_per_1k: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    """Price of 1,000 generated tokens."""
+
+
+class GatewaySettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    key_rpm: Annotated[int, msgspec.Meta(ge=0)] = 600
+    """Requests per minute one API key may make unless the key says otherwise; 0 means unlimited."""
+    key_tpm: Annotated[int, msgspec.Meta(ge=0)] = 200_000
+    """Tokens (prompt + completion + embedding) per minute per key unless the key says otherwise; 0: unlimited."""
+    tenant_rpm: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """Requests per minute per tenant unless the tenant says otherwise; 0 means unlimited."""
+    tenant_tpm: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """Tokens per minute per tenant unless the tenant says otherwise; 0 means unlimited."""
+    metrics_access: Literal["loopback", "key", "open"] = "loopback"
+    """Who may read /metrics: loopback clients only, any valid API key (or loopback), or anyone."""
+    prices: dict[str, Price] = msgspec.field(default_factory=dict)
+    """Price table per model id for usage reports, e.g. [gateway.prices."gemma3-270m"] prompt_per_1k = 0.01."""
+    cache_ttl_s: Annotated[float, msgspec.Meta(ge=0, le=30 * 86400)] = 600.0
+    """How long a cached deterministic response is served again; 0 turns the response cache off."""
+    cache_max_entries: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 1024
+    """Most responses kept in the exact-match cache (least recently used go first)."""
+    semantic_cache_threshold: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    """Cosine similarity above which a cached answer to a similar prompt is reused; 0 turns it off."""
+    json_logs: bool = True
+    """One JSON object per log line (request id, tenant, PII-redacted message)."""
+
+
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     data_dir: Path = Path(platformdirs.user_data_dir("appliance", appauthor=False))
     """Where models and state live. Models are under DATA_DIR/models/<id>/."""
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     models: ModelSettings = msgspec.field(default_factory=ModelSettings)
     retrieval: RetrievalSettings = msgspec.field(default_factory=RetrievalSettings)
+    gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
 
     @property
     def models_dir(self) -> Path:
@@ -95,6 +154,8 @@ _ENV_FIELDS: dict[str, tuple[str | None, str]] = {
     "APPLIANCE_GPU": ("models", "gpu"),
     "APPLIANCE_PARALLEL": ("models", "parallel"),
     "APPLIANCE_MAX_QUEUE": ("models", "max_queue"),
+    "APPLIANCE_METRICS_ACCESS": ("gateway", "metrics_access"),
+    "APPLIANCE_JSON_LOGS": ("gateway", "json_logs"),
 }
 
 

@@ -49,6 +49,8 @@ class Chunk(msgspec.Struct, frozen=True, kw_only=True):
     text: str
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    generated: int = 0
+    """Tokens generated so far, this chunk's included (0 when the engine does not count)."""
 
 
 class Embeddings(msgspec.Struct, frozen=True, kw_only=True):

@@ -7,17 +7,21 @@ import logging
 from importlib import metadata, resources
 from typing import Any
 
-from litestar import Litestar, Response, get
+from litestar import Litestar, Request, Response, get
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import HTTPException
 
 from appliance import __version__
 from appliance.api.errors import handle_appliance_error, handle_http_exception, handle_unexpected
+from appliance.api.admin import AdminController, metrics, usage_report
 from appliance.api.documents import DocumentsController
+from appliance.api.gateway import context_of, gateway_middleware
 from appliance.api.openai import OpenAIController
 from appliance.engines.registry import ModelRegistry
 from appliance.errors import ApplianceError
+from appliance.observability.metrics import Metrics
+from appliance.policy.gateway import Gateway, RequestContext, loopback_host
 from appliance.services.ask import AskService
 from appliance.services.documents import DocumentService
 from appliance.services.embeddings import EmbeddingService
@@ -77,7 +81,18 @@ async def _resume(documents: DocumentService) -> None:
         log.exception("resuming interrupted ingestion failed")
 
 
+def _request_context(request: Request) -> RequestContext:
+    return context_of(request.scope)
+
+
 def create_app(settings: Settings, registry: ModelRegistry) -> Litestar:
+    gateway = Gateway(
+        settings.data_dir,
+        settings.gateway,
+        open_mode_allowed=loopback_host(settings.server.host),
+        metrics=Metrics(registry.status),
+    )
+    gateway.replay_interrupted()
     generation = GenerationService(registry)
     embeddings = EmbeddingService(registry, max_inputs=settings.models.max_embedding_inputs)
     documents = DocumentService(
@@ -95,13 +110,20 @@ def create_app(settings: Settings, registry: ModelRegistry) -> Litestar:
     def shutdown() -> None:
         documents.close()
         registry.close()
+        gateway.close()
 
     def const(value: object) -> Provide:
         return Provide(lambda: value, sync_to_thread=False, use_cache=True)
 
     return Litestar(
-        route_handlers=[_page_handler(), health, version, OpenAIController, DocumentsController],
+        route_handlers=[
+            _page_handler(), health, version, metrics, usage_report,
+            OpenAIController, DocumentsController, AdminController,
+        ],
+        middleware=[gateway_middleware(gateway)],
         dependencies={
+            "ctx": Provide(_request_context, sync_to_thread=False),
+            "gateway": const(gateway),
             "registry": const(registry),
             "generation_service": const(generation),
             "embedding_service": const(embeddings),

@@ -16,7 +16,8 @@ from appliance.errors import ApplianceError
 from appliance.protocol.documents import AskRequest, CreateCollection, DocumentIn, SearchHit, SearchRequest, SearchResponse
 from appliance.services.ask import AskService
 from appliance.protocol.openai import decode_request
-from appliance.services.documents import DEFAULT_TENANT, DocumentService
+from appliance.policy.gateway import RequestContext
+from appliance.services.documents import DocumentService
 
 MAX_UPLOAD_BYTES = 256 * 1024 * 1024
 
@@ -29,21 +30,21 @@ class DocumentsController(Controller):
     path = "/v1/collections"
 
     @post("/", status_code=201)
-    async def create_collection(self, request: Request, document_service: DocumentService) -> Response[bytes]:
+    async def create_collection(self, request: Request, document_service: DocumentService, ctx: RequestContext) -> Response[bytes]:
         body: CreateCollection = decode_request(await request.body(), CreateCollection)
-        return _json(await document_service.create(DEFAULT_TENANT, body.name), 201)
+        return _json(await document_service.create(ctx.tenant.name, body.name), 201)
 
     @get("/")
-    async def list_collections(self, document_service: DocumentService) -> Response[bytes]:
-        return _json({"object": "list", "data": document_service.list(DEFAULT_TENANT)})
+    async def list_collections(self, document_service: DocumentService, ctx: RequestContext) -> Response[bytes]:
+        return _json({"object": "list", "data": document_service.list(ctx.tenant.name)})
 
     @delete("/{name:str}", status_code=200)
-    async def delete_collection(self, name: str, document_service: DocumentService) -> Response[bytes]:
-        await document_service.delete(DEFAULT_TENANT, name)
+    async def delete_collection(self, name: str, document_service: DocumentService, ctx: RequestContext) -> Response[bytes]:
+        await document_service.delete(ctx.tenant.name, name)
         return _json({"name": name, "deleted": True})
 
     @post("/{name:str}/documents", status_code=200, request_max_body_size=MAX_UPLOAD_BYTES)
-    async def add_documents(self, name: str, request: Request, document_service: DocumentService) -> Response[bytes]:
+    async def add_documents(self, name: str, request: Request, document_service: DocumentService, ctx: RequestContext) -> Response[bytes]:
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
             form = await request.form()
@@ -51,32 +52,33 @@ class DocumentsController(Controller):
             for _, value in form.multi_items():
                 if isinstance(value, UploadFile):
                     files.append((value.filename or "upload", await value.read()))
-            results = await document_service.ingest_files(DEFAULT_TENANT, name, files)
+            results = await document_service.ingest_files(ctx.tenant.name, name, files)
         else:
             doc: DocumentIn = decode_request(await request.body(), DocumentIn)
             res = await document_service.ingest_text(
-                DEFAULT_TENANT, name, doc.text, doc_id=doc.id, title=doc.title, metadata=doc.metadata
+                ctx.tenant.name, name, doc.text, doc_id=doc.id, title=doc.title, metadata=doc.metadata
             )
             results = [res]
         counts = {s: sum(1 for r in results if r.status == s) for s in ("ingested", "unchanged", "failed")}
         return _json({"collection": name, "results": results, **counts})
 
     @get("/{name:str}/documents")
-    async def list_documents(self, name: str, document_service: DocumentService) -> Response[bytes]:
-        return _json({"object": "list", "data": await document_service.documents(DEFAULT_TENANT, name)})
+    async def list_documents(self, name: str, document_service: DocumentService, ctx: RequestContext) -> Response[bytes]:
+        return _json({"object": "list", "data": await document_service.documents(ctx.tenant.name, name)})
 
     @delete("/{name:str}/documents/{doc_id:str}", status_code=200)
-    async def delete_document(self, name: str, doc_id: str, document_service: DocumentService) -> Response[bytes]:
-        await document_service.delete_document(DEFAULT_TENANT, name, doc_id)
+    async def delete_document(self, name: str, doc_id: str, document_service: DocumentService, ctx: RequestContext) -> Response[bytes]:
+        await document_service.delete_document(ctx.tenant.name, name, doc_id)
         return _json({"id": doc_id, "deleted": True})
 
     @post("/{name:str}/search", status_code=200)
-    async def search(self, name: str, request: Request, document_service: DocumentService) -> Response[bytes]:
+    async def search(self, name: str, request: Request, document_service: DocumentService, ctx: RequestContext) -> Response[bytes]:
         body: SearchRequest = decode_request(await request.body(), SearchRequest)
         f = body.filter
         if f is not None and f.page_from is not None and f.page_to is not None and f.page_from > f.page_to:
             raise InvalidRequest("filter.page_from is after filter.page_to.", param="filter")
-        hits = await document_service.search(DEFAULT_TENANT, name, body.query, top_k=body.top_k, mode=body.mode, flt=f)
+        hits = await document_service.search(ctx.tenant.name, name, body.query, top_k=body.top_k, mode=body.mode, flt=f)
+        ctx.retrieved_chunks = len(hits)
         data = [
             SearchHit(h.document_id, h.chunk_id, h.title, h.source, h.page, h.heading, h.text, h.start, h.end,
                       h.score, h.snippet, h.highlights, h.metadata)
@@ -85,12 +87,12 @@ class DocumentsController(Controller):
         return _json(SearchResponse(body.query, body.mode, data))
 
     @post("/{name:str}/ask", status_code=200)
-    async def ask(self, name: str, request: Request, ask_service: AskService) -> Response[bytes] | Stream:
+    async def ask(self, name: str, request: Request, ask_service: AskService, ctx: RequestContext) -> Response[bytes] | Stream:
         body: AskRequest = decode_request(await request.body(), AskRequest)
-        args = dict(top_k=body.top_k, model=body.model, max_tokens=body.max_tokens)
+        args = dict(top_k=body.top_k, model=body.model, max_tokens=body.max_tokens, policy=ctx)
         if not body.stream:
-            return _json(await ask_service.ask(DEFAULT_TENANT, name, body.question, **args))
-        events = await ask_service.stream(DEFAULT_TENANT, name, body.question, **args)
+            return _json(await ask_service.ask(ctx.tenant.name, name, body.question, **args))
+        events = await ask_service.stream(ctx.tenant.name, name, body.question, **args)
         return Stream(_sse(events), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 

@@ -10,6 +10,7 @@ from litestar import Controller, Request, Response, get, post
 from litestar.response import Stream
 
 from appliance.api.errors import error_body
+from appliance.policy.gateway import RequestContext
 from appliance.engines.registry import ModelRegistry
 from appliance.errors import ApplianceError, EngineError
 from appliance.protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, decode_request
@@ -30,7 +31,6 @@ from appliance.protocol.responses import (
     usage_out,
 )
 from appliance.services.ask import AskService
-from appliance.services.documents import DEFAULT_TENANT
 from appliance.services.embeddings import EmbeddingService
 from appliance.types import Usage
 from appliance.services.generation import Generation, GenerationService
@@ -90,19 +90,20 @@ async def _completion_events(generation: Generation, include_usage: bool, echo: 
             yield _event(TextCompletion(cid, created, model, [], usage=usage_out(piece.usage)))
 
 
-async def _grounded_chat(body: ChatCompletionRequest, ask: AskService) -> Response[bytes] | Stream:
+async def _grounded_chat(body: ChatCompletionRequest, ask: AskService, ctx: RequestContext) -> Response[bytes] | Stream:
     """`collection` in a chat request: the same retrieval, prompt and checks as /ask, in OpenAI's shape."""
     body.check()
-    args = dict(top_k=body.collection_top_k, model=body.model, max_tokens=body.token_limit or 256)
+    args = dict(top_k=body.collection_top_k, model=body.model, max_tokens=body.token_limit or 256, policy=ctx)
+    tenant = ctx.tenant.name
     if body.stream:
-        events = await ask.stream(DEFAULT_TENANT, body.collection or "", body.question(), **args)
+        events = await ask.stream(tenant, body.collection or "", body.question(), **args)
         return Stream(_grounded_events(events), media_type="text/event-stream", headers=_SSE_HEADERS)
-    answer = await ask.ask(DEFAULT_TENANT, body.collection or "", body.question(), **args)
+    answer = await ask.ask(tenant, body.collection or "", body.question(), **args)
     usage = Usage(prompt_tokens=answer.usage["prompt_tokens"], completion_tokens=answer.usage["completion_tokens"])
     choice = ChatChoice(0, AssistantMessage(answer.answer), "stop")
     return _json(
         ChatCompletion(new_id("chatcmpl"), now(), answer.model, [choice], usage_out(usage),
-                       citations=answer.citations, grounded=answer.grounded)
+                       citations=answer.citations, grounded=answer.grounded, quarantined=answer.quarantined)
     )
 
 
@@ -119,6 +120,7 @@ async def _grounded_events(events: AsyncIterator[dict]) -> AsyncIterator[bytes]:
                 model = event["model"]
                 final = msgspec.to_builtins(ChatCompletionChunk(cid, created, model, [ChunkChoice(0, Delta(), "stop")]))
                 final["citations"], final["grounded"] = event["citations"], event["grounded"]
+                final["quarantined"] = event["quarantined"]
                 yield b"data: " + _encode(final) + b"\n\n"
         yield b"data: [DONE]\n\n"
     except ApplianceError as exc:
@@ -129,23 +131,26 @@ class OpenAIController(Controller):
     path = "/v1"
 
     @get("/models")
-    async def list_models(self, registry: ModelRegistry) -> Response[bytes]:
+    async def list_models(self, registry: ModelRegistry, ctx: RequestContext) -> Response[bytes]:
         status = registry.status()
-        return _json(ModelList([model_card(m, status[m.id]) for m in registry.manifests()]))
+        allowed = ctx.tenant.allowed_models
+        cards = [model_card(m, status[m.id]) for m in registry.manifests() if allowed is None or m.id in allowed]
+        return _json(ModelList(cards))
 
     @get("/models/{model_id:str}")
-    async def get_model(self, model_id: str, registry: ModelRegistry) -> Response[bytes]:
+    async def get_model(self, model_id: str, registry: ModelRegistry, ctx: RequestContext) -> Response[bytes]:
         manifest = registry.resolve(model_id)
+        ctx.allow_model(manifest)
         return _json(model_card(manifest, registry.status()[manifest.id]))
 
     @post("/chat/completions", status_code=200)
     async def chat_completions(
-        self, request: Request, generation_service: GenerationService, ask_service: AskService
+        self, request: Request, generation_service: GenerationService, ask_service: AskService, ctx: RequestContext
     ) -> Response[bytes] | Stream:
         body: ChatCompletionRequest = decode_request(await request.body(), ChatCompletionRequest)
         if body.collection is not None:
-            return await _grounded_chat(body, ask_service)
-        generation = await generation_service.chat(body)
+            return await _grounded_chat(body, ask_service, ctx)
+        generation = await generation_service.chat(body, ctx)
         if body.stream:
             events = _chat_events(generation, body.include_usage)
             return Stream(_sse(events, generation), media_type="text/event-stream", headers=_SSE_HEADERS)
@@ -154,9 +159,11 @@ class OpenAIController(Controller):
         return _json(ChatCompletion(new_id("chatcmpl"), now(), generation.manifest.id, [choice], usage_out(usage)))
 
     @post("/completions", status_code=200)
-    async def completions(self, request: Request, generation_service: GenerationService) -> Response[bytes] | Stream:
+    async def completions(
+        self, request: Request, generation_service: GenerationService, ctx: RequestContext
+    ) -> Response[bytes] | Stream:
         body: CompletionRequest = decode_request(await request.body(), CompletionRequest)
-        generation = await generation_service.complete(body)
+        generation = await generation_service.complete(body, ctx)
         echo = body.prompt_text if body.echo else ""
         if body.stream:
             events = _completion_events(generation, body.include_usage, echo)
@@ -166,7 +173,10 @@ class OpenAIController(Controller):
         return _json(TextCompletion(new_id("cmpl"), now(), generation.manifest.id, [choice], usage_out(usage)))
 
     @post("/embeddings", status_code=200)
-    async def embeddings(self, request: Request, embedding_service: EmbeddingService) -> Response[bytes]:
+    async def embeddings(
+        self, request: Request, embedding_service: EmbeddingService, ctx: RequestContext
+    ) -> Response[bytes]:
         body: EmbeddingRequest = decode_request(await request.body(), EmbeddingRequest)
-        manifest, result = await embedding_service.embed(body)
+        manifest, result = await embedding_service.embed(body, ctx)
+        ctx.embedding_tokens = result.prompt_tokens
         return _json(embedding_list(manifest, result, body.encoding_format))

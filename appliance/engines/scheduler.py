@@ -338,7 +338,7 @@ class BatchScheduler:
         self.stats.generated_tokens += 1
         text, hit = seq.stops.feed(seq.decoder.decode(self.ctx.piece(token)))
         if text:
-            seq.emit(Chunk(text=text))
+            seq.emit(Chunk(text=text, generated=seq.generated))
         if hit:
             self._finish(seq, reason="stop", stopped_by_text=True)
             return
@@ -378,7 +378,7 @@ class BatchScheduler:
                 tail += seq.stops.flush()
         self.stats.completed += 1
         usage = Usage(prompt_tokens=len(seq.prompt), completion_tokens=seq.generated)
-        seq.emit(Chunk(text=tail, finish_reason=reason, usage=usage))  # type: ignore[arg-type]
+        seq.emit(Chunk(text=tail, finish_reason=reason, usage=usage, generated=seq.generated))  # type: ignore[arg-type]
 
     def _fail_all(self, exc: ApplianceError) -> None:
         for slot in self._slots:

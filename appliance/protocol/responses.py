@@ -44,6 +44,10 @@ class ChatCompletion(msgspec.Struct):
     citations: list[Any] | msgspec.UnsetType = msgspec.UNSET
     """Appliance extension, with `collection` in the request: the checked citations (else absent)."""
     grounded: bool | msgspec.UnsetType = msgspec.UNSET
+    quarantined: list[Any] | msgspec.UnsetType = msgspec.UNSET
+    """Appliance extension: retrieved chunks the injection guardrail kept out of the prompt."""
+    guardrails: list[Any] | msgspec.UnsetType = msgspec.UNSET
+    """Appliance extension: what the guardrails did to this request (kinds and counts, never the text)."""
 
 
 class Delta(msgspec.Struct, omit_defaults=True):

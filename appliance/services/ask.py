@@ -23,6 +23,7 @@ from appliance.errors import InvalidRequest
 from appliance.modelstore.manifest import Manifest
 from appliance.retrieval.collection import Hit
 from appliance.services.documents import DocumentService
+from appliance.services.policy import OPEN_POLICY, RequestPolicy
 from appliance.services.generation import Generation, GenerationService
 from appliance.types import Usage
 
@@ -78,6 +79,8 @@ class Answer(msgspec.Struct):
     grounded: bool
     model: str
     usage: dict[str, int]
+    quarantined: list[dict[str, str]] = msgspec.field(default_factory=list)
+    """Retrieved chunks the injection guardrail kept out of the prompt (document and chunk ids)."""
 
 
 def _content_words(text: str) -> set[str]:
@@ -198,9 +201,25 @@ class AskService:
         return self._registry.resolve(name, kinds=("chat", "completion"))
 
     async def retrieve(
-        self, tenant: str, collection: str, question: str, top_k: int, *, manifest: Manifest, max_tokens: int
+        self,
+        tenant: str,
+        collection: str,
+        question: str,
+        top_k: int,
+        *,
+        manifest: Manifest,
+        max_tokens: int,
+        policy: RequestPolicy = OPEN_POLICY,
+        quarantined: list[dict[str, str]] | None = None,
     ) -> list[Source]:
         hits = await self._documents.search(tenant, collection, question, top_k=top_k * 3, mode="hybrid", flt=None)
+        # Injected instructions in a document must never reach the prompt: screen before choosing.
+        kept = set(policy.screen_retrieved([h.text for h in hits]))
+        if quarantined is not None:
+            quarantined.extend(
+                {"document_id": h.document_id, "chunk_id": str(h.chunk_id)} for i, h in enumerate(hits) if i not in kept
+            )
+        hits = [h for i, h in enumerate(hits) if i in kept]
         # Relevance needs an absolute measure: the best cosine similarity among the candidates.
         vector_hits = await self._documents.search(tenant, collection, question, top_k=1, mode="vector", flt=None)
         if not vector_hits or vector_hits[0].score < MIN_SIMILARITY:
@@ -214,42 +233,66 @@ class AskService:
         return [Source(i + 1, h.document_id, h.chunk_id, h.title, h.source, h.page, h.text) for i, h in enumerate(chosen)]
 
     async def start(
-        self, tenant: str, collection: str, question: str, *, top_k: int, model: str | None, max_tokens: int
+        self,
+        tenant: str,
+        collection: str,
+        question: str,
+        *,
+        top_k: int,
+        model: str | None,
+        max_tokens: int,
+        policy: RequestPolicy = OPEN_POLICY,
+        quarantined: list[dict[str, str]] | None = None,
     ) -> tuple[Manifest, list[Source], Generation | None]:
         if not question.strip():
             raise InvalidRequest("The question is empty.", param="question")
         manifest = self._model(model)
-        sources = await self.retrieve(tenant, collection, question, top_k, manifest=manifest, max_tokens=max_tokens)
+        policy.allow_model(manifest)
+        sources = await self.retrieve(
+            tenant, collection, question, top_k, manifest=manifest, max_tokens=max_tokens, policy=policy,
+            quarantined=quarantined,
+        )
         if not sources:
             return manifest, sources, None
         prompt, messages = build_prompt(manifest, question, sources)
         generation = await self._generation.generate(
-            manifest, prompt=prompt, messages=messages, max_tokens=max_tokens, stop=("\nQuestion:", "\nSources:", "</source>", "\n\n", "\n[")
+            manifest, prompt=prompt, messages=messages, max_tokens=max_tokens, policy=policy,
+            stop=("\nQuestion:", "\nSources:", "</source>", "\n\n", "\n["),
         )
         return manifest, sources, generation
 
-    async def ask(self, tenant: str, collection: str, question: str, *, top_k: int, model: str | None, max_tokens: int) -> Answer:
+    async def ask(
+        self, tenant: str, collection: str, question: str, *, top_k: int, model: str | None, max_tokens: int,
+        policy: RequestPolicy = OPEN_POLICY,
+    ) -> Answer:
+        quarantined: list[dict[str, str]] = []
         manifest, sources, generation = await self.start(
-            tenant, collection, question, top_k=top_k, model=model, max_tokens=max_tokens
+            tenant, collection, question, top_k=top_k, model=model, max_tokens=max_tokens, policy=policy,
+            quarantined=quarantined,
         )
         if generation is None:
-            return Answer(NO_ANSWER, [], [], False, manifest.id, {"prompt_tokens": 0, "completion_tokens": 0})
+            return Answer(NO_ANSWER, [], [], False, manifest.id, {"prompt_tokens": 0, "completion_tokens": 0}, quarantined)
         text, _, usage = await generation.collect()
-        return finish(text, sources, manifest, usage)
+        answer = finish(text, sources, manifest, usage)
+        answer.quarantined = quarantined
+        return answer
 
     async def stream(
-        self, tenant: str, collection: str, question: str, *, top_k: int, model: str | None, max_tokens: int
+        self, tenant: str, collection: str, question: str, *, top_k: int, model: str | None, max_tokens: int,
+        policy: RequestPolicy = OPEN_POLICY,
     ) -> AsyncIterator[dict[str, Any]]:
+        quarantined: list[dict[str, str]] = []
         manifest, sources, generation = await self.start(
-            tenant, collection, question, top_k=top_k, model=model, max_tokens=max_tokens
+            tenant, collection, question, top_k=top_k, model=model, max_tokens=max_tokens, policy=policy,
+            quarantined=quarantined,
         )
 
         async def events() -> AsyncIterator[dict[str, Any]]:
-            yield {"type": "sources", "sources": [msgspec.to_builtins(s) for s in sources]}
+            yield {"type": "sources", "sources": [msgspec.to_builtins(s) for s in sources], "quarantined": quarantined}
             if generation is None:
                 yield {"type": "delta", "text": NO_ANSWER}
                 yield {"type": "done", **msgspec.to_builtins(
-                    Answer(NO_ANSWER, [], [], False, manifest.id, {"prompt_tokens": 0, "completion_tokens": 0}))}
+                    Answer(NO_ANSWER, [], [], False, manifest.id, {"prompt_tokens": 0, "completion_tokens": 0}, quarantined))}
                 return
             parts: list[str] = []
             usage = Usage(prompt_tokens=0)
@@ -262,7 +305,9 @@ class AskService:
                         usage = chunk.usage
             finally:
                 await generation.aclose()
-            yield {"type": "done", **msgspec.to_builtins(finish("".join(parts), sources, manifest, usage))}
+            answer = finish("".join(parts), sources, manifest, usage)
+            answer.quarantined = quarantined
+            yield {"type": "done", **msgspec.to_builtins(answer)}
 
         return events()
 

@@ -8,6 +8,7 @@ from appliance.engines.registry import ModelRegistry
 from appliance.errors import InvalidRequest
 from appliance.modelstore.manifest import Manifest
 from appliance.protocol.openai import EmbeddingRequest
+from appliance.services.policy import OPEN_POLICY, RequestPolicy
 from appliance.types import Embeddings
 
 
@@ -16,8 +17,11 @@ class EmbeddingService:
         self._registry = registry
         self._max_inputs = max_inputs
 
-    async def embed(self, request: EmbeddingRequest) -> tuple[Manifest, Embeddings]:
+    async def embed(
+        self, request: EmbeddingRequest, policy: RequestPolicy = OPEN_POLICY
+    ) -> tuple[Manifest, Embeddings]:
         manifest = self._registry.resolve(request.model, kinds=("embedding",))
+        policy.allow_model(manifest)
         texts = request.texts()
         if len(texts) > self._max_inputs:
             raise InvalidRequest(
@@ -30,4 +34,7 @@ class EmbeddingService:
                 param="dimensions",
             )
         engine = await self._registry.engine(manifest)
+        count = getattr(engine, "count_tokens", None)
+        tokens = sum(count(texts)) if count else sum(len(t.split()) for t in texts)
+        policy.reserve(manifest, tokens, 0)
         return manifest, await asyncio.to_thread(engine.embed, texts)

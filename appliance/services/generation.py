@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -14,6 +14,7 @@ from appliance.engines.registry import ChatEngine, ModelRegistry
 from appliance.errors import ApplianceError, EngineError
 from appliance.modelstore.manifest import Manifest
 from appliance.protocol.openai import ChatCompletionRequest, CompletionRequest
+from appliance.services.policy import OPEN_POLICY, RequestPolicy
 from appliance.types import Chunk, GenerationRequest, SamplingParams, Usage
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,11 @@ class Generation:
         self.manifest = manifest
         self._first: Chunk | None = first
         self._rest = rest
+        self._observers: list[Callable[[Chunk], None]] = []
+
+    def observe(self, observer: Callable[[Chunk], None]) -> None:
+        """Call `observer` with every chunk before it is handed on (metering counts tokens here)."""
+        self._observers.append(observer)
 
     def __aiter__(self) -> AsyncIterator[Chunk]:
         return self._iterate()
@@ -34,11 +40,17 @@ class Generation:
     async def _iterate(self) -> AsyncIterator[Chunk]:
         if self._first is not None:
             first, self._first = self._first, None
+            self._notify(first)
             yield first
             if first.finish_reason is not None:
                 return
         async for chunk in self._rest:
+            self._notify(chunk)
             yield chunk
+
+    def _notify(self, chunk: Chunk) -> None:
+        for observer in self._observers:
+            observer(chunk)
 
     async def aclose(self) -> None:
         await self._rest.aclose()  # type: ignore[attr-defined]
@@ -79,16 +91,20 @@ class GenerationService:
                     prompt = prompt[: -len(marker)]
         return prompt
 
-    async def chat(self, request: ChatCompletionRequest) -> Generation:
+    async def chat(self, request: ChatCompletionRequest, policy: RequestPolicy = OPEN_POLICY) -> Generation:
         request.check()
         manifest = self._registry.resolve(request.model, kinds=("chat",))
+        policy.allow_model(manifest)
         prompt = self.render_chat(manifest, request)
-        return await self._start(manifest, prompt, request.token_limit, request, json_schema=request.json_schema())
+        return await self._start(
+            manifest, prompt, request.token_limit, request, policy, json_schema=request.json_schema()
+        )
 
-    async def complete(self, request: CompletionRequest) -> Generation:
+    async def complete(self, request: CompletionRequest, policy: RequestPolicy = OPEN_POLICY) -> Generation:
         request.check()
         manifest = self._registry.resolve(request.model, kinds=("chat", "completion"))
-        return await self._start(manifest, request.prompt_text, request.max_tokens, request)
+        policy.allow_model(manifest)
+        return await self._start(manifest, request.prompt_text, request.max_tokens, request, policy)
 
     async def generate(
         self,
@@ -99,6 +115,7 @@ class GenerationService:
         max_tokens: int,
         stop: tuple[str, ...] = (),
         temperature: float = 0.0,
+        policy: RequestPolicy = OPEN_POLICY,
     ) -> Generation:
         """For other services (grounded answers): a prompt, or messages for the model's chat template."""
         if messages is not None:
@@ -108,7 +125,7 @@ class GenerationService:
             temperature=temperature, top_p=d.top_p, top_k=d.top_k, min_p=d.min_p, repeat_penalty=d.repeat_penalty
         )
         request = GenerationRequest(prompt=prompt, max_tokens=max_tokens, stop=(*stop, *manifest.stop), sampling=sampling)
-        return await self._launch(manifest, request)
+        return await self._launch(manifest, request, policy)
 
     async def _start(
         self,
@@ -116,6 +133,7 @@ class GenerationService:
         prompt: str,
         max_tokens: int | None,
         request: ChatCompletionRequest | CompletionRequest,
+        policy: RequestPolicy,
         json_schema: str | None = None,
     ) -> Generation:
         generation = GenerationRequest(
@@ -126,10 +144,16 @@ class GenerationService:
             json_schema=json_schema,
             priority=request.priority_level,
         )
-        return await self._launch(manifest, generation)
+        return await self._launch(manifest, generation, policy)
 
-    async def _launch(self, manifest: Manifest, generation: GenerationRequest) -> Generation:
+    async def _launch(self, manifest: Manifest, generation: GenerationRequest, policy: RequestPolicy) -> Generation:
+        policy.allow_model(manifest)
         engine = await self._registry.engine(manifest)
+        tokenize = getattr(engine, "tokenize", None)
+        prompt_tokens = len(tokenize(generation.prompt)) if tokenize else len(generation.prompt.split())
+        # Without max_tokens a generation may fill the context: that is what it reserves.
+        limit = generation.max_tokens if generation.max_tokens is not None else engine.n_ctx - prompt_tokens
+        policy.reserve(manifest, prompt_tokens, max(0, limit))
         rest = self._run(engine, generation)
         try:
             first = await anext(rest)
@@ -138,7 +162,9 @@ class GenerationService:
         except BaseException:
             await rest.aclose()
             raise
-        return Generation(manifest, first, rest)
+        generation = Generation(manifest, first, rest)
+        generation.observe(policy.on_chunk)
+        return generation
 
     async def _run(self, engine: ChatEngine, request: GenerationRequest) -> AsyncIterator[Chunk]:
         """Submit to the engine and yield its chunks as they arrive from the engine's thread.

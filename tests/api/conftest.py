@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,7 +38,8 @@ def world() -> World:
 
 
 def make_client(world: World, **env: str) -> TestClient:
-    settings = load_settings(env={"APPLIANCE_DATA_DIR": "/nonexistent", **env})
+    env.setdefault("APPLIANCE_DATA_DIR", tempfile.mkdtemp(prefix="appliance-api-"))
+    settings = load_settings(env=env)
     registry = ModelRegistry(world.manifests, world.factory, load_timeout_s=5)
     return TestClient(create_app(settings, registry), raise_server_exceptions=False)
 

@@ -1,0 +1,108 @@
+"""Admin routes (tenants, keys), usage reports and /metrics. Thin: check the role, call the gateway."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+from litestar import Controller, Request, Response, delete, get, patch, post
+
+from appliance.errors import InvalidRequest, PermissionDenied
+from appliance.observability.metrics import CONTENT_TYPE
+from appliance.policy.gateway import Gateway, RequestContext
+from appliance.policy.metering import parse_time
+from appliance.policy.tenancy import ApiKey, TenantUpdate
+from appliance.protocol.admin import CreateKey, CreateTenant
+from appliance.protocol.openai import decode_request
+
+
+def _json(obj: object, status: int = 200) -> Response[bytes]:
+    return Response(content=msgspec.json.encode(obj), media_type="application/json", status_code=status)
+
+
+def requires_admin(ctx: RequestContext) -> None:
+    if ctx.principal is None or not ctx.principal.is_admin:
+        raise PermissionDenied("This route needs an admin key.")
+
+
+def _key_out(key: ApiKey) -> dict[str, object]:
+    return {**msgspec.to_builtins(key), "active": key.active}
+
+
+class AdminController(Controller):
+    path = "/v1/admin"
+
+    @get("/tenants")
+    async def list_tenants(self, gateway: Gateway, ctx: RequestContext) -> Response[bytes]:
+        requires_admin(ctx)
+        return _json({"object": "list", "data": gateway.tenants.tenants()})
+
+    @post("/tenants", status_code=201)
+    async def create_tenant(self, request: Request, gateway: Gateway, ctx: RequestContext) -> Response[bytes]:
+        requires_admin(ctx)
+        body: CreateTenant = decode_request(await request.body(), CreateTenant)
+        fields = {k: v for k, v in msgspec.structs.asdict(body).items() if k != "name" and v is not None}
+        return _json(gateway.tenants.create_tenant(body.name, **fields), 201)
+
+    @get("/tenants/{name:str}")
+    async def get_tenant(self, name: str, gateway: Gateway, ctx: RequestContext) -> Response[bytes]:
+        requires_admin(ctx)
+        tenant = gateway.tenants.tenant(name)
+        return _json({**msgspec.to_builtins(tenant), "budget_remaining": gateway.budgets.remaining(tenant)})
+
+    @patch("/tenants/{name:str}")
+    async def update_tenant(self, name: str, request: Request, gateway: Gateway, ctx: RequestContext) -> Response[bytes]:
+        requires_admin(ctx)
+        update: TenantUpdate = decode_request(await request.body(), TenantUpdate)
+        return _json(gateway.tenants.update_tenant(name, update))
+
+    @get("/keys")
+    async def list_keys(self, gateway: Gateway, ctx: RequestContext, tenant: str | None = None) -> Response[bytes]:
+        requires_admin(ctx)
+        return _json({"object": "list", "data": [_key_out(k) for k in gateway.tenants.keys(tenant)]})
+
+    @post("/keys", status_code=201)
+    async def create_key(self, request: Request, gateway: Gateway, ctx: RequestContext) -> Response[bytes]:
+        requires_admin(ctx)
+        body: CreateKey = decode_request(await request.body(), CreateKey)
+        if body.expires_at is not None and body.expires_in_days is not None:
+            raise InvalidRequest("Give expires_at or expires_in_days, not both.", param="expires_at")
+        expires = body.expires_at
+        if body.expires_in_days is not None:
+            expires = time.time() + body.expires_in_days * 86400
+        key, secret = gateway.tenants.create_key(
+            body.tenant, role=body.role, name=body.name, expires_at=expires, rpm=body.rpm, tpm=body.tpm
+        )
+        # The only time the full key is ever shown.
+        return _json({**_key_out(key), "key": secret}, 201)
+
+    @delete("/keys/{key_id:str}", status_code=200)
+    async def revoke_key(self, key_id: str, gateway: Gateway, ctx: RequestContext) -> Response[bytes]:
+        requires_admin(ctx)
+        return _json(_key_out(gateway.tenants.revoke_key(key_id)))
+
+    @get("/usage/verify")
+    async def verify_usage(self, gateway: Gateway, ctx: RequestContext) -> Response[bytes]:
+        requires_admin(ctx)
+        return _json(gateway.meter.verify())
+
+
+@get("/v1/usage")
+async def usage_report(request: Request, gateway: Gateway, ctx: RequestContext) -> Response[bytes]:
+    """Totals per model, key, day, tenant or route; a user key sees its own tenant, an admin all or one."""
+    assert ctx.principal is not None
+    params = request.query_params
+    group_by = params.get("group_by", "model")
+    tenant = params.get("tenant")
+    since, until = parse_time(params.get("from"), "from"), parse_time(params.get("to"), "to")
+    if not ctx.principal.is_admin:
+        if tenant is not None and tenant != ctx.principal.tenant:
+            raise PermissionDenied("A user key reads its own tenant's usage only.")
+        tenant = ctx.principal.tenant
+    rows = gateway.meter.report(group_by=group_by, tenant=tenant, since=since, until=until)  # type: ignore[arg-type]
+    return _json({"object": "list", "group_by": group_by, "from": since, "to": until, "data": rows})
+
+
+@get("/metrics", sync_to_thread=False)
+def metrics(gateway: Gateway) -> Response[bytes]:
+    return Response(gateway.metrics.render(), media_type=CONTENT_TYPE)

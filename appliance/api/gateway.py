@@ -1,0 +1,134 @@
+"""The gateway at the edge: an ASGI middleware around every route.
+
+It gives each request an id (X-Request-Id), authenticates it (every route but /health and the
+static page), hands the per-request context to the handlers, and when the request ends writes
+its usage record (if the handler has not already), counts it in /metrics and logs one JSON line.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+
+import msgspec
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from appliance.api.errors import error_body
+from appliance.errors import ApplianceError, AuthenticationFailed, PermissionDenied
+from appliance.observability.logs import request_id_var
+from appliance.policy.gateway import Gateway, RequestContext, error_status
+from appliance.types import Principal
+
+log = logging.getLogger("appliance.access")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
+PUBLIC_ROUTES = frozenset({"/health", "/"})
+METRICS_ROUTE = "/metrics"
+_LOOPBACK = ("127.", "::1", "localhost")
+
+PeerAuth = Callable[[dict[str, str], str, str], Principal | None]
+"""(headers, method, path) -> the forwarded caller when a valid cluster signature is present."""
+
+
+def is_loopback_client(scope: Scope) -> bool:
+    client = scope.get("client")
+    return bool(client) and str(client[0]).startswith(_LOOPBACK)
+
+
+def context_of(scope: Scope) -> RequestContext:
+    return scope["state"]["ctx"]
+
+
+def gateway_middleware(gateway: Gateway, peer_auth: PeerAuth | None = None) -> Callable[[ASGIApp], ASGIApp]:
+    def factory(app: ASGIApp) -> ASGIApp:
+        async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            given = headers.get("x-request-id", "")
+            request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+            route = scope.get("path_template") or scope["path"]
+            ctx = gateway.context(request_id, route, scope["method"])
+            scope.setdefault("state", {})["ctx"] = ctx
+            token = request_id_var.set(request_id)
+            status = 0
+
+            async def send_with_id(message: Message) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                    message.setdefault("headers", [])
+                    message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+                elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                    # Durable before the last byte: the usage record is written, then the body ends.
+                    if status and not ctx.recorded:
+                        ctx.settle(status)
+                await send(message)
+
+            try:
+                if route in PUBLIC_ROUTES:
+                    ctx.metered = False
+                elif route == METRICS_ROUTE:
+                    ctx.metered = False
+                    _authorize_metrics(gateway, ctx, scope, headers)
+                else:
+                    principal = peer_auth(headers, scope["method"], scope["path"]) if peer_auth else None
+                    if principal is not None:
+                        ctx.act_as(principal)
+                    else:
+                        ctx.authenticate(headers.get("authorization"))
+                    ctx.admit_request()
+            except ApplianceError as exc:
+                await _send_error(send_with_id, exc)
+                _finish(gateway, ctx, exc.status)
+                request_id_var.reset(token)
+                return
+            try:
+                await app(scope, receive, send_with_id)
+            except BaseException as exc:
+                status = status or error_status(exc)
+                raise
+            finally:
+                if not ctx.recorded:
+                    # No final body was sent: the client went away mid-stream, or the handler failed.
+                    ctx.settle(status or 499, outcome="cancelled" if status and status < 400 else None)
+                _finish(gateway, ctx, status or 499)
+                request_id_var.reset(token)
+
+        return middleware
+
+    return factory
+
+
+def _authorize_metrics(gateway: Gateway, ctx: RequestContext, scope: Scope, headers: dict[str, str]) -> None:
+    access = gateway.settings.metrics_access
+    if access == "open" or (is_loopback_client(scope) and access in ("loopback", "key")):
+        return
+    if access == "loopback":
+        raise PermissionDenied("/metrics is served to loopback clients only (gateway.metrics_access).")
+    ctx.authenticate(headers.get("authorization"))
+
+
+def _finish(gateway: Gateway, ctx: RequestContext, status: int) -> None:
+    if not ctx.recorded:
+        ctx.settle(status)
+    tenant = ctx.principal.tenant if ctx.principal else ""
+    route = f"{ctx.method} {ctx.route}"
+    elapsed = time.monotonic() - ctx.started
+    gateway.metrics.requests.labels(route=route, status=str(status), tenant=tenant).inc()
+    gateway.metrics.latency.labels(route=route).observe(elapsed)
+    log.info("request", extra={"fields": {**ctx.summary(), "status": status, "ms": round(elapsed * 1000, 1)}})
+
+
+async def _send_error(send: Send, exc: ApplianceError) -> None:
+    headers: list[tuple[bytes, bytes]] = [(b"content-type", b"application/json")]
+    if isinstance(exc, AuthenticationFailed):
+        headers.append((b"www-authenticate", b'Bearer realm="appliance"'))
+    if exc.retry_after is not None:
+        headers.append((b"retry-after", str(exc.retry_after).encode()))
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": msgspec.json.encode(error_body(exc))})
+

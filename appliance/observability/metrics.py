@@ -1,0 +1,94 @@
+"""Prometheus metrics (prometheus_client) in one registry per app: no process globals.
+
+Request, token, guardrail and limiter series are updated as requests finish; engine gauges (queue
+depth, busy slots, prefix-cache hit rate) are read from the model registry at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, status: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterable[Any]:
+        state = GaugeMetricFamily("appliance_model_ready", "1 when the model is loaded and serving", labels=["model"])
+        queue = GaugeMetricFamily("appliance_queue_depth", "Requests waiting for a batch slot", labels=["model"])
+        busy = GaugeMetricFamily("appliance_busy_slots", "Sequences generating now", labels=["model"])
+        hit = GaugeMetricFamily(
+            "appliance_prefix_cache_hit_ratio", "Share of prompt tokens served from the prefix cache", labels=["model"]
+        )
+        prompt = CounterMetricFamily(
+            "appliance_engine_prompt_tokens", "Prompt tokens the engine processed", labels=["model"]
+        )
+        prefix = CounterMetricFamily(
+            "appliance_engine_prefix_hit_tokens", "Prompt tokens reused from the prefix cache", labels=["model"]
+        )
+        for model, s in self._status().items():
+            state.add_metric([model], 1.0 if s["state"] == "ready" else 0.0)
+            engine = s.get("engine")
+            if engine is None:
+                continue
+            queue.add_metric([model], engine["queue_depth"])
+            busy.add_metric([model], engine["busy_slots"])
+            hit.add_metric([model], engine["prefix_cache_hit_rate"])
+            prompt.add_metric([model], engine["prompt_tokens"])
+            prefix.add_metric([model], round(engine["prompt_tokens"] * engine["prefix_cache_hit_rate"]))
+        yield from (state, queue, busy, hit, prompt, prefix)
+
+
+class Metrics:
+    def __init__(self, engine_status: Callable[[], dict[str, dict[str, Any]]] | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "appliance_requests", "HTTP requests by route, status and tenant", ["route", "status", "tenant"], registry=r
+        )
+        self.latency = Histogram(
+            "appliance_request_seconds", "Request latency (to the last byte)", ["route"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.ttft = Histogram(
+            "appliance_time_to_first_token_seconds", "Time to the first generated token", ["model"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.tpot = Histogram(
+            "appliance_time_per_output_token_seconds", "Mean time per generated token after the first", ["model"],
+            buckets=_TPOT_BUCKETS, registry=r,
+        )
+        self.tokens = Counter(
+            "appliance_tokens", "Tokens by direction (prompt, completion, embedding), model and tenant",
+            ["direction", "model", "tenant"], registry=r,
+        )
+        self.retrieval = Histogram(
+            "appliance_retrieval_seconds", "Document search latency (query embedding included)", ["mode"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.guardrails = Counter(
+            "appliance_guardrail_actions", "Guardrail actions by stage, kind and action",
+            ["stage", "kind", "action"], registry=r,
+        )
+        self.rejections = Counter(
+            "appliance_limiter_rejections", "Requests refused by rate limits or budgets", ["reason", "tenant"],
+            registry=r,
+        )
+        self.cache = Counter("appliance_response_cache", "Response cache lookups by result", ["result"], registry=r)
+        self.forwards = Counter(
+            "appliance_forwarded_requests", "Requests forwarded to peer appliances", ["peer", "outcome"], registry=r
+        )
+        if engine_status is not None:
+            r.register(_EngineCollector(engine_status))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

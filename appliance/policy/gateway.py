@@ -1,0 +1,256 @@
+"""The gateway: who is calling, what they may do, and what each request used.
+
+`Gateway.authenticate` turns the Authorization header into a Principal. `RequestContext` is the
+per-request policy the services call while they run (model allow-list, rate limits, budget
+reservation, screening of retrieved chunks) and the accumulator that becomes the request's one
+usage record when it ends.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import ApplianceError, AuthenticationFailed, ModelNotFound, RateLimited
+from appliance.modelstore.manifest import Manifest
+from appliance.observability.metrics import Metrics
+from appliance.policy.db import open_gateway_db
+from appliance.policy.limits import BudgetLedger, RateLimits, Reservation
+from appliance.policy.metering import GuardrailAction, Outcome, UsageMeter, UsageRecord
+from appliance.policy.tenancy import DEFAULT_TENANT, ApiKey, Tenant, TenantStore
+from appliance.settings import GatewaySettings
+from appliance.types import Chunk, Principal, Usage
+
+log = logging.getLogger(__name__)
+_CHECKPOINT_EVERY_S = 1.0
+
+RetrievedScreen = Callable[["RequestContext", list[str]], list[int]]
+
+
+def loopback_host(host: str) -> bool:
+    """True when binding `host` exposes the server to this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class Gateway:
+    def __init__(
+        self, data_dir: Path, settings: GatewaySettings, *, open_mode_allowed: bool, metrics: Metrics | None = None
+    ) -> None:
+        self._conn = open_gateway_db(data_dir)
+        self.settings = settings
+        self.tenants = TenantStore(self._conn)
+        self.meter = UsageMeter(self._conn, settings.prices)
+        self.rates = RateLimits(settings)
+        self.budgets = BudgetLedger(self.meter)
+        self.metrics = metrics or Metrics()
+        self.open_mode_allowed = open_mode_allowed
+        """Without any API key, serve everyone as the default tenant's admin: only when bound to loopback."""
+        self.screen_retrieved: RetrievedScreen | None = None
+        self.tenants.ensure_tenant(DEFAULT_TENANT)
+
+    def open_mode(self) -> bool:
+        return self.open_mode_allowed and not self.tenants.any_keys()
+
+    def authenticate(self, authorization: str | None) -> tuple[Principal, ApiKey | None]:
+        if self.open_mode():
+            return Principal(tenant=DEFAULT_TENANT, key_id=None, role="admin"), None
+        if not authorization:
+            raise AuthenticationFailed("Missing API key: send the header 'Authorization: Bearer <key>'.")
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthenticationFailed("The Authorization header must be 'Bearer <key>'.")
+        return self.tenants.authenticate(token.strip())
+
+    def context(self, request_id: str, route: str, method: str) -> RequestContext:
+        return RequestContext(self, request_id, route, method)
+
+    def replay_interrupted(self) -> int:
+        replayed = self.meter.replay_interrupted()
+        if replayed:
+            log.warning("metered %d request(s) that a crash interrupted", replayed)
+        return replayed
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class RequestContext:
+    """One request's identity, policy checks and usage. Implements services.policy.RequestPolicy."""
+
+    def __init__(self, gateway: Gateway, request_id: str, route: str, method: str) -> None:
+        self.gateway = gateway
+        self.request_id = request_id
+        self.route = route
+        self.method = method
+        self.ts = time.time()
+        self.started = time.monotonic()
+        self.principal: Principal | None = None
+        self.key: ApiKey | None = None
+        self._tenant: Tenant | None = None
+        self.model: str | None = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.embedding_tokens = 0
+        self.retrieved_chunks = 0
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.guardrails: list[GuardrailAction] = []
+        self.outcome: Outcome | None = None
+        self.peer: str | None = None
+        self.metered = True
+        self._reservation: Reservation | None = None
+        self._journaled = False
+        self._checkpoint_at = 0.0
+        self.recorded = False
+
+    # -- identity ------------------------------------------------------------------------------
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        self.principal, self.key = self.gateway.authenticate(authorization)
+        return self.principal
+
+    def act_as(self, principal: Principal) -> None:
+        """A request a peer forwarded on behalf of its caller (the cluster signature was checked)."""
+        self.principal, self.key = principal, None
+        self.peer = principal.forwarded_by
+        self.gateway.tenants.ensure_tenant(principal.tenant)
+
+    @property
+    def tenant(self) -> Tenant:
+        if self._tenant is None:
+            assert self.principal is not None
+            self._tenant = self.gateway.tenants.tenant(self.principal.tenant)
+        return self._tenant
+
+    # -- RequestPolicy -------------------------------------------------------------------------
+
+    def allow_model(self, manifest: Manifest) -> None:
+        allowed = self.tenant.allowed_models
+        if allowed is not None and manifest.id not in allowed:
+            raise ModelNotFound(f"The model '{manifest.id}' does not exist.", param="model")
+
+    def reserve(self, manifest: Manifest, prompt_tokens: int, max_tokens: int) -> None:
+        self.allow_model(manifest)
+        self.model = manifest.id
+        tokens = prompt_tokens + max_tokens
+        try:
+            self.gateway.rates.admit_tokens(self.tenant, self.key, tokens)
+            self._reservation = self.gateway.budgets.reserve(self.tenant, tokens)
+        except RateLimited as exc:
+            self.gateway.metrics.rejections.labels(reason=exc.code or "rate_limit", tenant=self.tenant.name).inc()
+            raise
+        if manifest.kind == "embedding":
+            self.embedding_tokens = prompt_tokens
+            return
+        self.prompt_tokens = prompt_tokens
+        self._journaled = True
+        self.gateway.meter.begin(self._record("ok", 200))
+
+    def screen_retrieved(self, texts: list[str]) -> list[int]:
+        self.retrieved_chunks += len(texts)
+        screen = self.gateway.screen_retrieved
+        return list(range(len(texts))) if screen is None else screen(self, texts)
+
+    def admit_request(self) -> None:
+        """Count the request against requests-per-minute (every authenticated route)."""
+        try:
+            self.gateway.rates.admit_request(self.tenant, self.key)
+        except RateLimited as exc:
+            self.gateway.metrics.rejections.labels(reason=exc.code or "rate_limit", tenant=self.tenant.name).inc()
+            raise
+
+    # -- progress ------------------------------------------------------------------------------
+
+    def on_chunk(self, chunk: Chunk) -> None:
+        now = time.monotonic()
+        if chunk.text or chunk.generated:
+            if self.first_token_at is None:
+                self.first_token_at = now
+            self.last_token_at = now
+        self.completion_tokens = max(self.completion_tokens, chunk.generated or self.completion_tokens + 1)
+        if chunk.usage is not None:
+            self.finish(chunk.usage)
+        elif self._journaled and now - self._checkpoint_at >= _CHECKPOINT_EVERY_S:
+            self._checkpoint_at = now
+            self.gateway.meter.checkpoint(self.request_id, self.completion_tokens, self._ttft_ms())
+
+    def finish(self, usage: Usage, *, status: int = 200) -> None:
+        """The generation's real count is known: meter it now, before the last byte reaches the client."""
+        self.prompt_tokens, self.completion_tokens = usage.prompt_tokens, usage.completion_tokens
+        self.settle(status)
+
+    def add_guardrail_actions(self, actions: list[GuardrailAction]) -> None:
+        self.guardrails.extend(actions)
+
+    def _ttft_ms(self) -> float | None:
+        return None if self.first_token_at is None else (self.first_token_at - self.started) * 1000
+
+    # -- the usage record ----------------------------------------------------------------------
+
+    def _record(self, outcome: Outcome, status: int) -> UsageRecord:
+        p = self.principal
+        return UsageRecord(
+            request_id=self.request_id, ts=self.ts, tenant=p.tenant if p else None, key_id=p.key_id if p else None,
+            model=self.model, route=f"{self.method} {self.route}", status=status, outcome=outcome,
+            prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+            embedding_tokens=self.embedding_tokens, retrieved_chunks=self.retrieved_chunks,
+            latency_ms=(time.monotonic() - self.started) * 1000, ttft_ms=self._ttft_ms(),
+            guardrails=list(self.guardrails), peer=self.peer,
+        )
+
+    def settle(self, status: int, outcome: Outcome | None = None) -> None:
+        """Write the request's usage record (once), release its budget reservation, count metrics."""
+        if self.recorded:
+            return
+        self.recorded = True
+        outcome = outcome or self.outcome or ("ok" if status < 400 else "error")
+        used = self.prompt_tokens + self.completion_tokens + self.embedding_tokens
+        self.gateway.budgets.settle(self._reservation, used)
+        if self.principal is None or not self.metered:
+            return
+        self.gateway.meter.record(self._record(outcome, status))
+        self._count(outcome)
+
+    def _count(self, outcome: Outcome) -> None:
+        m = self.gateway.metrics
+        tenant = self.principal.tenant if self.principal else ""
+        model = self.model or ""
+        for direction, n in (
+            ("prompt", self.prompt_tokens), ("completion", self.completion_tokens), ("embedding", self.embedding_tokens)
+        ):
+            if n:
+                m.tokens.labels(direction=direction, model=model, tenant=tenant).inc(n)
+        if self.first_token_at is not None and outcome != "cached":
+            m.ttft.labels(model=model).observe(self.first_token_at - self.started)
+            if self.last_token_at is not None and self.completion_tokens > 1:
+                m.tpot.labels(model=model).observe(
+                    (self.last_token_at - self.first_token_at) / (self.completion_tokens - 1)
+                )
+        for action in self.guardrails:
+            m.guardrails.labels(stage=action.stage, kind=action.kind, action=action.action).inc(action.count)
+
+    def summary(self) -> dict[str, Any]:
+        """Fields for the access log line (never request or response text)."""
+        p = self.principal
+        return {
+            "request_id": self.request_id, "tenant": p.tenant if p else None, "key_id": p.key_id if p else None,
+            "route": f"{self.method} {self.route}", "model": self.model,
+            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+            "embedding_tokens": self.embedding_tokens,
+        }
+
+
+def error_status(exc: BaseException) -> int:
+    if isinstance(exc, ApplianceError):
+        return exc.status
+    status = getattr(exc, "status_code", None)
+    return status if isinstance(status, int) else 500

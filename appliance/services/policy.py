@@ -1,0 +1,43 @@
+"""What a use case asks of the gateway while it runs, without knowing about HTTP or keys.
+
+The API edge hands each service call a `RequestPolicy` (the gateway's per-request context); the
+CLI and tests use `OPEN_POLICY`, which allows everything.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from appliance.modelstore.manifest import Manifest
+from appliance.types import Chunk
+
+
+class RequestPolicy(Protocol):
+    def allow_model(self, manifest: Manifest) -> None:
+        """Raise if the caller may not use this model."""
+
+    def reserve(self, manifest: Manifest, prompt_tokens: int, max_tokens: int) -> None:
+        """Charge rate limits and reserve budget for prompt + max_tokens (0 for embeddings), or raise 429."""
+
+    def screen_retrieved(self, texts: list[str]) -> list[int]:
+        """Indices of retrieved chunks that may reach the prompt (injection guardrail)."""
+
+    def on_chunk(self, chunk: Chunk) -> None:
+        """Sees every generated chunk (token counts, time to first token; the last one carries usage)."""
+
+
+class _OpenPolicy:
+    def allow_model(self, manifest: Manifest) -> None:
+        return None
+
+    def reserve(self, manifest: Manifest, prompt_tokens: int, max_tokens: int) -> None:
+        return None
+
+    def screen_retrieved(self, texts: list[str]) -> list[int]:
+        return list(range(len(texts)))
+
+    def on_chunk(self, chunk: Chunk) -> None:
+        return None
+
+
+OPEN_POLICY: RequestPolicy = _OpenPolicy()
