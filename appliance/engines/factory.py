@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from appliance.errors import ModelUnavailable, UnsupportedForModel
@@ -24,6 +26,8 @@ class NativeEngineFactory:
         s = self._settings
         threads = s.threads or None
         path = self._store.path_of(manifest, manifest.file)
+        if manifest.format == "gguf" and manifest.kind in ("chat", "completion") and manifest.id in s.rpc:
+            return self._split(manifest, path, threads or os.cpu_count() or 1)
         if manifest.format == "gguf" and manifest.kind in ("chat", "completion"):
             from appliance.engines.llama import LlamaBatchContext, resolve_gpu_layers
             from appliance.engines.scheduler import BatchScheduler
@@ -58,3 +62,31 @@ class NativeEngineFactory:
                 gpu=self._settings.gpu,
             )
         raise UnsupportedForModel(f"no engine serves {manifest.format} models of kind {manifest.kind}")
+
+    def _split(self, manifest: Manifest, path: Path, threads: int) -> Any:
+        """The model split over the RPC workers that settings list for it (engines/split.py)."""
+        from appliance.engines.llama import LlamaTokenizer
+        from appliance.engines.split import SplitChatEngine, SplitSpec
+
+        s, split = self._settings, self._settings.rpc[manifest.id]
+        spec = SplitSpec(
+            model_id=manifest.id,
+            model_path=path,
+            peers=tuple(split.peers),
+            tensor_split=tuple(split.tensor_split) if split.tensor_split is not None else None,
+            offload_layers=split.offload_layers,
+            use_local_gpus=s.gpu == "auto",
+            n_ctx_per_seq=min(s.n_ctx, manifest.context_length or s.n_ctx),
+            n_seq_max=s.parallel,
+            n_batch=s.n_batch,
+            n_threads=threads,
+            max_queue=s.max_queue,
+            prefix_min_tokens=s.prefix_cache_min_tokens,
+            queue_timeout_s=s.queue_timeout_s,
+            request_timeout_s=s.request_timeout_s,
+            connect_timeout_s=split.connect_timeout_s,
+            stall_timeout_s=split.stall_timeout_s,
+            load_timeout_s=s.load_timeout_s,
+            log_level=logging.getLogger().getEffectiveLevel(),
+        )
+        return SplitChatEngine(spec, LlamaTokenizer(path))

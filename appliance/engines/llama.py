@@ -49,6 +49,19 @@ def resolve_gpu_layers(preference: str | int, gpu: str) -> int:
     return int(preference)
 
 
+def tokenize(vocab: object, text: str) -> list[int]:
+    """Token ids of `text` with special tokens parsed and BOS added, as the model expects a prompt."""
+    data = text.encode("utf-8")
+    capacity = len(data) + 8
+    buf = (llama_cpp.llama_token * capacity)()
+    n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, capacity, True, True)
+    if n < 0:
+        capacity = -n
+        buf = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, capacity, True, True)
+    return list(buf[:n])
+
+
 class Sampler:
     """One sequence's llama.cpp sampler chain (penalties, grammar, top-k/p, min-p, temperature, seed)."""
 
@@ -108,12 +121,23 @@ class LlamaBatchContext:
         n_batch: int,
         n_threads: int,
         gpu_layers: int,
+        devices: Sequence[int] = (),
+        tensor_split: Sequence[float] | None = None,
     ) -> None:
+        """`devices`: ggml device handles to offload to (RPC workers' devices, engines/rpc.py), in
+        order; empty lets llama.cpp pick every GPU. `tensor_split`: share of the offloaded layers per device."""
         self.model_id = model_id
         self.n_seq_max = n_seq_max
         self.n_batch = n_batch
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = 0x7FFFFFFF if gpu_layers < 0 else gpu_layers
+        if devices:
+            # NULL-terminated; llama.cpp copies the list and the split while loading.
+            self._devices = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
+            mparams.devices = ctypes.cast(self._devices, ctypes.c_void_p)
+        if tensor_split:
+            self._split = (ctypes.c_float * llama_cpp.llama_max_devices())(*tensor_split)
+            mparams.tensor_split = self._split
         log.info(
             "loading %s from %s (n_ctx=%d x %d sequences, n_gpu_layers=%d, threads=%d)",
             model_id, model_path, n_ctx_per_seq, n_seq_max, gpu_layers, n_threads,
@@ -142,21 +166,13 @@ class LlamaBatchContext:
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._piece = ctypes.create_string_buffer(256)
-        where = "GPU" if gpu_layers != 0 and gpu_offload_supported() else "CPU"
+        where = "RPC" if devices else "GPU" if gpu_layers != 0 and gpu_offload_supported() else "CPU"
         log.info("loaded %s: %d sequences x %d tokens, offload=%s", model_id, n_seq_max, self.n_ctx_per_seq, where)
 
     # -- text ----------------------------------------------------------------------------------
 
     def tokenize(self, text: str) -> list[int]:
-        data = text.encode("utf-8")
-        capacity = len(data) + 8
-        buf = (llama_cpp.llama_token * capacity)()
-        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, capacity, True, True)
-        if n < 0:
-            capacity = -n
-            buf = (llama_cpp.llama_token * capacity)()
-            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, capacity, True, True)
-        return list(buf[:n])
+        return tokenize(self.vocab, text)
 
     def piece(self, token: int) -> bytes:
         n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, True)
@@ -211,3 +227,24 @@ class LlamaBatchContext:
             llama_cpp.llama_free(self._ctx)
             llama_cpp.llama_model_free(self._model)
             self._ctx = None
+
+
+class LlamaTokenizer:
+    """A model's vocabulary alone (no weights): tokenizes in a process that does not run the model."""
+
+    def __init__(self, model_path: Path) -> None:
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.vocab_only = True
+        mparams.n_gpu_layers = 0
+        self._model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
+        if not self._model:
+            raise EngineError(f"could not read the vocabulary of {model_path}")
+        self.vocab = llama_cpp.llama_model_get_vocab(self._model)
+
+    def tokenize(self, text: str) -> list[int]:
+        return tokenize(self.vocab, text)
+
+    def close(self) -> None:
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None

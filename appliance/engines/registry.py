@@ -139,7 +139,9 @@ class ModelRegistry:
     def status(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         for model_id, s in self._slots.items():
-            out[model_id] = {"state": s.state, "kind": s.manifest.kind, "error": s.error, "load_seconds": s.load_seconds}
+            # An engine can lose its footing after loading (a split model's RPC worker died): `failure`.
+            error = s.error or getattr(s.engine, "failure", None)
+            out[model_id] = {"state": s.state, "kind": s.manifest.kind, "error": error, "load_seconds": s.load_seconds}
             stats = getattr(s.engine, "stats", None)
             if stats is not None:
                 out[model_id]["engine"] = stats.snapshot()
@@ -147,7 +149,7 @@ class ModelRegistry:
 
     def health(self) -> Literal["ok", "loading", "degraded"]:
         states = {s.state for s in self._slots.values()}
-        if "failed" in states:
+        if "failed" in states or any(getattr(s.engine, "failure", None) for s in self._slots.values()):
             return "degraded"
         if "loading" in states or any(s.state == "pending" and s.future is not None for s in self._slots.values()):
             return "loading"

@@ -1,0 +1,461 @@
+"""A GGUF model split over llama.cpp RPC workers, run in a child process of the server.
+
+ggml aborts the whole process when an RPC worker dies mid-generation and blocks for good when one
+stops answering (engines/rpc.py). So the model, its RPC connections and its scheduler live in a
+child process; `SplitChatEngine` is the server-side stand-in with the ChatEngine interface. When
+the child dies or stops answering, the requests it was serving fail with PeerUnavailable (503
+`peer_unavailable`), /health turns `degraded`, the server's other models are untouched, and the
+model reloads by itself once every worker answers the RPC hello again.
+
+Liveness: the child pings each worker over its existing connection every second and sends a
+heartbeat with the scheduler's statistics; no heartbeat for `stall_timeout_s` means a worker hangs
+(host down, network cut), and the child is killed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from appliance import errors
+from appliance.engines import rpc
+from appliance.errors import ApplianceError, EngineError, PeerUnavailable
+from appliance.types import Chunk, GenerationRequest
+
+log = logging.getLogger(__name__)
+Emit = Callable[[Chunk | ApplianceError], None]
+_HEARTBEAT_S = 1.0
+_RETRY_FIRST_S, _RETRY_MAX_S = 2.0, 30.0
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """Everything the child needs to load and serve the model (picklable)."""
+
+    model_id: str
+    model_path: Path
+    peers: tuple[str, ...]
+    tensor_split: tuple[float, ...] | None
+    offload_layers: int
+    use_local_gpus: bool
+    n_ctx_per_seq: int
+    n_seq_max: int
+    n_batch: int
+    n_threads: int
+    max_queue: int
+    prefix_min_tokens: int
+    queue_timeout_s: float
+    request_timeout_s: float
+    connect_timeout_s: float
+    stall_timeout_s: float
+    load_timeout_s: float
+    log_level: int = logging.INFO
+
+
+# -- errors across the pipe ----------------------------------------------------------------------
+
+
+def _encode_error(exc: ApplianceError) -> tuple[str, str, str | None, str | None, int | None]:
+    return (type(exc).__name__, exc.message, exc.param, exc.code, exc.retry_after)
+
+
+def _decode_error(data: tuple[str, str, str | None, str | None, int | None]) -> ApplianceError:
+    name, message, param, code, retry_after = data
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, ApplianceError)):
+        cls = EngineError
+    return cls(message, param=param, code=code, retry_after=retry_after)
+
+
+# -- the server side -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    emit: Emit
+    cancel: threading.Event
+
+
+@dataclass
+class _Child:
+    proc: Any
+    conn: Connection
+    pending: dict[int, _Pending] = field(default_factory=dict)
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    last_heartbeat: float = field(default_factory=time.monotonic)
+    loaded: threading.Event = field(default_factory=threading.Event)
+    load_error: ApplianceError | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    fatal: str | None = None
+    """ggml's abort message, sent by the child just before it dies."""
+    reason: str | None = None
+    """Why the server killed it (it stopped answering)."""
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        with self.send_lock:
+            self.conn.send(message)
+
+
+class _Stats:
+    def __init__(self, engine: SplitChatEngine) -> None:
+        self._engine = engine
+
+    def snapshot(self) -> dict[str, Any]:
+        return self._engine.snapshot()
+
+
+class SplitChatEngine:
+    """ChatEngine whose model runs split over RPC workers in a child process."""
+
+    def __init__(self, spec: SplitSpec, tokenizer: Any) -> None:
+        self.model_id = spec.model_id
+        self.n_ctx = spec.n_ctx_per_seq
+        self.spec = spec
+        self.stats = _Stats(self)
+        self._tokenizer = tokenizer
+        self._mp = multiprocessing.get_context("spawn")
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._child: _Child | None = None
+        self._state = "loading"  # loading | ready | down | closed
+        self._failure: str | None = None
+        self._retry_at = 0.0
+        self._retry_delay = _RETRY_FIRST_S
+        self._loads = 0
+        self._last_stats: dict[str, Any] = {}
+        self._devices: list[dict[str, Any]] = []
+        self._start()  # a PeerUnavailable leaves the engine down and retrying; other errors propagate
+        self._watchdog = threading.Thread(target=self._watch, name=f"split-{spec.model_id}", daemon=True)
+        self._watchdog.start()
+
+    # -- ChatEngine ----------------------------------------------------------------------------
+
+    @property
+    def failure(self) -> str | None:
+        """Why the model cannot serve right now (a degraded /health shows it); None when it can."""
+        return self._failure
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tokenizer.tokenize(text)
+
+    def submit(self, request: GenerationRequest, emit: Emit, cancel: threading.Event) -> None:
+        with self._lock:
+            child = self._child
+            if self._state != "ready" or child is None:
+                raise PeerUnavailable(self._unavailable_message())
+            rid = next(self._ids)
+            child.pending[rid] = _Pending(emit, cancel)
+        try:
+            child.send(("submit", rid, request))
+        except (OSError, ValueError):
+            child.pending.pop(rid, None)
+            raise PeerUnavailable(self._unavailable_message()) from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._state = "closed"
+            child, self._child = self._child, None
+        if child is not None:
+            try:
+                child.send(("close",))
+            except (OSError, ValueError):
+                pass
+            child.proc.join(timeout=10)
+            self._reap(child)
+            for pending in child.pending.values():
+                pending.emit(EngineError("the server is shutting down"))
+        self._tokenizer.close()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            **self._last_stats,
+            "rpc": {
+                "state": self._state,
+                "peers": list(self.spec.peers),
+                "devices": self._devices,
+                "loads": self._loads,
+                "error": self._failure,
+            },
+        }
+
+    # -- child lifecycle -----------------------------------------------------------------------
+
+    def _unavailable_message(self) -> str:
+        if self._state == "closed":
+            return "the server is shutting down"
+        reason = self._failure or "its RPC workers are not connected"
+        return f"The model '{self.model_id}' is unavailable: {reason}"
+
+    def _start(self) -> None:
+        """Probe the workers, start the child and wait until it has loaded the model."""
+        spec = self.spec
+        try:
+            for peer in spec.peers:
+                rpc.probe(peer, spec.connect_timeout_s)
+            child = self._spawn()
+            if not child.loaded.wait(spec.load_timeout_s):
+                self._reap(child)
+                raise PeerUnavailable(f"loading over RPC took longer than {spec.load_timeout_s:g} s")
+            if child.load_error is not None:
+                self._reap(child)
+                raise child.load_error
+        except PeerUnavailable as exc:
+            self._down(exc.message)
+            return
+        with self._lock:
+            if self._state == "closed":
+                self._reap(child)
+                return
+            self._child, self._state, self._failure = child, "ready", None
+            self._retry_delay = _RETRY_FIRST_S
+            self._loads += 1
+            self._devices = child.info.get("devices", [])
+            self.n_ctx = child.info.get("n_ctx", self.n_ctx)
+        log.info(
+            "model %s: split over %s (%s)",
+            self.model_id,
+            ", ".join(spec.peers),
+            ", ".join(f"{d['name']} {d['endpoint'] or 'local'}" for d in self._devices),
+        )
+
+    def _spawn(self) -> _Child:
+        parent_end, child_end = self._mp.Pipe()
+        proc = self._mp.Process(
+            target=_child_main, args=(child_end, self.spec), name=f"appliance-split-{self.model_id}", daemon=True
+        )
+        proc.start()
+        child_end.close()  # so that the child's death reads as EOF here
+        child = _Child(proc, parent_end)
+        threading.Thread(target=self._read, args=(child,), name=f"split-read-{self.model_id}", daemon=True).start()
+        return child
+
+    def _down(self, reason: str) -> None:
+        with self._lock:
+            if self._state == "closed":
+                return
+            self._state, self._failure = "down", reason
+            self._retry_at = time.monotonic() + self._retry_delay
+            self._retry_delay = min(self._retry_delay * 2, _RETRY_MAX_S)
+        log.error("model %s: %s; retrying when every RPC worker answers", self.model_id, reason)
+
+    def _read(self, child: _Child) -> None:
+        """Messages from one child, until it exits."""
+        while True:
+            try:
+                message = child.conn.recv()
+            except (EOFError, OSError):
+                break
+            kind = message[0]
+            if kind == "item":
+                _, rid, payload = message
+                pending = child.pending.get(rid)
+                if pending is None:
+                    continue
+                item = _decode_error(payload) if isinstance(payload, tuple) else payload
+                if isinstance(item, ApplianceError) or item.finish_reason is not None:
+                    child.pending.pop(rid, None)
+                pending.emit(item)
+            elif kind == "heartbeat":
+                child.last_heartbeat = time.monotonic()
+                self._last_stats = message[1]
+            elif kind == "ready":
+                child.info = message[1]
+                child.last_heartbeat = time.monotonic()
+                child.loaded.set()
+            elif kind == "load_failed":
+                child.load_error = _decode_error(message[1])
+                child.loaded.set()
+            elif kind == "fatal":
+                child.fatal = message[1]
+        self._lost(child)
+
+    def _lost(self, child: _Child) -> None:
+        """The child died or hangs: fail its requests and say which workers are gone."""
+        with self._lock:
+            current = child is self._child
+            if current:
+                self._child = None
+        self._reap(child)
+        if not child.loaded.is_set():
+            child.load_error = PeerUnavailable(self._describe_loss(child, "the model process died while loading"))
+            child.loaded.set()
+            return
+        if not current:
+            return
+        message = self._describe_loss(child)
+        self._down(message)
+        error = PeerUnavailable(f"The model '{self.model_id}' is unavailable: {message}")
+        for pending in list(child.pending.values()):
+            pending.emit(error)
+        child.pending.clear()
+
+    def _describe_loss(self, child: _Child, default: str = "the model process exited") -> str:
+        gone = []
+        for peer in self.spec.peers:
+            try:
+                rpc.probe(peer, min(2.0, self.spec.connect_timeout_s))
+            except PeerUnavailable as exc:
+                gone.append(exc.message)
+        what = child.reason or (f"ggml: {child.fatal.rsplit(': ', 1)[-1]}" if child.fatal else default)
+        if gone:
+            return f"{'; '.join(gone)} ({what})"
+        return f"its model process failed ({what}), although every RPC worker answers"
+
+    def _reap(self, child: _Child) -> None:
+        if child.proc.is_alive():
+            child.proc.kill()
+        child.proc.join(timeout=5)
+        child.conn.close()
+
+    def _watch(self) -> None:
+        """Forward cancellations, detect a hung child, reload after a failure."""
+        while self._state != "closed":
+            time.sleep(0.1)
+            child = self._child
+            if child is not None:
+                for rid, pending in list(child.pending.items()):
+                    if pending.cancel.is_set():
+                        child.pending.pop(rid, None)
+                        try:
+                            child.send(("cancel", rid))
+                        except (OSError, ValueError):
+                            pass
+                silent = time.monotonic() - child.last_heartbeat
+                if silent > self.spec.stall_timeout_s and child.reason is None:
+                    child.reason = f"no answer from the workers for {silent:.0f} s"
+                    child.proc.kill()  # _read sees EOF and fails its requests
+            elif self._state == "down" and time.monotonic() >= self._retry_at:
+                try:
+                    self._start()
+                except ApplianceError as exc:
+                    self._down(exc.message)
+                except Exception as exc:
+                    log.exception("model %s: reload failed", self.model_id)
+                    self._down(f"reload failed ({type(exc).__name__})")
+
+
+# -- the child process ---------------------------------------------------------------------------
+
+
+def _child_main(conn: Connection, spec: SplitSpec) -> None:
+    """Load the model over the workers and serve submit/cancel messages until told to close."""
+    logging.basicConfig(level=spec.log_level, format=f"%(asctime)s %(levelname)s split[{spec.model_id}] %(name)s: %(message)s")
+    # llama-cpp-python prints llama.cpp's log lines at or above this logger's level; its debug lines are noise.
+    logging.getLogger("llama-cpp-python").setLevel(max(spec.log_level, logging.INFO))
+    send_lock = threading.Lock()
+
+    def send(message: tuple[Any, ...]) -> None:
+        with send_lock:
+            try:
+                conn.send(message)
+            except (OSError, ValueError):  # the server is gone; the main loop sees EOF and exits
+                pass
+
+    rpc.on_abort(lambda message: send(("fatal", message)))
+    try:
+        scheduler, peers, devices = _load(spec)
+    except ApplianceError as exc:
+        send(("load_failed", _encode_error(exc)))
+        return
+    except Exception as exc:  # anything else is a bug or a broken model file: say so, don't hang the parent
+        log.exception("loading %s over RPC failed", spec.model_id)
+        send(("load_failed", _encode_error(EngineError(f"model {spec.model_id} failed to load: {type(exc).__name__}"))))
+        return
+    send((
+        "ready",
+        {
+            "n_ctx": scheduler.n_ctx,
+            "devices": [
+                {"name": d.name, "endpoint": d.endpoint, "memory_free": d.memory_free, "memory_total": d.memory_total}
+                for d in devices
+            ],
+        },
+    ))
+    running = threading.Event()
+    running.set()
+
+    def heartbeat() -> None:
+        while running.is_set():
+            for device in peers:
+                rpc.ping(device)  # aborts the process if the worker died; blocks if it hangs
+            send(("heartbeat", scheduler.stats.snapshot()))
+            time.sleep(_HEARTBEAT_S)
+
+    threading.Thread(target=heartbeat, name="heartbeat", daemon=True).start()
+    cancels: dict[int, threading.Event] = {}
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the server is gone
+            break
+        if message[0] == "submit":
+            _, rid, request = message
+            cancel = cancels[rid] = threading.Event()
+            emit = _child_emit(send, rid, cancels)
+            try:
+                scheduler.submit(request, emit, cancel)
+            except ApplianceError as exc:
+                emit(exc)
+        elif message[0] == "cancel":
+            cancel = cancels.pop(message[1], None)
+            if cancel is not None:
+                cancel.set()
+        elif message[0] == "close":
+            break
+    running.clear()
+    scheduler.close()
+
+
+def _child_emit(send: Callable[[tuple[Any, ...]], None], rid: int, cancels: dict[int, threading.Event]) -> Emit:
+    def emit(item: Chunk | ApplianceError) -> None:
+        if isinstance(item, ApplianceError):
+            cancels.pop(rid, None)
+            send(("item", rid, _encode_error(item)))
+            return
+        if item.finish_reason is not None:
+            cancels.pop(rid, None)
+        send(("item", rid, item))
+
+    return emit
+
+
+def _load(spec: SplitSpec) -> tuple[Any, list[rpc.Device], list[rpc.Device]]:
+    from appliance.engines.llama import LlamaBatchContext
+    from appliance.engines.scheduler import BatchScheduler
+
+    peers = rpc.register_peers(spec.peers, timeout=spec.connect_timeout_s)
+    local = [d for d in rpc.local_devices() if d.type in ("GPU", "IGPU")] if spec.use_local_gpus else []
+    devices = peers + local
+    if spec.tensor_split is not None and len(spec.tensor_split) != len(devices):
+        raise EngineError(
+            f"tensor_split of {spec.model_id} has {len(spec.tensor_split)} shares for {len(devices)} devices "
+            f"({', '.join(d.name + ' ' + (d.endpoint or 'local') for d in devices)})"
+        )
+    ctx = LlamaBatchContext(
+        spec.model_path,
+        model_id=spec.model_id,
+        n_ctx_per_seq=spec.n_ctx_per_seq,
+        n_seq_max=spec.n_seq_max,
+        n_batch=spec.n_batch,
+        n_threads=spec.n_threads,
+        gpu_layers=spec.offload_layers,
+        devices=[d.handle for d in devices],
+        tensor_split=spec.tensor_split,
+    )
+    scheduler = BatchScheduler(
+        ctx,
+        model_id=spec.model_id,
+        max_queue=spec.max_queue,
+        prefix_min_tokens=spec.prefix_min_tokens,
+        queue_timeout_s=spec.queue_timeout_s,
+        request_timeout_s=spec.request_timeout_s,
+    )
+    return scheduler, peers, devices

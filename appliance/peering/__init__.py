@@ -1,0 +1,1 @@
+"""Several appliance nodes working together: RPC workers that lend their devices to a head node."""
