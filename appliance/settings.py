@@ -128,6 +128,58 @@ class GatewaySettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """One JSON object per log line (request id, tenant, PII-redacted message)."""
 
 
+NodeName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
+MIN_CLUSTER_SECRET = 32
+
+
+class PeerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Another appliance this node forwards to, e.g. [[cluster.peers]] name = "node-b"."""
+
+    name: NodeName
+    """The peer's node name (its cluster.node_name): shown in /health, /v1/models and usage records."""
+    url: Annotated[str, msgspec.Meta(pattern=r"^https?://[^/?#\s]+/?$")]
+    """Base URL of the peer's HTTP server, e.g. "http://10.0.0.2:8080" (no path)."""
+    secret: str = ""
+    """A key shared with this peer only, used both ways instead of cluster.secret; empty: cluster.secret."""
+
+
+class ClusterSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Federation: appliances that forward requests to each other (off while no secret is set)."""
+
+    node_name: Annotated[str, msgspec.Meta(pattern=r"^([A-Za-z0-9][A-Za-z0-9._:-]{0,63})?$")] = ""
+    """This node's name in the cluster; empty: hostname:port."""
+    secret: str = ""
+    """Shared cluster secret (HMAC key, at least 32 characters); better set via APPLIANCE_CLUSTER_SECRET."""
+    peers: Annotated[list[PeerSettings], msgspec.Meta(max_length=64)] = msgspec.field(default_factory=list)
+    """Appliances this node probes and forwards to."""
+    probe_interval_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 2.0
+    """How often each peer's health, models and load are fetched."""
+    probe_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 2.0
+    """How long one probe may take before it counts as failed."""
+    down_after_failures: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 3
+    """Consecutive failed probes after which a peer is marked down (one success brings it back)."""
+    forward_when_saturated: bool = True
+    """Forward a request for a local model to a less loaded peer when every local slot is busy and requests queue."""
+    request_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 600.0
+    """Longest wait for a peer's next bytes while forwarding (connecting: at most probe_timeout_s)."""
+    signature_max_age_s: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 60.0
+    """Cluster signatures older (or further in the future) than this are refused: bounds replays and clock skew."""
+
+    def __post_init__(self) -> None:
+        secrets = [s for s in (self.secret, *(p.secret for p in self.peers)) if s]
+        if any(len(s) < MIN_CLUSTER_SECRET for s in secrets):
+            raise ValueError(f"a cluster secret must be at least {MIN_CLUSTER_SECRET} characters")
+        if any(not (p.secret or self.secret) for p in self.peers):
+            raise ValueError("peers need cluster.secret (or a secret of their own)")
+        names = [p.name for p in self.peers]
+        if len(set(names)) != len(names) or (self.node_name and self.node_name in names):
+            raise ValueError("peer names must be unique and differ from cluster.node_name")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.secret or any(p.secret for p in self.peers))
+
+
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     data_dir: Path = Path(platformdirs.user_data_dir("appliance", appauthor=False))
     """Where models and state live. Models are under DATA_DIR/models/<id>/."""
@@ -135,6 +187,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     models: ModelSettings = msgspec.field(default_factory=ModelSettings)
     retrieval: RetrievalSettings = msgspec.field(default_factory=RetrievalSettings)
     gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
+    cluster: ClusterSettings = msgspec.field(default_factory=ClusterSettings)
 
     @property
     def models_dir(self) -> Path:
@@ -156,6 +209,8 @@ _ENV_FIELDS: dict[str, tuple[str | None, str]] = {
     "APPLIANCE_MAX_QUEUE": ("models", "max_queue"),
     "APPLIANCE_METRICS_ACCESS": ("gateway", "metrics_access"),
     "APPLIANCE_JSON_LOGS": ("gateway", "json_logs"),
+    "APPLIANCE_CLUSTER_SECRET": ("cluster", "secret"),
+    "APPLIANCE_NODE_NAME": ("cluster", "node_name"),
 }
 
 

@@ -15,12 +15,14 @@ from litestar.exceptions import HTTPException
 from appliance import __version__
 from appliance.api.errors import handle_appliance_error, handle_http_exception, handle_unexpected
 from appliance.api.admin import AdminController, metrics, usage_report
+from appliance.api.cluster import cluster_state
 from appliance.api.documents import DocumentsController
 from appliance.api.gateway import context_of, gateway_middleware
 from appliance.api.openai import OpenAIController
 from appliance.engines.registry import ModelRegistry
 from appliance.errors import ApplianceError
 from appliance.observability.metrics import Metrics
+from appliance.peering.cluster import Cluster
 from appliance.policy.gateway import Gateway, RequestContext, loopback_host
 from appliance.services.ask import AskService
 from appliance.services.documents import DocumentService
@@ -39,11 +41,12 @@ def _package_version(name: str) -> str | None:
 
 
 @get("/health", sync_to_thread=False)
-def health(registry: ModelRegistry) -> Response[dict[str, object]]:
+def health(registry: ModelRegistry, cluster: Cluster) -> Response[dict[str, object]]:
     status = registry.health()
-    return Response(
-        {"status": status, "models": registry.status()}, status_code=200 if status == "ok" else 503
-    )
+    body: dict[str, object] = {"status": status, "models": registry.status()}
+    if cluster.enabled:
+        body["cluster"] = cluster.health()  # a peer that is down does not make this node unhealthy
+    return Response(body, status_code=200 if status == "ok" else 503)
 
 
 _PAGE_HEADERS = {
@@ -100,6 +103,7 @@ def create_app(settings: Settings, registry: ModelRegistry) -> Litestar:
     )
 
     ask = AskService(documents, generation, registry, default_model=settings.retrieval.answer_model)
+    cluster = Cluster(settings.cluster, registry, port=settings.server.port)
 
     async def start_loading() -> None:
         if settings.models.load == "startup":
@@ -118,9 +122,9 @@ def create_app(settings: Settings, registry: ModelRegistry) -> Litestar:
     return Litestar(
         route_handlers=[
             _page_handler(), health, version, metrics, usage_report,
-            OpenAIController, DocumentsController, AdminController,
+            OpenAIController, DocumentsController, AdminController, cluster_state,
         ],
-        middleware=[gateway_middleware(gateway)],
+        middleware=[gateway_middleware(gateway, peer_auth=cluster.verifier)],
         dependencies={
             "ctx": Provide(_request_context, sync_to_thread=False),
             "gateway": const(gateway),
@@ -129,14 +133,15 @@ def create_app(settings: Settings, registry: ModelRegistry) -> Litestar:
             "embedding_service": const(embeddings),
             "document_service": const(documents),
             "ask_service": const(ask),
+            "cluster": const(cluster),
         },
         exception_handlers={
             ApplianceError: handle_appliance_error,
             HTTPException: handle_http_exception,
             Exception: handle_unexpected,
         },
-        on_startup=[start_loading],
-        on_shutdown=[shutdown],
+        on_startup=[start_loading, cluster.start],
+        on_shutdown=[cluster.stop, shutdown],
         request_max_body_size=settings.server.max_body_bytes,
         state=State({"settings": settings}),
         openapi_config=None,

@@ -7,9 +7,12 @@ from collections.abc import AsyncIterator
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
+from litestar.params import Parameter
 from litestar.response import Stream
 
+from appliance.api.cluster import cluster_model_list, forward_if_needed
 from appliance.api.errors import error_body
+from appliance.peering.cluster import Cluster
 from appliance.policy.gateway import RequestContext
 from appliance.engines.registry import ModelRegistry
 from appliance.errors import ApplianceError, EngineError
@@ -127,14 +130,33 @@ async def _grounded_events(events: AsyncIterator[dict]) -> AsyncIterator[bytes]:
         yield _event(error_body(exc))
 
 
+def _cache_scope(request: Request, ctx: RequestContext) -> str | None:
+    """The tenant whose cache this request may use; `Cache-Control: no-cache` (or no-store) bypasses it."""
+    directives = request.headers.get("cache-control", "").lower()
+    if "no-cache" in directives or "no-store" in directives:
+        return None
+    return ctx.tenant.name
+
+
+def _cache_headers(generation: Generation, ctx: RequestContext, base: dict[str, str] | None = None) -> dict[str, str]:
+    if generation.cached:
+        ctx.served_from_cache()
+    return {**(base or {}), "X-Cache": "hit" if generation.cached else "miss"}
+
+
 class OpenAIController(Controller):
     path = "/v1"
 
     @get("/models")
-    async def list_models(self, registry: ModelRegistry, ctx: RequestContext) -> Response[bytes]:
+    async def list_models(
+        self, registry: ModelRegistry, ctx: RequestContext, cluster: Cluster,
+        where: str | None = Parameter(query="scope", default=None),
+    ) -> Response[bytes]:
         status = registry.status()
         allowed = ctx.tenant.allowed_models
         cards = [model_card(m, status[m.id]) for m in registry.manifests() if allowed is None or m.id in allowed]
+        if where == "cluster":  # appliance extension: the peers' models too, each with its `location`
+            return _json(cluster_model_list(cluster, cards, allowed))
         return _json(ModelList(cards))
 
     @get("/models/{model_id:str}")
@@ -145,12 +167,16 @@ class OpenAIController(Controller):
 
     @post("/chat/completions", status_code=200)
     async def chat_completions(
-        self, request: Request, generation_service: GenerationService, ask_service: AskService, ctx: RequestContext
+        self, request: Request, generation_service: GenerationService, ask_service: AskService, ctx: RequestContext,
+        cluster: Cluster,
     ) -> Response[bytes] | Stream:
-        body: ChatCompletionRequest = decode_request(await request.body(), ChatCompletionRequest)
+        raw = await request.body()
+        body: ChatCompletionRequest = decode_request(raw, ChatCompletionRequest)
         if body.collection is not None:
             return await _grounded_chat(body, ask_service, ctx)
-        generation = await generation_service.chat(body, ctx)
+        if (forwarded := await forward_if_needed(cluster, ctx, request, raw, body.model)) is not None:
+            return forwarded
+        generation = await generation_service.chat(body, ctx, cache_scope=_cache_scope(request, ctx))
         if body.stream:
             events = _chat_events(generation, body.include_usage)
             return Stream(_sse(events, generation), media_type="text/event-stream", headers=_SSE_HEADERS)
@@ -160,10 +186,13 @@ class OpenAIController(Controller):
 
     @post("/completions", status_code=200)
     async def completions(
-        self, request: Request, generation_service: GenerationService, ctx: RequestContext
+        self, request: Request, generation_service: GenerationService, ctx: RequestContext, cluster: Cluster
     ) -> Response[bytes] | Stream:
-        body: CompletionRequest = decode_request(await request.body(), CompletionRequest)
-        generation = await generation_service.complete(body, ctx)
+        raw = await request.body()
+        body: CompletionRequest = decode_request(raw, CompletionRequest)
+        if (forwarded := await forward_if_needed(cluster, ctx, request, raw, body.model)) is not None:
+            return forwarded
+        generation = await generation_service.complete(body, ctx, cache_scope=_cache_scope(request, ctx))
         echo = body.prompt_text if body.echo else ""
         if body.stream:
             events = _completion_events(generation, body.include_usage, echo)
@@ -174,9 +203,12 @@ class OpenAIController(Controller):
 
     @post("/embeddings", status_code=200)
     async def embeddings(
-        self, request: Request, embedding_service: EmbeddingService, ctx: RequestContext
-    ) -> Response[bytes]:
-        body: EmbeddingRequest = decode_request(await request.body(), EmbeddingRequest)
+        self, request: Request, embedding_service: EmbeddingService, ctx: RequestContext, cluster: Cluster
+    ) -> Response[bytes] | Stream:
+        raw = await request.body()
+        body: EmbeddingRequest = decode_request(raw, EmbeddingRequest)
+        if (forwarded := await forward_if_needed(cluster, ctx, request, raw, body.model)) is not None:
+            return forwarded
         manifest, result = await embedding_service.embed(body, ctx)
         ctx.embedding_tokens = result.prompt_tokens
         return _json(embedding_list(manifest, result, body.encoding_format))

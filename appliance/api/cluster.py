@@ -1,0 +1,93 @@
+"""Federation at the HTTP edge: the state route peers probe, and forwarding from the OpenAI handlers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, get
+from litestar.response import Stream
+
+from appliance.api.errors import error_body
+from appliance.errors import ApplianceError, EngineError, ModelNotFound, PermissionDenied
+from appliance.peering.auth import CLUSTER_HEADERS
+from appliance.peering.cluster import STATE_PATH, Cluster
+from appliance.peering.forward import forward
+from appliance.policy.gateway import RequestContext
+
+log = logging.getLogger(__name__)
+SERVED_BY = "x-appliance-served-by"
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@get(STATE_PATH)
+async def cluster_state(request: Request, cluster: Cluster, ctx: RequestContext) -> Response[bytes]:
+    """This node's name, health, models and load. For peers (cluster signature) and admins.
+
+    The gateway leaves this route to the handler, so the probes of every peer are neither
+    rate-limited nor metered; the signature (or an admin key) is checked here instead.
+    """
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    if cluster.verifier is not None and any(h in headers for h in CLUSTER_HEADERS):
+        cluster.verifier.verify(headers, request.method, request.url.path)
+    elif not ctx.authenticate(headers.get("authorization")).is_admin:
+        raise PermissionDenied("The cluster state is for peers and admin keys.")
+    return Response(msgspec.json.encode(cluster.node_state()), media_type="application/json")
+
+
+async def forward_if_needed(
+    cluster: Cluster, ctx: RequestContext, request: Request, body: bytes, model: str
+) -> Response[bytes] | Stream | None:
+    """A peer's answer when this request should be served elsewhere (see Cluster.plan); else None."""
+    plan = cluster.plan(ctx.principal, model)
+    if plan is None:
+        return None
+    assert ctx.principal is not None
+    allowed = ctx.tenant.allowed_models
+    choice = cluster.choose(plan, frozenset())
+    if allowed is not None and choice is not None and choice[1].id not in allowed:
+        raise ModelNotFound(f"The model '{choice[1].id}' does not exist.", param="model")
+    answer = await forward(
+        cluster, plan, path=request.url.path, body=body, principal=ctx.principal, request_id=ctx.request_id
+    )
+    # The serving node meters the tokens; this node records that it forwarded the request, and where.
+    ctx.outcome, ctx.peer, ctx.model = "forwarded", answer.peer, answer.model
+    headers = {**answer.headers, SERVED_BY: answer.peer}
+    media_type = headers.pop("content-type", "application/json")
+    if answer.events is not None:
+        return Stream(_error_event_on_failure(answer.events), media_type=media_type, headers={**_SSE_HEADERS, **headers})
+    return Response(answer.body, status_code=answer.status, media_type=media_type, headers=headers)
+
+
+async def _error_event_on_failure(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    try:
+        async for event in events:
+            yield event
+    except ApplianceError as exc:
+        yield b"data: " + msgspec.json.encode(error_body(exc)) + b"\n\n"
+    except Exception:
+        log.exception("relaying a peer's stream failed")
+        yield b"data: " + msgspec.json.encode(error_body(EngineError("The forwarded stream failed."))) + b"\n\n"
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+
+
+def cluster_model_list(cluster: Cluster, cards: list[Any], allowed: list[str] | None) -> dict[str, Any]:
+    """/v1/models?scope=cluster: this node's cards and the peers', each with `location` (node names)."""
+    data = []
+    for card in cards:
+        item = msgspec.to_builtins(card)
+        item["location"] = [cluster.node, *cluster.where(item["id"])]
+        data.append(item)
+    local = {item["id"] for item in data}
+    for model_id, m in cluster.peer_models().items():
+        if model_id in local or (allowed is not None and model_id not in allowed):
+            continue
+        data.append({
+            "id": m.id, "created": m.created, "owned_by": "appliance", "kind": m.kind, "format": m.format,
+            "aliases": m.aliases, "context_length": m.context_length, "status": m.status, "object": "model",
+            "location": cluster.where(model_id),
+        })
+    return {"data": data, "object": "list"}

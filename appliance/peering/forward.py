@@ -1,0 +1,148 @@
+"""Forwarding one request to a peer, streaming included, with retries while nothing was sent yet.
+
+The request goes out with its body untouched and the caller's identity signed into the cluster
+headers (never the caller's API key). A peer that cannot be reached, refuses our signature,
+answers 502/503/504 or breaks before its first event is left for the next least-loaded peer.
+Once a stream has started it is relayed event by event; if the peer fails mid-stream the relay
+raises PeerUnavailable after the last complete event, and the API edge turns that into an
+error event: the client never sees half an event or a silently truncated answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+
+from appliance.errors import ApplianceError, PeerUnavailable
+from appliance.peering.auth import sign
+from appliance.peering.cluster import Cluster, ForwardPlan, PeerState, peer_error_message
+from appliance.types import Principal
+
+log = logging.getLogger(__name__)
+_RELAYED_HEADERS = ("content-type", "retry-after")
+_RETRY_ON_STATUS = frozenset({502, 503, 504})
+_EVENT_END = b"\n\n"
+
+
+@dataclass
+class Forwarded:
+    """A peer's answer: a whole body, or server-sent events relayed as they come."""
+
+    peer: str
+    model: str
+    status: int
+    headers: dict[str, str]
+    body: bytes = b""
+    events: AsyncIterator[bytes] | None = None
+
+
+async def forward(
+    cluster: Cluster, plan: ForwardPlan, *, path: str, body: bytes, principal: Principal, request_id: str
+) -> Forwarded:
+    """Send the request to the least-loaded peer that can take it; on failure, to the next one."""
+    tried: set[str] = set()
+    fallback: Forwarded | None = None
+    while (choice := cluster.choose(plan, frozenset(tried))) is not None:
+        peer, model = choice
+        tried.add(peer.name)
+        answer = await _attempt(cluster, peer, path=path, body=body, principal=principal, request_id=request_id)
+        if answer is None:
+            continue
+        answer.model = model.id
+        if answer.status not in _RETRY_ON_STATUS:
+            return answer
+        log.info("peer %s answered %d; trying another peer", peer.name, answer.status)
+        peer.forward_failures += 1
+        fallback = answer
+    if fallback is not None:
+        return fallback  # every peer was overloaded: pass the last one's answer (and Retry-After) on
+    raise PeerUnavailable(
+        f"No peer could take the request for model '{plan.model}'"
+        + (f" (tried {', '.join(sorted(tried))})." if tried else "."),
+        retry_after=max(1, round(cluster.settings.probe_interval_s)),
+    )
+
+
+async def _attempt(
+    cluster: Cluster, peer: PeerState, *, path: str, body: bytes, principal: Principal, request_id: str
+) -> Forwarded | None:
+    """One try on one peer; None when it failed before anything could reach the client."""
+    client = cluster.client
+    assert client is not None, "the cluster was not started"
+    peer.forwards += 1
+    peer.started_since_probe += 1
+    headers = {
+        "content-type": "application/json",
+        "accept-encoding": "identity",
+        "x-request-id": request_id,
+        **sign(peer.secret, node=cluster.node, method="POST", path=path, principal=principal),
+    }
+    request = client.build_request("POST", peer.url + path, content=body, headers=headers)
+    try:
+        resp = await client.send(request, stream=True)
+    except httpx.HTTPError as exc:
+        _failed(cluster, peer, exc)
+        return None
+    relayed = {k: v for k in _RELAYED_HEADERS if (v := resp.headers.get(k)) is not None}
+    streaming = resp.status_code == 200 and resp.headers.get("content-type", "").startswith("text/event-stream")
+    try:
+        if streaming:
+            events = _events(resp)
+            first = await anext(events)  # nothing has reached the client yet: a failure here is retried
+            relay = _relay(cluster, peer, first, events, resp)
+            return Forwarded(peer=peer.name, model="", status=200, headers=relayed, events=relay)
+        content = await resp.aread()
+    except (httpx.HTTPError, PeerUnavailable) as exc:
+        await resp.aclose()
+        _failed(cluster, peer, exc)
+        return None
+    await resp.aclose()
+    if resp.status_code == 401:
+        peer.refused(peer_error_message(content) or "401 Unauthorized")
+        peer.forward_failures += 1
+        return None
+    return Forwarded(peer=peer.name, model="", status=resp.status_code, headers=relayed, body=content)
+
+
+def _failed(cluster: Cluster, peer: PeerState, exc: BaseException) -> None:
+    message = exc.message if isinstance(exc, ApplianceError) else f"{type(exc).__name__}: {exc}".rstrip(": ")
+    log.warning("forwarding to peer %s failed before the answer started (%s)", peer.name, message)
+    peer.forward_failures += 1
+    peer.failed(message, limit=cluster.settings.down_after_failures)
+
+
+async def _events(resp: httpx.Response) -> AsyncIterator[bytes]:
+    """Whole SSE events (each ends in a blank line); PeerUnavailable if the stream breaks or ends early."""
+    buffer = b""
+    finished = False
+    try:
+        async for data in resp.aiter_raw():
+            buffer += data
+            while (end := buffer.find(_EVENT_END)) >= 0:
+                event, buffer = buffer[: end + len(_EVENT_END)], buffer[end + len(_EVENT_END):]
+                finished = event.startswith((b"data: [DONE]", b'data: {"error"'))
+                yield event
+    except httpx.HTTPError as exc:
+        raise PeerUnavailable(f"The peer serving this request failed mid-stream ({type(exc).__name__}).") from None
+    if not finished:
+        raise PeerUnavailable("The peer serving this request closed the stream before it was complete.")
+
+
+async def _relay(
+    cluster: Cluster, peer: PeerState, first: bytes, events: AsyncIterator[bytes], resp: httpx.Response
+) -> AsyncIterator[bytes]:
+    try:
+        yield first
+        async for event in events:
+            yield event
+    except PeerUnavailable as exc:
+        log.warning("peer %s failed mid-stream: %s", peer.name, exc.message)
+        peer.forward_failures += 1
+        peer.failed(exc.message, limit=cluster.settings.down_after_failures)
+        raise
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+        await resp.aclose()
