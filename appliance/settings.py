@@ -209,6 +209,9 @@ _ENV_FIELDS: dict[str, tuple[str | None, str]] = {
     "APPLIANCE_MAX_QUEUE": ("models", "max_queue"),
     "APPLIANCE_METRICS_ACCESS": ("gateway", "metrics_access"),
     "APPLIANCE_JSON_LOGS": ("gateway", "json_logs"),
+    "APPLIANCE_CACHE_TTL_S": ("gateway", "cache_ttl_s"),
+    "APPLIANCE_SEMANTIC_CACHE_THRESHOLD": ("gateway", "semantic_cache_threshold"),
+    "APPLIANCE_EMBEDDING_MODEL": ("retrieval", "embedding_model"),
     "APPLIANCE_CLUSTER_SECRET": ("cluster", "secret"),
     "APPLIANCE_NODE_NAME": ("cluster", "node_name"),
 }

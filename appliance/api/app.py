@@ -7,6 +7,7 @@ import logging
 from importlib import metadata, resources
 from typing import Any
 
+import numpy as np
 from litestar import Litestar, Request, Response, get
 from litestar.datastructures import State
 from litestar.di import Provide
@@ -25,6 +26,7 @@ from appliance.observability.metrics import Metrics
 from appliance.peering.cluster import Cluster
 from appliance.policy.gateway import Gateway, RequestContext, loopback_host
 from appliance.services.ask import AskService
+from appliance.services.cache import ResponseCache
 from appliance.services.documents import DocumentService
 from appliance.services.embeddings import EmbeddingService
 from appliance.services.generation import GenerationService
@@ -84,6 +86,22 @@ async def _resume(documents: DocumentService) -> None:
         log.exception("resuming interrupted ingestion failed")
 
 
+def _prompt_embedder(registry: ModelRegistry, settings: Settings) -> Any:
+    """Embeds prompts for the semantic cache with the retrieval embedding model (unit length)."""
+
+    async def embed(text: str) -> np.ndarray | None:
+        try:
+            manifest = registry.resolve(settings.retrieval.embedding_model, kinds=("embedding",))
+            engine = await registry.engine(manifest)
+        except ApplianceError:
+            return None
+        vector = np.asarray((await asyncio.to_thread(engine.embed, [text])).vectors[0], dtype=np.float32)
+        norm = float(np.linalg.norm(vector))
+        return vector / norm if norm else None
+
+    return embed
+
+
 def _request_context(request: Request) -> RequestContext:
     return context_of(request.scope)
 
@@ -96,7 +114,12 @@ def create_app(settings: Settings, registry: ModelRegistry) -> Litestar:
         metrics=Metrics(registry.status),
     )
     gateway.replay_interrupted()
-    generation = GenerationService(registry)
+    cache = ResponseCache(
+        ttl_s=settings.gateway.cache_ttl_s,
+        max_entries=settings.gateway.cache_max_entries,
+        semantic_threshold=settings.gateway.semantic_cache_threshold,
+    )
+    generation = GenerationService(registry, cache, embed_prompt=_prompt_embedder(registry, settings))
     embeddings = EmbeddingService(registry, max_inputs=settings.models.max_embedding_inputs)
     documents = DocumentService(
         settings.data_dir / "collections", registry, embedding_model=settings.retrieval.embedding_model

@@ -43,8 +43,8 @@ _encode = msgspec.json.encode
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def _json(obj: object) -> Response[bytes]:
-    return Response(content=_encode(obj), media_type="application/json", status_code=200)
+def _json(obj: object, headers: dict[str, str] | None = None) -> Response[bytes]:
+    return Response(content=_encode(obj), media_type="application/json", status_code=200, headers=headers)
 
 
 def _event(obj: object) -> bytes:
@@ -177,12 +177,15 @@ class OpenAIController(Controller):
         if (forwarded := await forward_if_needed(cluster, ctx, request, raw, body.model)) is not None:
             return forwarded
         generation = await generation_service.chat(body, ctx, cache_scope=_cache_scope(request, ctx))
+        headers = _cache_headers(generation, ctx)
         if body.stream:
             events = _chat_events(generation, body.include_usage)
-            return Stream(_sse(events, generation), media_type="text/event-stream", headers=_SSE_HEADERS)
+            return Stream(_sse(events, generation), media_type="text/event-stream", headers={**_SSE_HEADERS, **headers})
         text, finish, usage = await generation.collect()
         choice = ChatChoice(0, AssistantMessage(text), finish)
-        return _json(ChatCompletion(new_id("chatcmpl"), now(), generation.manifest.id, [choice], usage_out(usage)))
+        return _json(
+            ChatCompletion(new_id("chatcmpl"), now(), generation.manifest.id, [choice], usage_out(usage)), headers
+        )
 
     @post("/completions", status_code=200)
     async def completions(
@@ -193,13 +196,14 @@ class OpenAIController(Controller):
         if (forwarded := await forward_if_needed(cluster, ctx, request, raw, body.model)) is not None:
             return forwarded
         generation = await generation_service.complete(body, ctx, cache_scope=_cache_scope(request, ctx))
+        headers = _cache_headers(generation, ctx)
         echo = body.prompt_text if body.echo else ""
         if body.stream:
             events = _completion_events(generation, body.include_usage, echo)
-            return Stream(_sse(events, generation), media_type="text/event-stream", headers=_SSE_HEADERS)
+            return Stream(_sse(events, generation), media_type="text/event-stream", headers={**_SSE_HEADERS, **headers})
         text, finish, usage = await generation.collect()
         choice = TextChoice(0, echo + text, finish)
-        return _json(TextCompletion(new_id("cmpl"), now(), generation.manifest.id, [choice], usage_out(usage)))
+        return _json(TextCompletion(new_id("cmpl"), now(), generation.manifest.id, [choice], usage_out(usage)), headers)
 
     @post("/embeddings", status_code=200)
     async def embeddings(

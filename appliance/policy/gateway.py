@@ -176,7 +176,8 @@ class RequestContext:
             if self.first_token_at is None:
                 self.first_token_at = now
             self.last_token_at = now
-        self.completion_tokens = max(self.completion_tokens, chunk.generated or self.completion_tokens + 1)
+        if self.outcome != "cached":
+            self.completion_tokens = max(self.completion_tokens, chunk.generated or self.completion_tokens + 1)
         if chunk.usage is not None:
             self.finish(chunk.usage)
         elif self._journaled and now - self._checkpoint_at >= _CHECKPOINT_EVERY_S:
@@ -185,8 +186,13 @@ class RequestContext:
 
     def finish(self, usage: Usage, *, status: int = 200) -> None:
         """The generation's real count is known: meter it now, before the last byte reaches the client."""
-        self.prompt_tokens, self.completion_tokens = usage.prompt_tokens, usage.completion_tokens
+        if self.outcome != "cached":  # a cached answer ran no model: it costs no tokens
+            self.prompt_tokens, self.completion_tokens = usage.prompt_tokens, usage.completion_tokens
         self.settle(status)
+
+    def served_from_cache(self) -> None:
+        self.outcome = "cached"
+        self.gateway.metrics.cache.labels(result="hit").inc()
 
     def add_guardrail_actions(self, actions: list[GuardrailAction]) -> None:
         self.guardrails.extend(actions)

@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import jinja2
+import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from appliance.engines.registry import ChatEngine, ModelRegistry
 from appliance.errors import ApplianceError, EngineError
 from appliance.modelstore.manifest import Manifest
 from appliance.protocol.openai import ChatCompletionRequest, CompletionRequest
+from appliance.services.cache import CachedAnswer, ResponseCache, deterministic, scope_of
 from appliance.services.policy import OPEN_POLICY, RequestPolicy
 from appliance.types import Chunk, GenerationRequest, SamplingParams, Usage
 
@@ -29,6 +31,8 @@ class Generation:
         self._first: Chunk | None = first
         self._rest = rest
         self._observers: list[Callable[[Chunk], None]] = []
+        self.cached = False
+        """True when the answer came from the response cache (no engine ran)."""
 
     def observe(self, observer: Callable[[Chunk], None]) -> None:
         """Call `observer` with every chunk before it is handed on (metering counts tokens here)."""
@@ -68,9 +72,16 @@ class Generation:
 
 
 class GenerationService:
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        cache: ResponseCache | None = None,
+        embed_prompt: Callable[[str], Awaitable[np.ndarray | None]] | None = None,
+    ) -> None:
         self._registry = registry
         self._templates = ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False)
+        self._cache = cache
+        self._embed_prompt = embed_prompt
 
     def render_chat(self, manifest: Manifest, request: ChatCompletionRequest) -> str:
         return self._render(manifest, [{"role": m.role, "content": m.text(i)} for i, m in enumerate(request.messages)])
@@ -91,20 +102,25 @@ class GenerationService:
                     prompt = prompt[: -len(marker)]
         return prompt
 
-    async def chat(self, request: ChatCompletionRequest, policy: RequestPolicy = OPEN_POLICY) -> Generation:
+    async def chat(
+        self, request: ChatCompletionRequest, policy: RequestPolicy = OPEN_POLICY, *, cache_scope: str | None = None
+    ) -> Generation:
+        """`cache_scope` (the tenant) turns the response cache on for this request; None bypasses it."""
         request.check()
         manifest = self._registry.resolve(request.model, kinds=("chat",))
         policy.allow_model(manifest)
         prompt = self.render_chat(manifest, request)
         return await self._start(
-            manifest, prompt, request.token_limit, request, policy, json_schema=request.json_schema()
+            manifest, prompt, request.token_limit, request, policy, cache_scope, json_schema=request.json_schema()
         )
 
-    async def complete(self, request: CompletionRequest, policy: RequestPolicy = OPEN_POLICY) -> Generation:
+    async def complete(
+        self, request: CompletionRequest, policy: RequestPolicy = OPEN_POLICY, *, cache_scope: str | None = None
+    ) -> Generation:
         request.check()
         manifest = self._registry.resolve(request.model, kinds=("chat", "completion"))
         policy.allow_model(manifest)
-        return await self._start(manifest, request.prompt_text, request.max_tokens, request, policy)
+        return await self._start(manifest, request.prompt_text, request.max_tokens, request, policy, cache_scope)
 
     async def generate(
         self,
@@ -134,6 +150,7 @@ class GenerationService:
         max_tokens: int | None,
         request: ChatCompletionRequest | CompletionRequest,
         policy: RequestPolicy,
+        cache_scope: str | None,
         json_schema: str | None = None,
     ) -> Generation:
         generation = GenerationRequest(
@@ -144,7 +161,38 @@ class GenerationService:
             json_schema=json_schema,
             priority=request.priority_level,
         )
-        return await self._launch(manifest, generation, policy)
+        if cache_scope is None or self._cache is None or not self._cache.enabled or not deterministic(generation):
+            return await self._launch(manifest, generation, policy)
+        return await self._cached(manifest, generation, policy, cache_scope)
+
+    async def _cached(
+        self, manifest: Manifest, request: GenerationRequest, policy: RequestPolicy, tenant: str
+    ) -> Generation:
+        cache = self._cache
+        assert cache is not None
+        scope = scope_of(tenant, manifest.id, request)
+        key = cache.key(scope, request.prompt)
+        answer = cache.get(key)
+        vector = None
+        if answer is None and cache.semantic_threshold > 0 and self._embed_prompt is not None:
+            vector = await self._embed_prompt(request.prompt)
+            answer = None if vector is None else cache.get_similar(scope, vector)
+        if answer is not None:
+            final = Chunk(text=answer.text, finish_reason=answer.finish_reason, usage=answer.usage)  # type: ignore[arg-type]
+            generation = Generation(manifest, final, _nothing())
+            generation.cached = True
+            generation.observe(policy.on_chunk)
+            return generation
+        generation = await self._launch(manifest, request, policy)
+        parts: list[str] = []
+
+        def remember(chunk: Chunk) -> None:
+            parts.append(chunk.text)
+            if chunk.finish_reason is not None and chunk.usage is not None:
+                cache.put(key, scope, CachedAnswer("".join(parts), chunk.finish_reason, chunk.usage), vector)
+
+        generation.observe(remember)
+        return generation
 
     async def _launch(self, manifest: Manifest, generation: GenerationRequest, policy: RequestPolicy) -> Generation:
         policy.allow_model(manifest)
@@ -193,3 +241,8 @@ class GenerationService:
                     return
         finally:
             cancel.set()
+
+
+async def _nothing() -> AsyncIterator[Chunk]:
+    return
+    yield  # an async generator that yields nothing

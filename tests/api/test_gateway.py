@@ -195,3 +195,54 @@ def test_metrics_and_request_ids(world: World) -> None:
         assert 'appliance_tokens_total{direction="completion",model="chat-model",tenant="default"} 5.0' in text
         assert "appliance_time_to_first_token_seconds_bucket" in text
         assert "appliance_model_ready" in text
+
+
+def _usage_outcomes(tmp_path: Path) -> list[tuple[str, int, int]]:
+    db = connect(tmp_path / "gateway.db")
+    return [
+        (r["outcome"], r["prompt_tokens"], r["completion_tokens"])
+        for r in db.execute("SELECT * FROM usage WHERE route = 'POST /v1/chat/completions' ORDER BY seq")
+    ]
+
+
+def test_deterministic_responses_are_cached_per_tenant(world: World, tmp_path: Path) -> None:
+    with make_client(world, APPLIANCE_DATA_DIR=str(tmp_path)) as client:
+        body = {**CHAT, "temperature": 0}
+        first = client.post("/v1/chat/completions", json=body)
+        second = client.post("/v1/chat/completions", json=body)
+        assert (first.headers["x-cache"], second.headers["x-cache"]) == ("miss", "hit")
+        assert first.json()["choices"] == second.json()["choices"]
+        assert len(world.chat.requests) == 1
+        # The streamed form of the same request is served from the cache too.
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            assert r.headers["x-cache"] == "hit"
+            assert "Hello" in r.read().decode()
+        assert len(world.chat.requests) == 1
+        # Cache-Control: no-cache bypasses; sampling without a seed is never cached; other params miss.
+        assert client.post("/v1/chat/completions", json=body, headers={"Cache-Control": "no-cache"}).headers["x-cache"] == "miss"
+        assert client.post("/v1/chat/completions", json={**CHAT, "temperature": 0.7}).headers["x-cache"] == "miss"
+        assert client.post("/v1/chat/completions", json={**CHAT, "temperature": 0.7}).headers["x-cache"] == "miss"
+        assert client.post("/v1/chat/completions", json={**body, "max_tokens": 3}).headers["x-cache"] == "miss"
+        seeded = {**CHAT, "temperature": 0.9, "seed": 7}
+        client.post("/v1/chat/completions", json=seeded)
+        assert client.post("/v1/chat/completions", json=seeded).headers["x-cache"] == "hit"
+        assert len(world.chat.requests) == 6
+        # Another tenant never gets this tenant's cached answer.
+        admin = _admin(client)
+        other = _user(client, admin, "team-b")
+        assert client.post("/v1/chat/completions", json=body, headers=_bearer(other)).headers["x-cache"] == "miss"
+    outcomes = _usage_outcomes(tmp_path)
+    assert outcomes[1] == ("cached", 0, 0)  # a cached answer ran no model and costs no tokens
+    assert outcomes[0][0] == "ok" and outcomes[0][2] == 5
+
+
+def test_semantic_cache_reuses_answers_to_similar_prompts(world: World) -> None:
+    env = {"APPLIANCE_SEMANTIC_CACHE_THRESHOLD": "0.95", "APPLIANCE_EMBEDDING_MODEL": "embed-model"}
+    with make_client(world, **env) as client:
+        # The fake embedder maps every text to the same vector: any prompt is "similar".
+        a = client.post("/v1/chat/completions", json={**CHAT, "temperature": 0})
+        b = client.post("/v1/chat/completions", json={
+            **CHAT, "temperature": 0, "messages": [{"role": "user", "content": "hello there"}]})
+        assert (a.headers["x-cache"], b.headers["x-cache"]) == ("miss", "hit")
+        c = client.post("/v1/chat/completions", json={**CHAT, "temperature": 0, "max_tokens": 2})
+        assert c.headers["x-cache"] == "miss"  # different parameters: a different scope
