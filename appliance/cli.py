@@ -13,6 +13,7 @@ import click
 from appliance import __version__
 from appliance.errors import ApplianceError
 from appliance.settings import Settings, load_settings
+from appliance.types import DEFAULT_TENANT
 
 log = logging.getLogger("appliance")
 
@@ -60,6 +61,16 @@ def _log_redactor() -> Any:
     except ImportError:
         return None
     return redact_text
+
+
+def _tenant(ctx: click.Context) -> str:
+    from appliance.policy.tenancy import check_tenant_name
+
+    name = _inherited(ctx, "tenant") or DEFAULT_TENANT
+    try:
+        return check_tenant_name(name)
+    except ApplianceError as exc:
+        raise click.BadParameter(exc.message, param_hint="--tenant") from None
 
 
 def _fail(exc: ApplianceError) -> None:
@@ -327,7 +338,8 @@ def _run_documents(ctx: click.Context, work: Any) -> Any:
 
 @main.group()
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Data directory (or APPLIANCE_DATA_DIR).")
-def collections(data_dir: str | None) -> None:
+@click.option("--tenant", default=DEFAULT_TENANT, show_default=True, help="Tenant whose collections these are.")
+def collections(data_dir: str | None, tenant: str) -> None:
     """Create, list and delete document collections (on disk; use the API while the server runs)."""
 
 
@@ -336,7 +348,7 @@ def collections(data_dir: str | None) -> None:
 @click.pass_context
 def collections_create(ctx: click.Context, name: str) -> None:
     """Create an empty collection."""
-    _run_documents(ctx, lambda s: s.create("default", name))
+    _run_documents(ctx, lambda s: s.create(_tenant(ctx), name))
     click.echo(f"created {name}")
 
 
@@ -345,7 +357,7 @@ def collections_create(ctx: click.Context, name: str) -> None:
 def collections_list(ctx: click.Context) -> None:
     """List collections."""
     service, registry = _document_service(ctx)
-    for c in service.list("default"):
+    for c in service.list(_tenant(ctx)):
         click.echo(c["name"])
     registry.close()
 
@@ -355,7 +367,7 @@ def collections_list(ctx: click.Context) -> None:
 @click.pass_context
 def collections_delete(ctx: click.Context, name: str) -> None:
     """Delete a collection and its indexes."""
-    _run_documents(ctx, lambda s: s.delete("default", name))
+    _run_documents(ctx, lambda s: s.delete(_tenant(ctx), name))
     click.echo(f"deleted {name}")
 
 
@@ -365,8 +377,12 @@ def collections_delete(ctx: click.Context, name: str) -> None:
 @click.option("--create", is_flag=True, help="Create the collection if it does not exist.")
 @click.option("--batch", default=16, show_default=True, help="Files per index commit.")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Data directory (or APPLIANCE_DATA_DIR).")
+@click.option("--tenant", default=DEFAULT_TENANT, show_default=True, help="Tenant whose collections these are.")
 @click.pass_context
-def ingest(ctx: click.Context, collection: str, paths: tuple[Path, ...], create: bool, batch: int, data_dir: str | None) -> None:
+def ingest(
+    ctx: click.Context, collection: str, paths: tuple[Path, ...], create: bool, batch: int, data_dir: str | None,
+    tenant: str,
+) -> None:
     """Ingest files (.txt .md .html .pdf .docx) or folders of them into COLLECTION."""
     from appliance.retrieval.parsing import SUPPORTED
 
@@ -381,16 +397,16 @@ def ingest(ctx: click.Context, collection: str, paths: tuple[Path, ...], create:
         from appliance.errors import CollectionNotFound
 
         try:
-            await service.documents("default", collection)
+            await service.documents(tenant, collection)
         except CollectionNotFound:
             if not create:
                 raise
-            await service.create("default", collection)
+            await service.create(tenant, collection)
         results = []
         with _bar(len(files), f"ingesting into {collection}") as bar:
             for i in range(0, len(files), batch):
                 group = files[i : i + batch]
-                results += await service.ingest_files("default", collection, [(f.name, f.read_bytes()) for f in group])
+                results += await service.ingest_files(tenant, collection, [(f.name, f.read_bytes()) for f in group])
                 bar.update(len(group))
         return results
 
@@ -408,10 +424,13 @@ def ingest(ctx: click.Context, collection: str, paths: tuple[Path, ...], create:
 @click.option("--mode", type=click.Choice(["hybrid", "bm25", "vector"]), default="hybrid", show_default=True)
 @click.option("--top-k", default=5, show_default=True)
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Data directory (or APPLIANCE_DATA_DIR).")
+@click.option("--tenant", default=DEFAULT_TENANT, show_default=True, help="Tenant whose collections these are.")
 @click.pass_context
-def search(ctx: click.Context, collection: str, query: str, mode: str, top_k: int, data_dir: str | None) -> None:
+def search(
+    ctx: click.Context, collection: str, query: str, mode: str, top_k: int, data_dir: str | None, tenant: str
+) -> None:
     """Search COLLECTION and print the best chunks."""
-    hits = _run_documents(ctx, lambda s: s.search("default", collection, query, top_k=top_k, mode=mode, flt=None))
+    hits = _run_documents(ctx, lambda s: s.search(tenant, collection, query, top_k=top_k, mode=mode, flt=None))
     for i, h in enumerate(hits, 1):
         where = h.source + (f" p.{h.page}" if h.page else "")
         click.echo(f"[{i}] {h.score:.3f} {where}: {h.snippet or h.text[:200]}")

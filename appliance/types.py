@@ -7,6 +7,8 @@ from typing import Literal
 import msgspec
 
 FinishReason = Literal["stop", "length"]
+DEFAULT_TENANT = "default"
+"""The tenant of open local mode (no keys yet) and of the CLI's document commands by default."""
 PRIORITY_INTERACTIVE = 0
 PRIORITY_BATCH = 1
 

@@ -21,9 +21,9 @@ from appliance.observability.metrics import Metrics
 from appliance.policy.db import open_gateway_db
 from appliance.policy.limits import BudgetLedger, RateLimits, Reservation
 from appliance.policy.metering import GuardrailAction, Outcome, UsageMeter, UsageRecord
-from appliance.policy.tenancy import DEFAULT_TENANT, ApiKey, Tenant, TenantStore
+from appliance.policy.tenancy import ApiKey, Tenant, TenantStore
 from appliance.settings import GatewaySettings
-from appliance.types import Chunk, Principal, Usage
+from appliance.types import DEFAULT_TENANT, Chunk, Principal, Usage
 
 log = logging.getLogger(__name__)
 _CHECKPOINT_EVERY_S = 1.0

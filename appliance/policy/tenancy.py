@@ -23,7 +23,6 @@ import msgspec
 from appliance.errors import AuthenticationFailed, InvalidRequest, KeyNotFound, TenantExists, TenantNotFound
 from appliance.types import Principal, Role
 
-DEFAULT_TENANT = "default"
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _KEY = re.compile(r"^(ak_[0-9a-f]{8})\.([A-Za-z0-9_-]{43})$")
 

@@ -25,7 +25,6 @@ from appliance.retrieval.parsing import DocumentError, Section, parse
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _DOC_ID = re.compile(r"^[^\x00-\x1f/\\]{1,200}$")
-DEFAULT_TENANT = "default"
 
 
 class FileResult(msgspec.Struct):
