@@ -122,7 +122,10 @@ def create_app(settings: Settings, registry: ModelRegistry) -> Litestar:
     generation = GenerationService(registry, cache, embed_prompt=_prompt_embedder(registry, settings))
     embeddings = EmbeddingService(registry, max_inputs=settings.models.max_embedding_inputs)
     documents = DocumentService(
-        settings.data_dir / "collections", registry, embedding_model=settings.retrieval.embedding_model
+        settings.data_dir / "collections",
+        registry,
+        embedding_model=settings.retrieval.embedding_model,
+        on_search=lambda mode, seconds: gateway.metrics.retrieval.labels(mode=mode).observe(seconds),
     )
 
     ask = AskService(documents, generation, registry, default_model=settings.retrieval.answer_model)

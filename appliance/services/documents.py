@@ -8,6 +8,7 @@ import logging
 import re
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,10 +52,19 @@ def check_document_id(doc_id: str) -> str:
 
 
 class DocumentService:
-    def __init__(self, root: Path, registry: ModelRegistry, *, embedding_model: str) -> None:
+    def __init__(
+        self,
+        root: Path,
+        registry: ModelRegistry,
+        *,
+        embedding_model: str,
+        on_search: Callable[[str, float], None] | None = None,
+    ) -> None:
         self._root = root
         self._registry = registry
         self._embedding_name = embedding_model
+        self._on_search = on_search
+        """Told each search's mode and seconds (the retrieval latency metric)."""
         self._open: dict[tuple[str, str], Collection] = {}
         self._lock = threading.Lock()
 
@@ -183,9 +193,13 @@ class DocumentService:
             raise InvalidRequest("The query is empty.", param="query")
         col, engine = await self._collection(tenant, name)
         embed = self.embed_fn(engine)
-        return await asyncio.to_thread(
+        started = time.perf_counter()
+        hits = await asyncio.to_thread(
             col.search, query, top_k=top_k, mode=mode, query_vector=lambda: embed([_clip(engine, query)])[0], flt=flt
         )
+        if self._on_search is not None:
+            self._on_search(mode, time.perf_counter() - started)
+        return hits
 
     async def resume(self) -> None:
         """Re-ingest documents a crash left pending (their text is kept in the registry)."""
