@@ -119,8 +119,7 @@ def probe(endpoint: str, timeout: float) -> tuple[int, int, int]:
     if version != PROTO_VERSION or size != 4 + _CONN_CAPS_SIZE:
         raise PeerUnavailable(
             f"RPC worker {endpoint} speaks RPC protocol {_version_text(version)}, this node "
-            f"{_version_text(PROTO_VERSION)}: every node must run the same llama.cpp build "
-            f"(this one: ggml {ggml_build()})"
+            f"{_version_text(PROTO_VERSION)}: every node must run the same llama.cpp build"
         )
     return version
 

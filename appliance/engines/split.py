@@ -241,10 +241,12 @@ class SplitChatEngine:
         with self._lock:
             if self._state == "closed":
                 return
+            repeated = reason == self._failure
             self._state, self._failure = "down", reason
             self._retry_at = time.monotonic() + self._retry_delay
             self._retry_delay = min(self._retry_delay * 2, _RETRY_MAX_S)
-        log.error("model %s: %s; retrying when every RPC worker answers", self.model_id, reason)
+        level = logging.DEBUG if repeated else logging.ERROR  # the first time, and whenever the reason changes
+        log.log(level, "model %s: %s; retrying when every RPC worker answers", self.model_id, reason)
 
     def _read(self, child: _Child) -> None:
         """Messages from one child, until it exits."""
