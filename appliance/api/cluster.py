@@ -49,29 +49,48 @@ async def forward_if_needed(
     choice = cluster.choose(plan, frozenset())
     if allowed is not None and choice is not None and choice[1].id not in allowed:
         raise ModelNotFound(f"The model '{choice[1].id}' does not exist.", param="model")
-    answer = await forward(
-        cluster, plan, path=request.url.path, body=body, principal=ctx.principal, request_id=ctx.request_id
-    )
+    forwards = ctx.gateway.metrics.forwards
+    try:
+        answer = await forward(
+            cluster, plan, path=request.url.path, body=body, principal=ctx.principal, request_id=ctx.request_id
+        )
+    except ApplianceError:
+        forwards.labels(peer="", outcome="unavailable").inc()
+        raise
+    forwards.labels(peer=answer.peer, outcome="ok" if answer.status < 400 else "error").inc()
     # The serving node meters the tokens; this node records that it forwarded the request, and where.
     ctx.outcome, ctx.peer, ctx.model = "forwarded", answer.peer, answer.model
     headers = {**answer.headers, SERVED_BY: answer.peer}
     media_type = headers.pop("content-type", "application/json")
     if answer.events is not None:
-        return Stream(_error_event_on_failure(answer.events), media_type=media_type, headers={**_SSE_HEADERS, **headers})
+        events = _relayed_events(answer.events, ctx)
+        return Stream(events, media_type=media_type, headers={**_SSE_HEADERS, **headers})
     return Response(answer.body, status_code=answer.status, media_type=media_type, headers=headers)
 
 
-async def _error_event_on_failure(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _relayed_events(events: AsyncIterator[bytes], ctx: RequestContext) -> AsyncIterator[bytes]:
+    """The peer's events; a failure mid-stream becomes a final error event, never a dropped socket.
+
+    The forward is recorded before the last event goes out: a client that hangs up once it has
+    read `[DONE]` must not turn it into a cancelled request.
+    """
+    error: ApplianceError | None = None
     try:
         async for event in events:
+            if event.startswith(b"data: [DONE]"):
+                ctx.settle(200)
             yield event
     except ApplianceError as exc:
-        yield b"data: " + msgspec.json.encode(error_body(exc)) + b"\n\n"
+        error = exc
     except Exception:
         log.exception("relaying a peer's stream failed")
-        yield b"data: " + msgspec.json.encode(error_body(EngineError("The forwarded stream failed."))) + b"\n\n"
+        error = EngineError("The forwarded stream failed.")
     finally:
         await events.aclose()  # type: ignore[attr-defined]
+    if error is not None:
+        ctx.gateway.metrics.forwards.labels(peer=ctx.peer or "", outcome="broken_stream").inc()
+        ctx.settle(200, outcome="error")
+        yield b"data: " + msgspec.json.encode(error_body(error)) + b"\n\n"
 
 
 def cluster_model_list(cluster: Cluster, cards: list[Any], allowed: list[str] | None) -> dict[str, Any]:

@@ -47,7 +47,8 @@ class PeerState:
         self.models: dict[str, ModelState] = {}
         self._names: dict[str, str] = {}
         self.started_since_probe = 0
-        """Forwards sent since the last probe: the peer's reported load does not include them yet."""
+        """Our forwards started since the last probe and still running: its reported load misses them."""
+        self._epoch = 0
         self.forwards = 0
         self.forward_failures = 0
 
@@ -67,6 +68,8 @@ class PeerState:
             log.info("cluster peer %s (%s) is up", self.name, self.url)
         self.status, self.failures, self.last_error = "up", 0, None
         self.last_ok = time.monotonic()
+        if state.node != self.name and state.node != self.reported_node:
+            log.warning("cluster peer %s at %s calls itself %s: check its url and node_name", self.name, self.url, state.node)
         self.reported_node = state.node
         self.models = {m.id: m for m in state.models}
         self._names = {}
@@ -74,6 +77,17 @@ class PeerState:
             for name in (m.id, *m.aliases):
                 self._names.setdefault(name, m.id)
         self.started_since_probe = 0
+        self._epoch += 1
+
+    def begin_forward(self) -> int:
+        """Count a forward as load until the next probe reports it; returns what end_forward needs."""
+        self.forwards += 1
+        self.started_since_probe += 1
+        return self._epoch
+
+    def end_forward(self, epoch: int) -> None:
+        if epoch == self._epoch:
+            self.started_since_probe -= 1
 
     def failed(self, error: str, *, limit: int) -> None:
         self.failures += 1
@@ -161,6 +175,8 @@ class Cluster:
         if not self.enabled or not self.peers:
             return
         s = self.settings
+        # httpx logs every request at INFO: probes every few seconds would drown the access log.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         # No proxies from the environment: cluster traffic goes straight to the peers' addresses.
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(s.request_timeout_s, connect=s.probe_timeout_s),

@@ -72,8 +72,7 @@ async def _attempt(
     """One try on one peer; None when it failed before anything could reach the client."""
     client = cluster.client
     assert client is not None, "the cluster was not started"
-    peer.forwards += 1
-    peer.started_since_probe += 1
+    epoch = peer.begin_forward()
     headers = {
         "content-type": "application/json",
         "accept-encoding": "identity",
@@ -84,6 +83,7 @@ async def _attempt(
     try:
         resp = await client.send(request, stream=True)
     except httpx.HTTPError as exc:
+        peer.end_forward(epoch)
         _failed(cluster, peer, exc)
         return None
     relayed = {k: v for k in _RELAYED_HEADERS if (v := resp.headers.get(k)) is not None}
@@ -92,14 +92,16 @@ async def _attempt(
         if streaming:
             events = _events(resp)
             first = await anext(events)  # nothing has reached the client yet: a failure here is retried
-            relay = _relay(cluster, peer, first, events, resp)
+            relay = _relay(cluster, peer, epoch, first, events, resp)
             return Forwarded(peer=peer.name, model="", status=200, headers=relayed, events=relay)
         content = await resp.aread()
     except (httpx.HTTPError, PeerUnavailable) as exc:
         await resp.aclose()
+        peer.end_forward(epoch)
         _failed(cluster, peer, exc)
         return None
     await resp.aclose()
+    peer.end_forward(epoch)
     if resp.status_code == 401:
         peer.refused(peer_error_message(content) or "401 Unauthorized")
         peer.forward_failures += 1
@@ -132,7 +134,7 @@ async def _events(resp: httpx.Response) -> AsyncIterator[bytes]:
 
 
 async def _relay(
-    cluster: Cluster, peer: PeerState, first: bytes, events: AsyncIterator[bytes], resp: httpx.Response
+    cluster: Cluster, peer: PeerState, epoch: int, first: bytes, events: AsyncIterator[bytes], resp: httpx.Response
 ) -> AsyncIterator[bytes]:
     try:
         yield first
@@ -144,5 +146,6 @@ async def _relay(
         peer.failed(exc.message, limit=cluster.settings.down_after_failures)
         raise
     finally:
+        peer.end_forward(epoch)
         await events.aclose()  # type: ignore[attr-defined]
         await resp.aclose()

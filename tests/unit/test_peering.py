@@ -149,16 +149,21 @@ def test_least_loaded_picks_the_idlest_up_peer_serving_the_model() -> None:
     assert least_loaded([b, c, d], "gemma")[0] is b  # type: ignore[index]
 
 
-def test_forwards_since_the_last_probe_count_as_load() -> None:
+def test_running_forwards_since_the_last_probe_count_as_load() -> None:
     b, c = peer("b", model("gemma")), peer("c", model("gemma"))
-    chosen = []
+    chosen, epochs = [], []
     for _ in range(4):
         p, _m = least_loaded([b, c], "gemma")  # type: ignore[misc]
-        p.started_since_probe += 1
+        epochs.append((p, p.begin_forward()))
         chosen.append(p.name)
     assert chosen == ["b", "c", "b", "c"]
-    b.probed(NodeState(node="b", health="ok", models=[model("gemma", busy=2)]))
+    first, epoch = epochs[0]
+    first.end_forward(epoch)  # finished before a probe saw it: no longer load
+    assert (b.started_since_probe, c.started_since_probe) == (1, 2)
+    b.probed(NodeState(node="b", health="ok", models=[model("gemma", busy=1)]))
     assert b.started_since_probe == 0
+    b.end_forward(epochs[2][1])  # the probe already counted it (or saw it finished): nothing to undo
+    assert b.started_since_probe == 0 and b.load(b.models["gemma"]) == 1
 
 
 def test_ready_beats_loading_and_failed_models_are_never_chosen() -> None:
