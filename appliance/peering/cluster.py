@@ -182,6 +182,8 @@ class Cluster:
             timeout=httpx.Timeout(s.request_timeout_s, connect=s.probe_timeout_s),
             trust_env=False,
             follow_redirects=False,
+            # No cap on connections: waiting for our own pool must never look like a dead peer.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
         )
         self._task = asyncio.get_running_loop().create_task(self._probe_loop(), name="cluster-probes")
         log.info("cluster node %s: probing %s", self.node, ", ".join(f"{p.name} ({p.url})" for p in self.peers))

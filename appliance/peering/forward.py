@@ -2,7 +2,7 @@
 
 The request goes out with its body untouched and the caller's identity signed into the cluster
 headers (never the caller's API key). A peer that cannot be reached, refuses our signature,
-answers 502/503/504 or breaks before its first event is left for the next least-loaded peer.
+answers 502/503 or breaks before its first event is left for the next least-loaded peer.
 Once a stream has started it is relayed event by event; if the peer fails mid-stream the relay
 raises PeerUnavailable after the last complete event, and the API edge turns that into an
 error event: the client never sees half an event or a silently truncated answer.
@@ -23,7 +23,9 @@ from appliance.types import Principal
 
 log = logging.getLogger(__name__)
 _RELAYED_HEADERS = ("content-type", "retry-after")
-_RETRY_ON_STATUS = frozenset({502, 503, 504})
+# Overloaded, still loading or a broken proxy: another peer may do better. Not 504: a generation that
+# ran past its time limit would only run that long again.
+_RETRY_ON_STATUS = frozenset({502, 503})
 _EVENT_END = b"\n\n"
 
 
