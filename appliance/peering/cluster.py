@@ -200,7 +200,11 @@ class Cluster:
     async def _probe_loop(self) -> None:
         while True:
             started = time.monotonic()
-            await asyncio.gather(*(self.probe(p) for p in self.peers))
+            results = await asyncio.gather(*(self.probe(p) for p in self.peers), return_exceptions=True)
+            for peer, result in zip(self.peers, results):
+                if isinstance(result, Exception):  # a bug must not end the probes for good
+                    log.error("probing cluster peer %s failed", peer.name, exc_info=result)
+                    peer.failed(f"{type(result).__name__}: {result}", limit=self.settings.down_after_failures)
             await asyncio.sleep(max(0.0, self.settings.probe_interval_s - (time.monotonic() - started)))
 
     async def probe(self, peer: PeerState) -> None:
