@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import msgspec
 from litestar import Controller, Request, Response, get, post
@@ -130,6 +131,17 @@ async def _grounded_events(events: AsyncIterator[dict]) -> AsyncIterator[bytes]:
         yield _event(error_body(exc))
 
 
+def _guardrail_fields(ctx: RequestContext) -> dict[str, Any]:
+    """Response extensions for what the guardrails did; absent when they did nothing."""
+    fields: dict[str, Any] = {}
+    actions = ctx.guardrail_actions()
+    if actions:
+        fields["guardrails"] = [msgspec.to_builtins(a) for a in actions]
+    if ctx.pii_map:
+        fields["pii_map"] = ctx.pii_map
+    return fields
+
+
 def _cache_scope(request: Request, ctx: RequestContext) -> str | None:
     """The tenant whose cache this request may use; `Cache-Control: no-cache` (or no-store) bypasses it."""
     directives = request.headers.get("cache-control", "").lower()
@@ -184,7 +196,10 @@ class OpenAIController(Controller):
         text, finish, usage = await generation.collect()
         choice = ChatChoice(0, AssistantMessage(text), finish)
         return _json(
-            ChatCompletion(new_id("chatcmpl"), now(), generation.manifest.id, [choice], usage_out(usage)), headers
+            ChatCompletion(
+                new_id("chatcmpl"), now(), generation.manifest.id, [choice], usage_out(usage), **_guardrail_fields(ctx)
+            ),
+            headers,
         )
 
     @post("/completions", status_code=200)
@@ -203,7 +218,10 @@ class OpenAIController(Controller):
             return Stream(_sse(events, generation), media_type="text/event-stream", headers={**_SSE_HEADERS, **headers})
         text, finish, usage = await generation.collect()
         choice = TextChoice(0, echo + text, finish)
-        return _json(TextCompletion(new_id("cmpl"), now(), generation.manifest.id, [choice], usage_out(usage)), headers)
+        completion = TextCompletion(
+            new_id("cmpl"), now(), generation.manifest.id, [choice], usage_out(usage), **_guardrail_fields(ctx)
+        )
+        return _json(completion, headers)
 
     @post("/embeddings", status_code=200)
     async def embeddings(

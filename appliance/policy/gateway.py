@@ -11,24 +11,24 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from appliance.errors import ApplianceError, AuthenticationFailed, ModelNotFound, RateLimited
 from appliance.modelstore.manifest import Manifest
 from appliance.observability.metrics import Metrics
 from appliance.policy.db import open_gateway_db
 from appliance.policy.limits import BudgetLedger, RateLimits, Reservation
-from appliance.policy.metering import GuardrailAction, Outcome, UsageMeter, UsageRecord
-from appliance.policy.tenancy import ApiKey, Tenant, TenantStore
+from appliance.policy.guardrails import GuardrailAction, GuardrailBlocked, GuardrailPolicy, Guardrails, MaskSession, StreamMasker
+from appliance.policy.metering import Outcome, UsageMeter, UsageRecord
+from appliance.policy.tenancy import ApiKey, Tenant, TenantStore, policy_of
 from appliance.settings import GatewaySettings
 from appliance.types import DEFAULT_TENANT, Chunk, Principal, Usage
 
 log = logging.getLogger(__name__)
 _CHECKPOINT_EVERY_S = 1.0
-
-RetrievedScreen = Callable[["RequestContext", list[str]], list[int]]
 
 
 def loopback_host(host: str) -> bool:
@@ -54,7 +54,7 @@ class Gateway:
         self.metrics = metrics or Metrics()
         self.open_mode_allowed = open_mode_allowed
         """Without any API key, serve everyone as the default tenant's admin: only when bound to loopback."""
-        self.screen_retrieved: RetrievedScreen | None = None
+        self.guardrails = Guardrails()
         self.tenants.ensure_tenant(DEFAULT_TENANT)
 
     def open_mode(self) -> bool:
@@ -111,6 +111,11 @@ class RequestContext:
         self._journaled = False
         self._checkpoint_at = 0.0
         self.recorded = False
+        self._policy: GuardrailPolicy | None = None
+        self._mask_session: MaskSession | None = None
+        self._output_masker: StreamMasker | None = None
+        self.pii_map: dict[str, str] | None = None
+        """{placeholder: original} of masked input, only when the tenant's policy asks for a reversible mask."""
 
     # -- identity ------------------------------------------------------------------------------
 
@@ -155,10 +160,44 @@ class RequestContext:
         self._journaled = True
         self.gateway.meter.begin(self._record("ok", 200))
 
+    @property
+    def guardrail_policy(self) -> GuardrailPolicy:
+        if self._policy is None:
+            self._policy = policy_of(self.tenant.guardrails)
+        return self._policy
+
+    def screen_input(self, texts: list[str], *, instructions: bool = True) -> list[str]:
+        """Apply the tenant's input guardrails; `instructions=False` for data (embeddings, system prompts)."""
+        policy = self.guardrail_policy
+        if not instructions and policy.injection != "allow":
+            policy = msgspec.structs.replace(policy, injection="allow")
+        if self._mask_session is None:
+            self._mask_session = MaskSession(reversible=policy.reversible_mask)
+        out = []
+        try:
+            for text in texts:
+                decision = self.gateway.guardrails.check_input(text, policy, session=self._mask_session)
+                self.guardrails.extend(decision.actions)
+                out.append(decision.text)
+                if decision.mapping:
+                    self.pii_map = dict(decision.mapping)
+        except GuardrailBlocked as exc:
+            self.guardrails.append(GuardrailAction(stage="input", kind=getattr(exc, "kind", "policy"), action="block"))
+            raise
+        return out
+
+    def cap_max_tokens(self, requested: int | None) -> int | None:
+        return self.guardrail_policy.cap_max_tokens(requested)
+
+    def output_filter(self) -> StreamMasker | None:
+        self._output_masker = self.gateway.guardrails.output_masker(self.guardrail_policy)
+        return self._output_masker
+
     def screen_retrieved(self, texts: list[str]) -> list[int]:
         self.retrieved_chunks += len(texts)
-        screen = self.gateway.screen_retrieved
-        return list(range(len(texts))) if screen is None else screen(self, texts)
+        kept, actions = self.gateway.guardrails.check_retrieved(texts, self.guardrail_policy)
+        self.guardrails.extend(actions)
+        return kept
 
     def admit_request(self) -> None:
         """Count the request against requests-per-minute (every authenticated route)."""
@@ -194,8 +233,10 @@ class RequestContext:
         self.outcome = "cached"
         self.gateway.metrics.cache.labels(result="hit").inc()
 
-    def add_guardrail_actions(self, actions: list[GuardrailAction]) -> None:
-        self.guardrails.extend(actions)
+    def guardrail_actions(self) -> list[GuardrailAction]:
+        """What the guardrails did so far, output masking of a finished generation included."""
+        done = self._output_masker.actions() if self._output_masker is not None else []
+        return [*self.guardrails, *done]
 
     def _ttft_ms(self) -> float | None:
         return None if self.first_token_at is None else (self.first_token_at - self.started) * 1000
@@ -218,6 +259,8 @@ class RequestContext:
         if self.recorded:
             return
         self.recorded = True
+        self.guardrails = self.guardrail_actions()
+        self._output_masker = None
         outcome = outcome or self.outcome or ("ok" if status < 400 else "error")
         used = self.prompt_tokens + self.completion_tokens + self.embedding_tokens
         self.gateway.budgets.settle(self._reservation, used)

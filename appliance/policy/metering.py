@@ -24,6 +24,7 @@ from typing import Any, Literal
 import msgspec
 
 from appliance.errors import InvalidRequest
+from appliance.policy.guardrails.types import GuardrailAction
 from appliance.settings import Price
 
 GENESIS = "0" * 64
@@ -33,15 +34,6 @@ _RECORD_FIELDS = (
     "request_id", "ts", "tenant", "key_id", "model", "route", "status", "outcome", "prompt_tokens",
     "completion_tokens", "embedding_tokens", "retrieved_chunks", "latency_ms", "ttft_ms", "guardrails", "peer",
 )
-
-
-class GuardrailAction(msgspec.Struct, frozen=True, kw_only=True):
-    """What a guardrail did: never the text it found, only its kind and how many."""
-
-    stage: str
-    kind: str
-    action: str
-    count: int = 1
 
 
 class UsageRecord(msgspec.Struct, kw_only=True):

@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 
 from appliance.errors import AuthenticationFailed, InvalidRequest, KeyNotFound, TenantExists, TenantNotFound
+from appliance.policy.guardrails.policy import GuardrailPolicy
 from appliance.types import Principal, Role
 
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -76,6 +77,14 @@ def check_tenant_name(name: str) -> str:
     return name
 
 
+def policy_of(fields: dict[str, Any] | None) -> GuardrailPolicy:
+    """A tenant's stored guardrail fields as a validated policy (400 naming the bad field otherwise)."""
+    try:
+        return msgspec.convert(fields or {}, GuardrailPolicy)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(f"Invalid guardrail policy: {exc}", param="guardrails") from None
+
+
 def _hash(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
@@ -128,6 +137,8 @@ class TenantStore:
                 continue
             if isinstance(value, int) and value < 0:
                 raise InvalidRequest(f"{field} must not be negative.", param=field)
+            if field == "guardrails" and value is not None:
+                policy_of(value)  # only a valid policy is stored
             if field in _JSON_FIELDS and value is not None:
                 value = json.dumps(value)
             with self._lock:

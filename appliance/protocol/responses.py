@@ -48,6 +48,8 @@ class ChatCompletion(msgspec.Struct):
     """Appliance extension: retrieved chunks the injection guardrail kept out of the prompt."""
     guardrails: list[Any] | msgspec.UnsetType = msgspec.UNSET
     """Appliance extension: what the guardrails did to this request (kinds and counts, never the text)."""
+    pii_map: dict[str, str] | msgspec.UnsetType = msgspec.UNSET
+    """Appliance extension: {placeholder: original} of masked input, when the tenant asks for a reversible mask."""
 
 
 class Delta(msgspec.Struct, omit_defaults=True):
@@ -87,6 +89,10 @@ class TextCompletion(msgspec.Struct):
     usage: UsageOut | None = None
     object: str = "text_completion"
     system_fingerprint: str = FINGERPRINT
+    guardrails: list[Any] | msgspec.UnsetType = msgspec.UNSET
+    """Appliance extension: what the guardrails did (kinds and counts, never the text)."""
+    pii_map: dict[str, str] | msgspec.UnsetType = msgspec.UNSET
+    """Appliance extension: {placeholder: original} of masked input, when the tenant asks for a reversible mask."""
 
 
 class EmbeddingItem(msgspec.Struct):

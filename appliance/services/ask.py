@@ -248,6 +248,7 @@ class AskService:
             raise InvalidRequest("The question is empty.", param="question")
         manifest = self._model(model)
         policy.allow_model(manifest)
+        [question] = policy.screen_input([question])
         sources = await self.retrieve(
             tenant, collection, question, top_k, manifest=manifest, max_tokens=max_tokens, policy=policy,
             quarantined=quarantined,

@@ -33,6 +33,7 @@ class EmbeddingService:
                 f"dimensions={request.dimensions} is not supported.",
                 param="dimensions",
             )
+        texts = policy.screen_input(texts, instructions=False)
         engine = await self._registry.engine(manifest)
         count = getattr(engine, "count_tokens", None)
         tokens = sum(count(texts)) if count else sum(len(t.split()) for t in texts)

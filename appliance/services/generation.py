@@ -8,6 +8,7 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import jinja2
+import msgspec
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -16,7 +17,7 @@ from appliance.errors import ApplianceError, EngineError
 from appliance.modelstore.manifest import Manifest
 from appliance.protocol.openai import ChatCompletionRequest, CompletionRequest
 from appliance.services.cache import CachedAnswer, ResponseCache, deterministic, scope_of
-from appliance.services.policy import OPEN_POLICY, RequestPolicy
+from appliance.services.policy import OPEN_POLICY, OutputFilter, RequestPolicy
 from appliance.types import Chunk, GenerationRequest, SamplingParams, Usage
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,13 @@ class Generation:
         self._first: Chunk | None = first
         self._rest = rest
         self._observers: list[Callable[[Chunk], None]] = []
+        self._output_filter: OutputFilter | None = None
         self.cached = False
         """True when the answer came from the response cache (no engine ran)."""
+
+    def filter_output(self, output_filter: OutputFilter) -> None:
+        """Pass every chunk's text through `output_filter` (PII masking) before anyone sees it."""
+        self._output_filter = output_filter
 
     def observe(self, observer: Callable[[Chunk], None]) -> None:
         """Call `observer` with every chunk before it is handed on (metering counts tokens here)."""
@@ -44,17 +50,21 @@ class Generation:
     async def _iterate(self) -> AsyncIterator[Chunk]:
         if self._first is not None:
             first, self._first = self._first, None
-            self._notify(first)
+            first = self._notify(first)
             yield first
             if first.finish_reason is not None:
                 return
         async for chunk in self._rest:
-            self._notify(chunk)
-            yield chunk
+            yield self._notify(chunk)
 
-    def _notify(self, chunk: Chunk) -> None:
+    def _notify(self, chunk: Chunk) -> Chunk:
+        f = self._output_filter
+        if f is not None:
+            text = f.feed(chunk.text) + (f.flush() if chunk.finish_reason is not None else "")
+            chunk = msgspec.structs.replace(chunk, text=text)
         for observer in self._observers:
             observer(chunk)
+        return chunk
 
     async def aclose(self) -> None:
         await self._rest.aclose()  # type: ignore[attr-defined]
@@ -83,8 +93,19 @@ class GenerationService:
         self._cache = cache
         self._embed_prompt = embed_prompt
 
-    def render_chat(self, manifest: Manifest, request: ChatCompletionRequest) -> str:
-        return self._render(manifest, [{"role": m.role, "content": m.text(i)} for i, m in enumerate(request.messages)])
+    def render_chat(
+        self, manifest: Manifest, request: ChatCompletionRequest, policy: RequestPolicy = OPEN_POLICY
+    ) -> str:
+        messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(request.messages)]
+        # The user's turns are instructions (injection is checked there); the rest is screened for PII only.
+        for instructions, indices in (
+            (True, [i for i, m in enumerate(messages) if m["role"] == "user"]),
+            (False, [i for i, m in enumerate(messages) if m["role"] != "user"]),
+        ):
+            screened = policy.screen_input([messages[i]["content"] for i in indices], instructions=instructions)
+            for i, text in zip(indices, screened, strict=True):
+                messages[i]["content"] = text
+        return self._render(manifest, messages)
 
     def _render(self, manifest: Manifest, messages: list[dict[str, str]]) -> str:
         # A trailing assistant message is a prefill: continue it rather than open a new turn.
@@ -109,7 +130,7 @@ class GenerationService:
         request.check()
         manifest = self._registry.resolve(request.model, kinds=("chat",))
         policy.allow_model(manifest)
-        prompt = self.render_chat(manifest, request)
+        prompt = self.render_chat(manifest, request, policy)
         return await self._start(
             manifest, prompt, request.token_limit, request, policy, cache_scope, json_schema=request.json_schema()
         )
@@ -120,7 +141,8 @@ class GenerationService:
         request.check()
         manifest = self._registry.resolve(request.model, kinds=("chat", "completion"))
         policy.allow_model(manifest)
-        return await self._start(manifest, request.prompt_text, request.max_tokens, request, policy, cache_scope)
+        [prompt] = policy.screen_input([request.prompt_text])
+        return await self._start(manifest, prompt, request.max_tokens, request, policy, cache_scope)
 
     async def generate(
         self,
@@ -140,7 +162,9 @@ class GenerationService:
         sampling = SamplingParams(
             temperature=temperature, top_p=d.top_p, top_k=d.top_k, min_p=d.min_p, repeat_penalty=d.repeat_penalty
         )
-        request = GenerationRequest(prompt=prompt, max_tokens=max_tokens, stop=(*stop, *manifest.stop), sampling=sampling)
+        request = GenerationRequest(
+            prompt=prompt, max_tokens=policy.cap_max_tokens(max_tokens), stop=(*stop, *manifest.stop), sampling=sampling
+        )
         return await self._launch(manifest, request, policy)
 
     async def _start(
@@ -155,7 +179,7 @@ class GenerationService:
     ) -> Generation:
         generation = GenerationRequest(
             prompt=prompt,
-            max_tokens=max_tokens if max_tokens is not None else manifest.sampling.max_tokens,
+            max_tokens=policy.cap_max_tokens(max_tokens if max_tokens is not None else manifest.sampling.max_tokens),
             stop=(*request.stop_list(), *manifest.stop),
             sampling=request.sampling(manifest.sampling),
             json_schema=json_schema,
@@ -211,6 +235,9 @@ class GenerationService:
             await rest.aclose()
             raise
         generation = Generation(manifest, first, rest)
+        output_filter = policy.output_filter()
+        if output_filter is not None:
+            generation.filter_output(output_filter)
         generation.observe(policy.on_chunk)
         return generation
 

@@ -12,6 +12,14 @@ from appliance.modelstore.manifest import Manifest
 from appliance.types import Chunk
 
 
+class OutputFilter(Protocol):
+    """Rewrites generated text as it streams (PII masking); `flush` releases what it held back."""
+
+    def feed(self, text: str) -> str: ...
+
+    def flush(self) -> str: ...
+
+
 class RequestPolicy(Protocol):
     def allow_model(self, manifest: Manifest) -> None:
         """Raise if the caller may not use this model."""
@@ -25,6 +33,18 @@ class RequestPolicy(Protocol):
     def on_chunk(self, chunk: Chunk) -> None:
         """Sees every generated chunk (token counts, time to first token; the last one carries usage)."""
 
+    def screen_input(self, texts: list[str], *, instructions: bool = True) -> list[str]:
+        """The texts to use (PII masked by policy), or raise when the policy blocks them.
+
+        `instructions=False` marks data (embeddings input, system prompts): no injection check there.
+        """
+
+    def cap_max_tokens(self, requested: int | None) -> int | None:
+        """The max_tokens to run with: the request's, lowered to the tenant's cap."""
+
+    def output_filter(self) -> OutputFilter | None:
+        """A filter for this request's generated text, or None."""
+
 
 class _OpenPolicy:
     def allow_model(self, manifest: Manifest) -> None:
@@ -37,6 +57,15 @@ class _OpenPolicy:
         return list(range(len(texts)))
 
     def on_chunk(self, chunk: Chunk) -> None:
+        return None
+
+    def screen_input(self, texts: list[str], *, instructions: bool = True) -> list[str]:
+        return texts
+
+    def cap_max_tokens(self, requested: int | None) -> int | None:
+        return requested
+
+    def output_filter(self) -> OutputFilter | None:
         return None
 
 
