@@ -171,5 +171,6 @@ def create_app(settings: Settings, registry: ModelRegistry) -> Litestar:
         request_max_body_size=settings.server.max_body_bytes,
         state=State({"settings": settings}),
         openapi_config=None,
+        logging_config=None,  # the CLI configures logging (JSON lines, PII redaction)
         debug=False,
     )

@@ -122,7 +122,9 @@ def _finish(gateway: Gateway, ctx: RequestContext, status: int) -> None:
     elapsed = time.monotonic() - ctx.started
     gateway.metrics.requests.labels(route=route, status=str(status), tenant=tenant).inc()
     gateway.metrics.latency.labels(route=route).observe(elapsed)
-    log.info("request", extra={"fields": {**ctx.summary(), "status": status, "ms": round(elapsed * 1000, 1)}})
+    # Health probes (load balancers, peers) would drown the log: they go at debug level.
+    level = logging.DEBUG if ctx.route in PUBLIC_ROUTES else logging.INFO
+    log.log(level, "request", extra={"fields": {**ctx.summary(), "status": status, "ms": round(elapsed * 1000, 1)}})
 
 
 async def _send_error(send: Send, exc: ApplianceError) -> None:
