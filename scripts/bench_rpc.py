@@ -11,7 +11,8 @@ they share this machine's cores with the head, and no network latency is added. 
 
     .venv/bin/python scripts/bench_rpc.py [--threads 2] [--tokens 128] [--workers 2 3]
 
-Prints a table with ratios to the single node and writes bench-results/rpc.json.
+Each setup runs `--repeat` times, the setups taking turns, and the fastest run counts (this machine is
+shared). Prints tables with ratios to the single node and writes bench-results/rpc.json.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ class Workers:
 
 
 def raw(prompt: str, tokens: int, threads: int, repack: bool, peers: list[str], repeat: int) -> dict[str, float]:
-    """Best of `repeat` runs (the fastest is the one least disturbed by other work on the machine)."""
+    """Best of `repeat` runs in fresh processes (the fastest is the least disturbed by other work)."""
     cmd = [sys.executable, "-c", _RAW, str(MODEL), prompt, str(tokens), str(threads), "1" if repack else "0", json.dumps(peers)]
     runs = []
     for _ in range(repeat):
@@ -122,12 +123,8 @@ def raw(prompt: str, tokens: int, threads: int, repack: bool, peers: list[str], 
     return max(runs, key=lambda r: r["gen_tps"])
 
 
-def run_streams(engine: Any, prompt: str, tokens: int, streams: int, repeat: int) -> dict[str, float]:
-    """Best of `repeat` rounds of `streams` concurrent greedy generations of `tokens` tokens."""
-    return max((_round(engine, prompt, tokens, streams) for _ in range(repeat)), key=lambda r: r["agg_tps"])
-
-
 def _round(engine: Any, prompt: str, tokens: int, streams: int) -> dict[str, float]:
+    """`streams` concurrent greedy generations of `tokens` tokens: aggregate generated tokens/s."""
     done = threading.Event()
     first: list[float] = []
     counts: list[int] = []
@@ -210,47 +207,51 @@ def main() -> None:
         "raw": {},
         "appliance": {},
     }
-    rows: list[tuple[str, dict[str, float]]] = []
-    rows.append(("raw: single node (repacked CPU layout)", raw(prompt, args.tokens, args.threads, True, [], args.repeat)))
-    rows.append(("raw: single node (plain CPU layout)", raw(prompt, args.tokens, args.threads, False, [], args.repeat)))
-    for n in args.workers:
-        workers = Workers(n, args.threads, args.port)
-        try:
-            rows.append((f"raw: split over {n} loopback workers", raw(prompt, args.tokens, args.threads, False, workers.endpoints, args.repeat)))
-        finally:
-            workers.stop()
-    base = rows[0][1]
-    print(f"\n{'setup':<44} {'prompt t/s':>10} {'gen t/s':>8} {'gen vs single':>14}")
-    for name, r in rows:
-        results["raw"][name] = r
-        print(f"{name:<44} {r['prompt_tps']:>10.1f} {r['gen_tps']:>8.1f} {r['gen_tps'] / base['gen_tps']:>13.2f}x")
-
-    app_rows: list[tuple[str, dict[str, float]]] = []
-    engine = local_engine(args.threads, 4)
+    # One worker set per split setup (a worker serves one head at a time), all started up front, and
+    # the setups measured in turn, round after round: drift in the machine's load hits them all alike.
+    pools: dict[int, Workers] = {}
+    port = args.port
     try:
-        for streams in (1, 4):
-            app_rows.append((f"appliance: single node, {streams} stream(s)", run_streams(engine, prompt, args.tokens, streams, args.repeat)))
-    finally:
-        engine.close()
-    for n in args.workers:
-        workers = Workers(n, args.threads, args.port)
+        for n in args.workers:
+            pools[n] = Workers(n, args.threads, port)
+            port += n
+        raw_setups: list[tuple[str, bool, list[str]]] = [
+            ("raw: single node (repacked CPU layout)", True, []),
+            ("raw: single node (plain CPU layout)", False, []),
+            *((f"raw: split over {n} loopback workers", False, pools[n].endpoints) for n in args.workers),
+        ]
+        raw_runs: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in raw_setups}
+        for _ in range(args.repeat):
+            for name, repack, peers in raw_setups:
+                raw_runs[name].append(raw(prompt, args.tokens, args.threads, repack, peers, 1))
+        base = max(raw_runs[raw_setups[0][0]], key=lambda r: r["gen_tps"])
+        print(f"\n{'setup (best of %d)' % args.repeat:<44} {'prompt t/s':>10} {'gen t/s':>8} {'gen vs single':>14}")
+        for name, runs in raw_runs.items():
+            r = max(runs, key=lambda r: r["gen_tps"])
+            results["raw"][name] = {**r, "runs": runs}
+            print(f"{name:<44} {r['prompt_tps']:>10.1f} {r['gen_tps']:>8.1f} {r['gen_tps'] / base['gen_tps']:>13.2f}x")
+
+        engines = {"appliance: single node": local_engine(args.threads, 4)}
+        for n in args.workers:
+            engines[f"appliance: split over {n} workers"] = split_engine(pools[n].endpoints, args.threads, 4)
+        app_runs: dict[tuple[str, int], list[dict[str, float]]] = {}
         try:
-            engine = split_engine(workers.endpoints, args.threads, 4)
-            try:
+            for _ in range(args.repeat):
                 for streams in (1, 4):
-                    app_rows.append(
-                        (f"appliance: split over {n} workers, {streams} stream(s)", run_streams(engine, prompt, args.tokens, streams, args.repeat))
-                    )
-            finally:
-                engine.close()
+                    for name, engine in engines.items():
+                        app_runs.setdefault((name, streams), []).append(_round(engine, prompt, args.tokens, streams))
         finally:
-            workers.stop()
-    print(f"\n{'setup':<44} {'agg gen t/s':>11} {'TTFT s':>7} {'vs single':>10}")
-    singles = {r["streams"]: r for name, r in app_rows if "single" in name}
-    for name, r in app_rows:
-        results["appliance"][name] = r
-        ratio = r["agg_tps"] / singles[r["streams"]]["agg_tps"]
-        print(f"{name:<44} {r['agg_tps']:>11.1f} {r['ttft_s']:>7.2f} {ratio:>9.2f}x")
+            for engine in engines.values():
+                engine.close()
+    finally:
+        for pool in pools.values():
+            pool.stop()
+    print(f"\n{'setup (best of %d)' % args.repeat:<44} {'agg gen t/s':>11} {'TTFT s':>7} {'vs single':>10}")
+    for (name, streams), runs in sorted(app_runs.items(), key=lambda kv: kv[0][1]):
+        r = max(runs, key=lambda r: r["agg_tps"])
+        single = max(app_runs[("appliance: single node", streams)], key=lambda r: r["agg_tps"])
+        results["appliance"][f"{name}, {streams} stream(s)"] = {**r, "runs": runs}
+        print(f"{name + f', {streams} stream(s)':<44} {r['agg_tps']:>11.1f} {r['ttft_s']:>7.2f} {r['agg_tps'] / single['agg_tps']:>9.2f}x")
     results["load_average_after"] = os.getloadavg()
     out = REPO / "bench-results" / "rpc.json"
     out.parent.mkdir(exist_ok=True)

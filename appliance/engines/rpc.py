@@ -106,7 +106,8 @@ def probe(endpoint: str, timeout: float) -> tuple[int, int, int]:
         except (ConnectionError, EOFError):
             raise PeerUnavailable(
                 f"RPC worker {endpoint} closed the connection on the RPC hello of protocol "
-                f"{_version_text(PROTO_VERSION)}: it runs another llama.cpp build; every node must run the same one"
+                f"{_version_text(PROTO_VERSION)}: it runs another llama.cpp build (every node must run the same "
+                "one), or the SSH tunnel in front of it cannot reach it"
             ) from None
         except OSError as exc:
             raise PeerUnavailable(f"RPC worker {endpoint}: hello failed ({exc.strerror or exc})") from None

@@ -132,7 +132,11 @@ class SplitChatEngine:
         self._loads = 0
         self._last_stats: dict[str, Any] = {}
         self._devices: list[dict[str, Any]] = []
-        self._start()  # a PeerUnavailable leaves the engine down and retrying; other errors propagate
+        try:
+            self._start()  # a PeerUnavailable leaves the engine down and retrying; other errors propagate
+        except BaseException:
+            tokenizer.close()
+            raise
         self._watchdog = threading.Thread(target=self._watch, name=f"split-{spec.model_id}", daemon=True)
         self._watchdog.start()
 

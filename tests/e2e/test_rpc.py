@@ -6,7 +6,9 @@ loopback and the real `appliance serve` head, which also serves the model whole 
   engine uses by default: those can differ at near-tie tokens);
 - a worker running another RPC protocol, or none at all, is named in /health and the model's errors;
 - killing a worker mid-stream ends that stream with a clear error, /health turns degraded, the head
-  keeps serving its other models, and the split model comes back once the worker is restarted.
+  keeps serving its other models, and the split model comes back once the worker is restarted;
+- a worker that stops answering (SIGSTOP, as a host that vanished) fails the stream after the stall
+  timeout instead of hanging it, and the model comes back when the worker answers again.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from tests.e2e.conftest import Server, fresh_data_dir, free_port, stop_server
 SPLIT = "gemma-split"
 MISMATCHED = "gemma-mismatched"
 ABSENT = "gemma-absent"
+STALL_S = 10
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n", "Water boils at", "Once upon a time, in a small village,"]
 
 
@@ -65,6 +68,12 @@ class Worker:
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
+
+    def freeze(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
 
 
 class FakeWorker:
@@ -145,7 +154,7 @@ def head(data_dir: Path, workers: list[Worker], tmp_path_factory: pytest.TempPat
     config = base / "appliance.toml"
     config.write_text(
         "[models]\nparallel = 2\nn_ctx = 1024\nthreads = 1\n"
-        f'[models.rpc.{SPLIT}]\npeers = {peers}\ntensor_split = [1, 2, 1]\nstall_timeout_s = 20\n'
+        f'[models.rpc.{SPLIT}]\npeers = {peers}\ntensor_split = [1, 2, 1]\nstall_timeout_s = {STALL_S}\n'
         f'[models.rpc.{MISMATCHED}]\npeers = ["{fake.endpoint}"]\n'
         f'[models.rpc.{ABSENT}]\npeers = ["{absent}"]\nconnect_timeout_s = 1\n'
     )
@@ -155,7 +164,8 @@ def head(data_dir: Path, workers: list[Worker], tmp_path_factory: pytest.TempPat
     stop_server(server)
     fake.server.close()
     text = server.log.read_text()
-    assert "Traceback" not in text, "the head logged an unexpected traceback"
+    at = text.find("Traceback")
+    assert at < 0, f"the head logged an unexpected traceback:\n{text[max(0, at - 1500) : at + 4000]}"
 
 
 def _complete(server: Server, model: str, prompt: str, max_tokens: int = 32) -> httpx.Response:
@@ -285,12 +295,36 @@ def test_killing_a_worker_fails_the_split_model_clearly_and_the_head_keeps_servi
 
     # The worker comes back (systemd restarts it): the head reloads the split model by itself.
     victim.restart()
-    deadline = time.monotonic() + 90
-    while _health(head)["models"][SPLIT]["error"] is not None:
-        assert time.monotonic() < deadline, _health(head)["models"][SPLIT]
-        time.sleep(0.5)
+    _wait_recovered(head, SPLIT)
     assert _complete(head, SPLIT, PROMPTS[0]).json()["choices"][0]["text"] == expected
     assert _health(head)["models"][SPLIT]["engine"]["rpc"]["loads"] == 2
+
+
+def _wait_recovered(server: Server, model: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while _health(server)["models"][model]["error"] is not None:
+        assert time.monotonic() < deadline, _health(server)["models"][model]
+        time.sleep(0.5)
+
+
+def test_a_worker_that_stops_answering_fails_the_stream_after_the_stall_timeout(
+    head: Server, workers: list[Worker]
+) -> None:
+    _wait_recovered(head, SPLIT)
+    victim = workers[2]
+    started = time.monotonic()
+    try:
+        events = _stream_until_error(head, SPLIT, victim.freeze)
+        waited = time.monotonic() - started
+        error = events[-1]["error"]
+        assert error["code"] == "peer_unavailable" and "no answer from the workers" in error["message"]
+        assert f"RPC worker {victim.endpoint} accepted the connection but did not answer" in error["message"]
+        assert STALL_S <= waited < STALL_S + 30, waited
+        assert "no answer from the workers" in _health(head)["models"][SPLIT]["error"]
+    finally:
+        victim.thaw()
+    _wait_recovered(head, SPLIT)
+    assert _complete(head, SPLIT, PROMPTS[2]).status_code == 200
 
 
 def test_registering_a_worker_twice_lists_its_devices_once(tmp_path: Path) -> None:
