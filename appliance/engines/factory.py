@@ -12,11 +12,17 @@ from appliance.modelstore.manifest import Manifest
 from appliance.modelstore.store import ModelStore
 from appliance.settings import ModelSettings
 
+log = logging.getLogger(__name__)
+
 
 class NativeEngineFactory:
     def __init__(self, store: ModelStore, settings: ModelSettings) -> None:
         self._store = store
         self._settings = settings
+        if settings.rpc:
+            splittable = {m.id for m in store.manifests() if m.format == "gguf" and m.kind in ("chat", "completion")}
+            for model_id in sorted(set(settings.rpc) - splittable):
+                log.warning("[models.rpc.%s] names no registered GGUF chat or completion model id: ignored", model_id)
 
     def __call__(self, manifest: Manifest) -> Any:
         if not self._store.sizes_match(manifest):
