@@ -438,7 +438,36 @@ def search(
 
 @main.group("eval")
 def eval_group() -> None:
-    """Measure retrieval quality."""
+    """Measure retrieval, answer and guardrail quality."""
+
+
+@eval_group.command("guardrails")
+@click.option("--bipia", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="BIPIA directory with email/table_train.jsonl and text/code_attack_train.json.")
+@click.option("--pii-texts", type=int, default=500, show_default=True, help="Synthetic PII texts to generate.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for attack placement and PII texts.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def eval_guardrails(bipia: Path, pii_texts: int, seed: int, as_json: bool) -> None:
+    """Injection detection on BIPIA (precision/recall) and PII detection on synthetic text (per kind)."""
+    from appliance.policy.guardrails.evaluate import evaluate_injection, evaluate_pii
+
+    injection = evaluate_injection(bipia, seed=seed)
+    pii = evaluate_pii(seed, pii_texts)
+    if as_json:
+        click.echo(json.dumps({"injection": injection, "pii": pii}, indent=2))
+        return
+    click.echo(f"injection (BIPIA, threshold {injection['threshold']}): {injection['benign']} benign, "
+               f"{injection['attacked']} attacked texts")
+    click.echo(f"  precision {injection['precision']:.3f}  recall {injection['recall']:.3f}  f1 {injection['f1']:.3f}"
+               f"  false-positive rate {injection['false_positive_rate']:.3f}")
+    for title, key in (("position", "recall_by_position"), ("category", "recall_by_category")):
+        click.echo(f"  recall by {title}:")
+        for name, value in injection[key].items():
+            click.echo(f"    {name:<48} {value:.3f}")
+    click.echo(f"pii (synthetic, {pii['texts']} texts, {pii['hard_negatives']} hard negatives)")
+    click.echo(f"  {'kind':<16} {'precision':>9} {'recall':>7} {'tp':>5} {'fp':>4} {'fn':>4}")
+    for kind, m in {**pii["per_kind"], "overall": pii["overall"]}.items():
+        click.echo(f"  {kind:<16} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['tp']:>5} {m['fp']:>4} {m['fn']:>4}")
 
 
 @eval_group.command("retrieval")
