@@ -56,10 +56,9 @@ def _setup_server_logging(settings: Settings) -> None:
 
 
 def _log_redactor() -> Any:
-    try:
-        from appliance.policy.guardrails import redact_text
-    except ImportError:
-        return None
+    """Masks PII and secrets in every log line (messages and tracebacks) with the guardrails' detector."""
+    from appliance.policy.guardrails.masking import redact_text
+
     return redact_text
 
 
