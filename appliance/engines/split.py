@@ -253,12 +253,19 @@ class SplitChatEngine:
         log.log(level, "model %s: %s; retrying when every RPC worker answers", self.model_id, reason)
 
     def _read(self, child: _Child) -> None:
-        """Messages from one child, until it exits."""
+        """Messages from one child, until it exits. The only thread that closes the child's connection."""
+        try:
+            self._dispatch(child)
+        finally:
+            self._lost(child)
+            child.conn.close()
+
+    def _dispatch(self, child: _Child) -> None:
         while True:
             try:
                 message = child.conn.recv()
             except (EOFError, OSError):
-                break
+                return
             kind = message[0]
             if kind == "item":
                 _, rid, payload = message
@@ -281,7 +288,6 @@ class SplitChatEngine:
                 child.loaded.set()
             elif kind == "fatal":
                 child.fatal = message[1]
-        self._lost(child)
 
     def _lost(self, child: _Child) -> None:
         """The child died or hangs: fail its requests and say which workers are gone."""
@@ -316,10 +322,10 @@ class SplitChatEngine:
         return f"its model process failed ({what}), although every RPC worker answers"
 
     def _reap(self, child: _Child) -> None:
+        """Make sure the child is gone (its reader thread then sees EOF and closes the connection)."""
         if child.proc.is_alive():
             child.proc.kill()
         child.proc.join(timeout=5)
-        child.conn.close()
 
     def _watch(self) -> None:
         """Forward cancellations, detect a hung child, reload after a failure."""
