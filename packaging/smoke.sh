@@ -29,3 +29,10 @@ curl -fs "http://127.0.0.1:$port/v1/collections/smoke/documents" -F "files=@READ
 curl -fs "http://127.0.0.1:$port/v1/collections/smoke/search" -H 'content-type: application/json' \
   -d '{"query": "prefix cache", "top_k": 1}' | head -c 300; echo
 curl -fs "http://127.0.0.1:$port/" | grep -c "Document Q&amp;A"
+# The gateway inside the bundle: metrics, guardrails (phonenumbers, python-stdnum) and the usage chain.
+curl -fs "http://127.0.0.1:$port/v1/completions" -H 'content-type: application/json' \
+  -d '{"model": "gemma3-270m", "prompt": "Mail jane@example.com or call +44 20 7946 0958", "max_tokens": 2}' \
+  | grep -o '"guardrails":\[[^]]*\]'
+curl -fs "http://127.0.0.1:$port/metrics" | grep -m1 '^appliance_requests_total'
+dist/appliance/appliance usage verify --data-dir "$data"
+
