@@ -34,5 +34,5 @@ curl -fs "http://127.0.0.1:$port/v1/completions" -H 'content-type: application/j
   -d '{"model": "gemma3-270m", "prompt": "Mail jane@example.com or call +44 20 7946 0958", "max_tokens": 2}' \
   | grep -o '"guardrails":\[[^]]*\]'
 curl -fs "http://127.0.0.1:$port/metrics" | grep -m1 '^appliance_requests_total'
-dist/appliance/appliance usage verify --data-dir "$data"
+dist/appliance/appliance --data-dir "$data" usage verify
 
