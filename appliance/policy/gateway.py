@@ -262,6 +262,9 @@ class RequestContext:
         self.guardrails = self.guardrail_actions()
         self._output_masker = None
         outcome = outcome or self.outcome or ("ok" if status < 400 else "error")
+        if status >= 400 and self.first_token_at is None:
+            # Refused or failed before any output (queue full, timeout, engine error): nothing to bill.
+            self.prompt_tokens = self.completion_tokens = self.embedding_tokens = 0
         used = self.prompt_tokens + self.completion_tokens + self.embedding_tokens
         self.gateway.budgets.settle(self._reservation, used)
         if self.principal is None or not self.metered:

@@ -321,3 +321,19 @@ _ADMINS: dict[int, str] = {}
 
 def _admin_key_of(client: TestClient) -> str:
     return _ADMINS[id(client)]
+
+
+def test_a_request_refused_before_any_output_costs_nothing(world: World, tmp_path: Path) -> None:
+    with make_client(world, APPLIANCE_DATA_DIR=str(tmp_path)) as client:
+        admin = _admin(client)
+        client.post("/v1/admin/tenants", json={"name": "small", "daily_tokens": 1000}, headers=_bearer(admin))
+        user = _user(client, admin, "small")
+        long = {"role": "user", "content": "word " * 80}  # over the fake engine's 64-token context
+        r = client.post("/v1/chat/completions", json={**CHAT, "messages": [long], "max_tokens": 10}, headers=_bearer(user))
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        left = client.get("/v1/admin/tenants/small", headers=_bearer(admin)).json()["budget_remaining"]["daily"]
+        assert left == 1000
+    row = connect(tmp_path / "gateway.db").execute(
+        "SELECT status, outcome, prompt_tokens, completion_tokens FROM usage WHERE tenant = 'small'"
+    ).fetchone()
+    assert tuple(row) == (400, "error", 0, 0)
