@@ -67,29 +67,33 @@ async def _sse(events: AsyncIterator[bytes], generation: Generation) -> AsyncIte
         await generation.aclose()
 
 
-async def _chat_events(generation: Generation, include_usage: bool) -> AsyncIterator[bytes]:
+async def _chat_events(generation: Generation, include_usage: bool, ctx: RequestContext) -> AsyncIterator[bytes]:
     cid, created, model = new_id("chatcmpl"), now(), generation.manifest.id
 
-    def chunk(delta: Delta, finish: str | None = None) -> bytes:
-        return _event(ChatCompletionChunk(cid, created, model, [ChunkChoice(0, delta, finish)]))
+    def chunk(delta: Delta, finish: str | None = None, **extra: Any) -> bytes:
+        return _event(ChatCompletionChunk(cid, created, model, [ChunkChoice(0, delta, finish)], **extra))
 
     yield chunk(Delta(role="assistant", content=""))
     async for piece in generation:
         if piece.text:
             yield chunk(Delta(content=piece.text))
         if piece.finish_reason is not None:
-            yield chunk(Delta(), piece.finish_reason)
+            # The usage record is written by now: the guardrail actions are final.
+            yield chunk(Delta(), piece.finish_reason, **_guardrail_fields(ctx))
             if include_usage and piece.usage is not None:
                 yield _event(ChatCompletionChunk(cid, created, model, [], usage=usage_out(piece.usage)))
 
 
-async def _completion_events(generation: Generation, include_usage: bool, echo: str) -> AsyncIterator[bytes]:
+async def _completion_events(
+    generation: Generation, include_usage: bool, echo: str, ctx: RequestContext
+) -> AsyncIterator[bytes]:
     cid, created, model = new_id("cmpl"), now(), generation.manifest.id
     if echo:
         yield _event(TextCompletion(cid, created, model, [TextChoice(0, echo, None)]))
     async for piece in generation:
         if piece.text or piece.finish_reason is not None:
-            yield _event(TextCompletion(cid, created, model, [TextChoice(0, piece.text, piece.finish_reason)]))
+            extra = _guardrail_fields(ctx) if piece.finish_reason is not None else {}
+            yield _event(TextCompletion(cid, created, model, [TextChoice(0, piece.text, piece.finish_reason)], **extra))
         if piece.finish_reason is not None and include_usage and piece.usage is not None:
             yield _event(TextCompletion(cid, created, model, [], usage=usage_out(piece.usage)))
 
@@ -191,7 +195,7 @@ class OpenAIController(Controller):
         generation = await generation_service.chat(body, ctx, cache_scope=_cache_scope(request, ctx))
         headers = _cache_headers(generation, ctx)
         if body.stream:
-            events = _chat_events(generation, body.include_usage)
+            events = _chat_events(generation, body.include_usage, ctx)
             return Stream(_sse(events, generation), media_type="text/event-stream", headers={**_SSE_HEADERS, **headers})
         text, finish, usage = await generation.collect()
         choice = ChatChoice(0, AssistantMessage(text), finish)
@@ -214,7 +218,7 @@ class OpenAIController(Controller):
         headers = _cache_headers(generation, ctx)
         echo = body.prompt_text if body.echo else ""
         if body.stream:
-            events = _completion_events(generation, body.include_usage, echo)
+            events = _completion_events(generation, body.include_usage, echo, ctx)
             return Stream(_sse(events, generation), media_type="text/event-stream", headers={**_SSE_HEADERS, **headers})
         text, finish, usage = await generation.collect()
         choice = TextChoice(0, echo + text, finish)

@@ -72,6 +72,10 @@ class ChatCompletionChunk(msgspec.Struct):
     object: str = "chat.completion.chunk"
     system_fingerprint: str = FINGERPRINT
     usage: UsageOut | None = None
+    guardrails: list[Any] | msgspec.UnsetType = msgspec.UNSET
+    """Appliance extension, on the chunk with finish_reason: what the guardrails did (kinds and counts)."""
+    pii_map: dict[str, str] | msgspec.UnsetType = msgspec.UNSET
+    """Appliance extension, on the chunk with finish_reason: the reversible mask map, when asked for."""
 
 
 class TextChoice(msgspec.Struct):

@@ -273,6 +273,8 @@ def test_output_pii_is_masked_across_stream_chunks(world: World, tmp_path: Path)
         assert "[CREDIT_CARD_1]" in text and "[EMAIL_1]" in text
         assert "4111" not in text and "jane.doe" not in text
         assert sum(1 for d in deltas if d) > 3  # it really streamed in pieces
+        final = [json.loads(e) for e in events if json.loads(e)["choices"] and json.loads(e)["choices"][0]["finish_reason"]]
+        assert {"stage": "output", "kind": "email", "action": "mask", "count": 1, "rules": []} in final[0]["guardrails"]
         r = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 50}, headers=_bearer(key))
         assert r.json()["choices"][0]["message"]["content"].startswith("Your card [CREDIT_CARD_1] is on file")
         assert {"stage": "output", "kind": "credit_card", "action": "mask", "count": 1, "rules": []} in r.json()["guardrails"]
