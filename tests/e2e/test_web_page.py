@@ -70,3 +70,33 @@ def test_create_upload_ask_and_open_a_citation(server: Server, browser, tmp_path
     assert "library.pdf, page 2" in passage.text
     assert "9 am on weekdays" in browser.find_element(By.ID, "passage-text").text
     browser.save_screenshot(str(tmp_path / "page.png"))
+
+
+def test_with_keys_the_page_asks_for_one_and_works_with_it(  # type: ignore[no-untyped-def]
+    data_dir: Path, browser, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.e2e.conftest import fresh_data_dir, start_server, stop_server
+    from tests.e2e.test_gateway import cli
+
+    data = fresh_data_dir(data_dir, tmp_path / "data")
+    cli(data, "tenants", "create", "web")
+    key = cli(data, "keys", "create", "--tenant", "web").stdout.strip()
+    server = start_server(data, tmp_path / "server.log")
+    try:
+        wait = WebDriverWait(browser, 60)
+        browser.get(f"{server.url}/")
+        wait.until(ec.text_to_be_present_in_element((By.ID, "col-error"), "Missing API key"))
+        browser.find_element(By.ID, "api-key").send_keys(key + Keys.TAB)  # change event: reload with the key
+        wait.until(lambda d: d.find_element(By.ID, "col-error").text == "")
+        browser.find_element(By.ID, "new-name").send_keys("keyed")
+        browser.find_element(By.ID, "create").click()
+        wait.until(ec.text_to_be_present_in_element((By.ID, "collections"), "keyed"))
+        listed = httpx.get(f"{server.url}/v1/collections", headers={"Authorization": f"Bearer {key}"}).json()
+        assert [c["name"] for c in listed["data"]] == ["keyed"]
+    finally:
+        stop_server(server)
