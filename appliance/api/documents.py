@@ -90,10 +90,20 @@ class DocumentsController(Controller):
     async def ask(self, name: str, request: Request, ask_service: AskService, ctx: RequestContext) -> Response[bytes] | Stream:
         body: AskRequest = decode_request(await request.body(), AskRequest)
         args = dict(top_k=body.top_k, model=body.model, max_tokens=body.max_tokens, policy=ctx)
+        ctx.hold_record = True
         if not body.stream:
-            return _json(await ask_service.ask(ctx.tenant.name, name, body.question, **args))
-        events = await ask_service.stream(ctx.tenant.name, name, body.question, **args)
+            answer = await ask_service.ask(ctx.tenant.name, name, body.question, **args)
+            ctx.note_grounding(answer.grounded or not answer.sources)
+            return _json(answer)
+        events = _noting_grounding(await ask_service.stream(ctx.tenant.name, name, body.question, **args), ctx)
         return Stream(_sse(events), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _noting_grounding(events: AsyncIterator[dict[str, Any]], ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
+    async for event in events:
+        if event["type"] == "done":
+            ctx.note_grounding(event["grounded"] or not event["sources"])
+        yield event
 
 
 async def _sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:

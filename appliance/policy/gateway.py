@@ -21,7 +21,15 @@ from appliance.modelstore.manifest import Manifest
 from appliance.observability.metrics import Metrics
 from appliance.policy.db import open_gateway_db
 from appliance.policy.limits import BudgetLedger, RateLimits, Reservation
-from appliance.policy.guardrails import GuardrailAction, GuardrailBlocked, GuardrailPolicy, Guardrails, MaskSession, StreamMasker
+from appliance.policy.guardrails import (
+    GuardrailAction,
+    GuardrailBlocked,
+    GuardrailPolicy,
+    Guardrails,
+    InjectionClassifier,
+    MaskSession,
+    StreamMasker,
+)
 from appliance.policy.metering import Outcome, UsageMeter, UsageRecord
 from appliance.policy.tenancy import ApiKey, Tenant, TenantStore, policy_of
 from appliance.settings import GatewaySettings
@@ -43,8 +51,11 @@ def loopback_host(host: str) -> bool:
 
 class Gateway:
     def __init__(
-        self, data_dir: Path, settings: GatewaySettings, *, open_mode_allowed: bool, metrics: Metrics | None = None
+        self, data_dir: Path, settings: GatewaySettings, *, open_mode_allowed: bool, metrics: Metrics | None = None,
+        injection_classifier: InjectionClassifier | None = None,
     ) -> None:
+        """`injection_classifier`: the learned detector for user input and retrieved content (see
+        gateway.injection_classifier); None, or None from its `score`, leaves the rules to decide."""
         self._conn = open_gateway_db(data_dir)
         self.settings = settings
         self.tenants = TenantStore(self._conn)
@@ -54,7 +65,7 @@ class Gateway:
         self.metrics = metrics or Metrics()
         self.open_mode_allowed = open_mode_allowed
         """Without any API key, serve everyone as the default tenant's admin: only when bound to loopback."""
-        self.guardrails = Guardrails()
+        self.guardrails = Guardrails(classifier=injection_classifier, retrieved_classifier=injection_classifier)
         self.tenants.ensure_tenant(DEFAULT_TENANT)
 
     def open_mode(self) -> bool:
@@ -107,6 +118,9 @@ class RequestContext:
         self.outcome: Outcome | None = None
         self.peer: str | None = None
         self.metered = True
+        self.hold_record = False
+        """Grounded answers check citations after the last token: their record waits for the end of the
+        response (still written before its last byte; the in-flight journal covers a crash meanwhile)."""
         self._reservation: Reservation | None = None
         self._journaled = False
         self._checkpoint_at = 0.0
@@ -227,7 +241,13 @@ class RequestContext:
         """The generation's real count is known: meter it now, before the last byte reaches the client."""
         if self.outcome != "cached":  # a cached answer ran no model: it costs no tokens
             self.prompt_tokens, self.completion_tokens = usage.prompt_tokens, usage.completion_tokens
-        self.settle(status)
+        if not self.hold_record:
+            self.settle(status)
+
+    def note_grounding(self, grounded: bool) -> None:
+        """Grounded answers: an answer whose citations do not check out is flagged in the audit trail."""
+        if not grounded:
+            self.guardrails.append(GuardrailAction(stage="output", kind="ungrounded", action="flag"))
 
     def served_from_cache(self) -> None:
         self.outcome = "cached"

@@ -69,7 +69,7 @@ def test_streamed_output_pii_is_masked_even_when_split_over_chunks(
 def test_injected_document_is_kept_out_of_the_prompt_and_reported(
     guarded: tuple[Server, dict[str, str], Path],
 ) -> None:
-    srv, keys, _ = guarded
+    srv, keys, data = guarded
     http = httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {keys['docs']}"}, timeout=120)
     assert http.post("/v1/collections", json={"name": "towers"}).status_code == 201
     docs = {
@@ -85,6 +85,19 @@ def test_injected_document_is_kept_out_of_the_prompt_and_reported(
     assert [q["document_id"] for q in answer["quarantined"]] == ["poisoned"]
     assert all(s["document_id"] == "facts" for s in answer["sources"])
     assert "evil.example.com" not in answer["answer"]
+    # The citation check is surfaced as an output guardrail: an answer that fails it is flagged.
+    usage = httpx.get(f"{srv.url}/v1/usage", params={"group_by": "route"},
+                      headers={"Authorization": f"Bearer {keys['docs']}"}).json()
+    assert any(row["route"] == "POST /v1/collections/{name}/ask" for row in usage["data"])
+    db = sqlite3.connect(data / "gateway.db")
+    flags = db.execute(
+        "SELECT COUNT(*) FROM audit WHERE tenant = 'docs' AND kind = 'ungrounded' AND action = 'flag'"
+    ).fetchone()[0]
+    assert flags == (0 if answer["grounded"] else 1)
+    retrieved = db.execute(
+        "SELECT COUNT(*) FROM audit WHERE tenant = 'docs' AND stage = 'retrieved' AND kind = 'injection'"
+    ).fetchone()[0]
+    assert retrieved == 1
     chat = _client(srv, keys["docs"]).chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "How tall is the Eiffel Tower?"}],
         extra_body={"collection": "towers"}, max_tokens=32,
