@@ -136,7 +136,10 @@ def serve(ctx: click.Context, **flags: Any) -> None:
     registry = ModelRegistry(
         manifests, NativeEngineFactory(store, settings.models), load_timeout_s=settings.models.load_timeout_s
     )
-    app = create_app(settings, registry)
+    try:
+        app = create_app(settings, registry)
+    except ApplianceError as exc:
+        raise click.UsageError(exc.message) from None
     log.info(
         "appliance %s serving %s on http://%s:%d (data in %s)",
         __version__,
@@ -211,16 +214,23 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
 @models.command("import")
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--id", "model_id", help="Model id (default: the file name without extension).")
-@click.option("--kind", type=click.Choice(["chat", "completion", "embedding", "rerank"]), help="What it serves.")
+@click.option("--kind", type=click.Choice(["chat", "completion", "embedding", "rerank", "classifier"]),
+              help="What it serves.")
 @click.option("--alias", "aliases", multiple=True, help="Another name clients may use (repeatable).")
 @click.option("--tokenizer", type=click.Path(dir_okay=False, path_type=Path), help="tokenizer.json (ONNX).")
+@click.option("--label", "labels", multiple=True,
+              help="A classifier's output label, in column order (repeatable; --kind classifier).")
+@click.option("--context-length", type=click.IntRange(min=8), help="ONNX encoder window in tokens (default 256).")
 @click.option("--sha256", "expected", help="Refuse the file unless its sha256 is this.")
 @click.option("--chat-template", type=click.Path(dir_okay=False, path_type=Path), help="Jinja chat template file.")
 @click.option("--stop", multiple=True, help="Stop string always applied (repeatable).")
 @click.option("--link", is_flag=True, help="Symlink the file instead of copying it.")
 @click.pass_context
 def models_import(ctx: click.Context, path: Path, **opts: Any) -> None:
-    """Register a model file (GGUF, or ONNX with --tokenizer), hashing and checking it first."""
+    """Register a model file (GGUF, or ONNX with --tokenizer), hashing and checking it first.
+
+    An ONNX prompt-injection classifier: --kind classifier --tokenizer tokenizer.json --label SAFE --label INJECTION.
+    """
     store = _store(ctx)
     template = opts.pop("chat_template")
     try:
@@ -236,6 +246,8 @@ def models_import(ctx: click.Context, path: Path, **opts: Any) -> None:
                 link=opts["link"],
                 chat_template=template.read_text(encoding="utf-8") if template else None,
                 stop=list(opts["stop"]),
+                labels=list(opts["labels"]),
+                context_length=opts["context_length"],
                 progress=bar.update,
             )
     except ApplianceError as exc:
@@ -440,22 +452,62 @@ def eval_group() -> None:
     """Measure retrieval, answer and guardrail quality."""
 
 
+def _injection_classifier(ctx: click.Context, name: str) -> tuple[Any, Any]:
+    """The registered classifier `name`, loaded, as the guardrails' InjectionClassifier, and its registry."""
+    import asyncio
+
+    from appliance.engines.factory import NativeEngineFactory
+    from appliance.engines.registry import ModelRegistry
+    from appliance.modelstore.store import ModelStore
+    from appliance.services.injection_classifier import RegistryInjectionClassifier, classifier_manifest
+
+    settings = _settings(ctx)
+    _setup_logging("warning")
+    store = ModelStore(settings.models_dir)
+    label = settings.gateway.injection_label
+    try:
+        manifest = classifier_manifest(store.manifests(), name, label)
+    except ApplianceError as exc:
+        raise click.BadParameter(exc.message, param_hint="--classifier") from None
+    registry = ModelRegistry([manifest], NativeEngineFactory(store, settings.models), load_timeout_s=600)
+    try:
+        asyncio.run(registry.engine(manifest))
+    except ApplianceError as exc:
+        registry.close()
+        _fail(exc)
+    return RegistryInjectionClassifier(registry, manifest, label), registry
+
+
 @eval_group.command("guardrails")
 @click.option("--bipia", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="BIPIA directory with email/table_train.jsonl and text/code_attack_train.json.")
 @click.option("--pii-texts", type=int, default=500, show_default=True, help="Synthetic PII texts to generate.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for attack placement and PII texts.")
+@click.option("--classifier", "classifier_id",
+              help="Score injection with this registered ONNX classifier (label: gateway.injection_label).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def eval_guardrails(bipia: Path, pii_texts: int, seed: int, as_json: bool) -> None:
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Data directory (or APPLIANCE_DATA_DIR).")
+@click.pass_context
+def eval_guardrails(
+    ctx: click.Context, bipia: Path, pii_texts: int, seed: int, classifier_id: str | None, as_json: bool,
+    data_dir: str | None,
+) -> None:
     """Injection detection on BIPIA (precision/recall) and PII detection on synthetic text (per kind)."""
     from appliance.policy.guardrails.evaluate import evaluate_injection, evaluate_pii
 
-    injection = evaluate_injection(bipia, seed=seed)
+    classifier, registry = _injection_classifier(ctx, classifier_id) if classifier_id else (None, None)
+    try:
+        injection = evaluate_injection(bipia, seed=seed, classifier=classifier)
+    finally:
+        if registry is not None:
+            registry.close()
+    injection["classifier"] = classifier_id
     pii = evaluate_pii(seed, pii_texts)
     if as_json:
         click.echo(json.dumps({"injection": injection, "pii": pii}, indent=2))
         return
-    click.echo(f"injection (BIPIA, threshold {injection['threshold']}): {injection['benign']} benign, "
+    by = f"classifier {classifier_id}" if classifier_id else "rules"
+    click.echo(f"injection (BIPIA, {by}, threshold {injection['threshold']}): {injection['benign']} benign, "
                f"{injection['attacked']} attacked texts")
     click.echo(f"  precision {injection['precision']:.3f}  recall {injection['recall']:.3f}  f1 {injection['f1']:.3f}"
                f"  false-positive rate {injection['false_positive_rate']:.3f}")

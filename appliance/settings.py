@@ -126,6 +126,10 @@ class GatewaySettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Cosine similarity above which a cached answer to a similar prompt is reused; 0 turns it off."""
     json_logs: bool = True
     """One JSON object per log line (request id, tenant, PII-redacted message)."""
+    injection_classifier: str | None = None
+    """Model id of an ONNX classifier for prompt injection (kind classifier); None: rules only."""
+    injection_label: Annotated[str, msgspec.Meta(min_length=1)] = "INJECTION"
+    """Which of the classifier's labels means injection; its probability is the injection score."""
 
 
 NodeName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
@@ -211,6 +215,8 @@ _ENV_FIELDS: dict[str, tuple[str | None, str]] = {
     "APPLIANCE_JSON_LOGS": ("gateway", "json_logs"),
     "APPLIANCE_CACHE_TTL_S": ("gateway", "cache_ttl_s"),
     "APPLIANCE_SEMANTIC_CACHE_THRESHOLD": ("gateway", "semantic_cache_threshold"),
+    "APPLIANCE_INJECTION_CLASSIFIER": ("gateway", "injection_classifier"),
+    "APPLIANCE_INJECTION_LABEL": ("gateway", "injection_label"),
     "APPLIANCE_EMBEDDING_MODEL": ("retrieval", "embedding_model"),
     "APPLIANCE_CLUSTER_SECRET": ("cluster", "secret"),
     "APPLIANCE_NODE_NAME": ("cluster", "node_name"),

@@ -17,7 +17,7 @@ GEMMA_TEMPLATE = (
 
 
 def manifest(model_id: str, kind: str = "chat", **kw: object) -> Manifest:
-    fmt = "onnx" if kind == "embedding" else "gguf"
+    fmt = "onnx" if kind in ("embedding", "classifier") else "gguf"
     return Manifest(
         id=model_id,
         kind=kind,  # type: ignore[arg-type]

@@ -30,6 +30,7 @@ from appliance.services.cache import ResponseCache
 from appliance.services.documents import DocumentService
 from appliance.services.embeddings import EmbeddingService
 from appliance.services.generation import GenerationService
+from appliance.services.injection_classifier import injection_classifier
 from appliance.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -107,11 +108,13 @@ def _request_context(request: Request) -> RequestContext:
 
 
 def create_app(settings: Settings, registry: ModelRegistry) -> Litestar:
+    """Raises SettingsError when a setting names a model the registry cannot serve for it."""
     gateway = Gateway(
         settings.data_dir,
         settings.gateway,
         open_mode_allowed=loopback_host(settings.server.host),
         metrics=Metrics(registry.status),
+        injection_classifier=injection_classifier(settings.gateway, registry),
     )
     gateway.replay_interrupted()
     cache = ResponseCache(

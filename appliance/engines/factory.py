@@ -67,6 +67,19 @@ class NativeEngineFactory:
                 n_threads=threads,
                 gpu=self._settings.gpu,
             )
+        if manifest.format == "onnx" and manifest.kind == "classifier" and manifest.tokenizer is not None:
+            from appliance.engines.onnx import OnnxTextClassifier
+
+            return OnnxTextClassifier(
+                path,
+                self._store.path_of(manifest, manifest.tokenizer),
+                model_id=manifest.id,
+                labels=manifest.labels or [],
+                max_length=manifest.context_length or 256,
+                batch_size=self._settings.embedding_batch_size,
+                n_threads=threads,
+                gpu=self._settings.gpu,
+            )
         raise UnsupportedForModel(f"no engine serves {manifest.format} models of kind {manifest.kind}")
 
     def _split(self, manifest: Manifest, path: Path, threads: int) -> Any:

@@ -43,6 +43,14 @@ class EmbeddingEngine(Protocol):
     def embed(self, texts: list[str]) -> Embeddings: ...
 
 
+class ClassifierEngine(Protocol):
+    model_id: str
+    labels: list[str]
+
+    def probabilities(self, texts: list[str]) -> list[dict[str, float]]:
+        """{label: probability} per text; never refuses a long text."""
+
+
 EngineFactory = Callable[[Manifest], Any]
 """Builds the engine for a manifest (blocking; runs on the loader thread)."""
 
@@ -118,6 +126,15 @@ class ModelRegistry:
         slot.state = "ready"
         log.info("model %s: ready in %.1f s", slot.manifest.id, slot.load_seconds)
         return slot.engine
+
+    def loaded(self, manifest: Manifest) -> Any | None:
+        """The engine if it is ready, else None at once (never waits); starts loading it if nothing has."""
+        slot = self._slots[manifest.id]
+        if slot.state == "ready":
+            return slot.engine
+        if slot.state == "pending":
+            self._submit(slot)
+        return None
 
     async def engine(self, manifest: Manifest) -> Any:
         """The loaded engine, loading it first if needed (lazy mode) and waiting at most the timeout."""

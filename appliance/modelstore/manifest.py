@@ -10,7 +10,7 @@ import msgspec
 
 from appliance.errors import ModelStoreError
 
-ModelKind = Literal["chat", "completion", "embedding", "rerank"]
+ModelKind = Literal["chat", "completion", "embedding", "rerank", "classifier"]
 ModelFormat = Literal["gguf", "onnx"]
 MANIFEST_NAME = "manifest.toml"
 Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
@@ -64,6 +64,8 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_de
     context_length: Annotated[int, msgspec.Meta(ge=1)] | None = None
     """Trained context of the model (GGUF metadata) or the encoder's maximum sequence length."""
     embedding_dim: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    labels: list[str] | None = None
+    """For kind = classifier: the name of each output column (logit), in order, e.g. ["SAFE", "INJECTION"]."""
     architecture: str | None = None
     chat_template: str | None = None
     """Jinja template turning `messages` into a prompt; required for kind = chat."""
@@ -109,6 +111,8 @@ def read_manifest(path: Path) -> Manifest:
         check_file_name(f.name)
     if manifest.kind == "chat" and not manifest.chat_template:
         raise ModelStoreError(f"invalid manifest {path}: kind 'chat' needs a chat_template")
+    if manifest.kind == "classifier" and (not manifest.labels or manifest.tokenizer is None):
+        raise ModelStoreError(f"invalid manifest {path}: kind 'classifier' needs labels and a tokenizer")
     return manifest
 
 

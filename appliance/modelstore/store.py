@@ -183,9 +183,15 @@ class ModelStore:
         link: bool = False,
         chat_template: str | None = None,
         stop: list[str] | None = None,
+        labels: list[str] | None = None,
+        context_length: int | None = None,
         progress: Progress | None = None,
     ) -> Manifest:
-        """Side-load a model file (e.g. from a USB stick): validate, hash, stage, then register."""
+        """Side-load a model file (e.g. from a USB stick): validate, hash, stage, then register.
+
+        `labels` name a classifier's output columns in order; `context_length` is an ONNX encoder's
+        window in tokens (default 256; a GGUF file states its own).
+        """
         from appliance.engines.gguf_info import probe_gguf  # heavy imports only when importing
 
         source = self._check_source(source)
@@ -197,13 +203,17 @@ class ModelStore:
             raise ModelStoreError(f"a directory for {model_id!r} already exists in {self.root}", param="id")
         if fmt == "onnx" and tokenizer is None:
             raise ModelStoreError("an ONNX model needs --tokenizer PATH (its tokenizer.json)", param="tokenizer")
+        self._check_classifier(fmt, kind, labels)
+        if context_length is not None and fmt != "onnx":
+            raise ModelStoreError("--context-length is for ONNX models (a GGUF file states its own)",
+                                  param="context_length")
         with self._staging(model_id) as staging:
             file = self._stage_file(source, staging, link=link, expected=expected_sha256, progress=progress)
             tok_file = None
             if tokenizer is not None:
                 tok_file = self._stage_file(self._check_source(tokenizer), staging, name="tokenizer.json")
             staged = staging / file.name
-            context_length = embedding_dim = None
+            embedding_dim = None
             architecture = None
             if fmt == "gguf":
                 info = probe_gguf(staged)
@@ -212,8 +222,16 @@ class ModelStore:
             else:
                 from appliance.engines.onnx import probe_onnx
 
-                embedding_dim = probe_onnx(staged)
-                context_length = 256
+                outputs = probe_onnx(staged)
+                if kind == "classifier":
+                    if outputs is not None and outputs != len(labels or []):
+                        raise ModelStoreError(
+                            f"{source.name} has {outputs} output columns but {len(labels or [])} labels were given",
+                            param="labels",
+                        )
+                else:
+                    embedding_dim = outputs
+                context_length = context_length or 256
             if kind is None:
                 kind = "embedding" if fmt == "onnx" else ("chat" if chat_template else "completion")
             if kind == "chat" and not chat_template:
@@ -231,6 +249,7 @@ class ModelStore:
                 aliases=aliases,
                 context_length=context_length,
                 embedding_dim=embedding_dim,
+                labels=list(labels) if kind == "classifier" and labels else None,
                 architecture=architecture,
                 chat_template=chat_template,
                 stop=stop or [],
@@ -240,6 +259,23 @@ class ModelStore:
             self._commit(staging, manifest)
         log.info("imported %s (%s, %d bytes)", model_id, fmt, file.size)
         return manifest
+
+    @staticmethod
+    def _check_classifier(fmt: str, kind: ModelKind | None, labels: list[str] | None) -> None:
+        if kind != "classifier":
+            if labels:
+                raise ModelStoreError("--label names a classifier's outputs: use it with --kind classifier",
+                                      param="labels")
+            return
+        if fmt != "onnx":
+            raise ModelStoreError("a classifier must be an ONNX model (with --tokenizer)", param="kind")
+        if not labels:
+            raise ModelStoreError(
+                "kind 'classifier' needs its output labels in order, e.g. --label SAFE --label INJECTION",
+                param="labels",
+            )
+        if len(set(labels)) != len(labels) or not all(label.strip() for label in labels):
+            raise ModelStoreError(f"classifier labels must be distinct and non-empty: {labels}", param="labels")
 
     @staticmethod
     def _check_source(source: Path) -> Path:

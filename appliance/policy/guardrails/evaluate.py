@@ -16,7 +16,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from appliance.policy.guardrails.injection import InjectionClassifier, RuleInjectionDetector
+from appliance.policy.guardrails.injection import InjectionClassifier, InjectionDetector, RuleInjectionDetector
 from appliance.policy.guardrails.pii import PiiDetector
 from appliance.policy.guardrails.synthetic import PiiSample, pii_samples
 
@@ -64,12 +64,17 @@ def evaluate_injection(
     bipia_dir: Path, *, seed: int = 0, threshold: float = 0.5, limit: int | None = None,
     classifier: InjectionClassifier | None = None,
 ) -> dict[str, Any]:
-    """Precision, recall and F1 of the indirect-injection detector on BIPIA emails and tables."""
+    """Precision, recall and F1 of the indirect-injection detector on BIPIA emails and tables.
+
+    With `classifier` its score decides (as in the gateway: the rules only where it returns None).
+    """
     contexts, attacks = load_bipia(Path(bipia_dir))
     if limit is not None:
         rng_pick = random.Random(seed)
         contexts = rng_pick.sample(contexts, min(limit, len(contexts)))
-    detector = classifier or RuleInjectionDetector("indirect")
+    detector: InjectionDetector | RuleInjectionDetector = (
+        InjectionDetector("indirect", classifier) if classifier is not None else RuleInjectionDetector("indirect")
+    )
     rng = random.Random(seed)
     order = list(range(len(attacks)))
     rng.shuffle(order)
@@ -80,12 +85,13 @@ def evaluate_injection(
     by_source: dict[str, Counter[str]] = defaultdict(Counter)
     benign_rules: Counter[str] = Counter()
     for i, (source, context) in enumerate(contexts):
-        benign = detector.score(context) >= threshold
+        verdict = detector.verdict(context)
+        benign = verdict.score >= threshold
         fp += benign
         tn += not benign
         by_source[source]["fp"] += benign
-        if benign and isinstance(detector, RuleInjectionDetector):
-            benign_rules.update(detector.verdict(context).rules)
+        if benign:
+            benign_rules.update(verdict.rules)
         kind, category, attack = attacks[order[i % len(attacks)]]
         position = POSITIONS[rng.randrange(3)]
         caught = detector.score(insert_attack(context, attack, position, rng)) >= threshold

@@ -25,9 +25,13 @@ Scope = Literal["direct", "indirect"]
 
 
 class InjectionClassifier(Protocol):
-    """A learned detector (e.g. an ONNX model run by appliance.engines.onnx): probability of injection."""
+    """A learned detector (e.g. an ONNX model run by appliance.engines.onnx): probability of injection.
 
-    def score(self, text: str) -> float: ...
+    `score` returns None when the classifier cannot answer now (its model is still loading, or failed
+    to load or to run): the rules decide that text instead.
+    """
+
+    def score(self, text: str) -> float | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -502,10 +506,11 @@ class RuleInjectionDetector:
 
 
 class InjectionDetector:
-    """The detector the guardrails use: a learned classifier when one is configured, else the rules.
+    """The detector the guardrails use: a learned classifier when one is configured and answers, else the rules.
 
     With a classifier the score is the classifier's; the rules still run (they are cheap) so the
-    verdict names what they saw, for the audit trail.
+    verdict names what they saw, for the audit trail. When the classifier returns None (not available
+    yet) the verdict is the rules' alone, without "classifier" among its rules.
     """
 
     def __init__(self, scope: Scope = "direct", classifier: InjectionClassifier | None = None) -> None:
@@ -516,7 +521,10 @@ class InjectionDetector:
         by_rules = self.rules.verdict(text)
         if self.classifier is None:
             return by_rules
-        score = min(1.0, max(0.0, float(self.classifier.score(text))))
+        learned = self.classifier.score(text)
+        if learned is None:
+            return by_rules
+        score = min(1.0, max(0.0, float(learned)))
         return InjectionVerdict(score=score, rules=("classifier", *by_rules.rules))
 
     def score(self, text: str) -> float:

@@ -18,7 +18,7 @@ class Guardrails:
     """Long-lived (build once, share): detectors are stateless and safe to use from several threads.
 
     `classifier` / `retrieved_classifier`: optional learned injection detectors for user input and for
-    retrieved content; without one the rules decide.
+    retrieved content; without one, or while it returns None (model not loaded yet), the rules decide.
     """
 
     def __init__(

@@ -1,0 +1,69 @@
+"""The guardrails' learned injection detector: a classifier model from the registry, behind the
+`InjectionClassifier` seam (policy/ never sees engines).
+
+The model loads in the background like any other. Until it is ready, and whenever it fails, `score`
+answers None and the rules decide, so a slow or broken classifier never blocks a request.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from appliance.engines.registry import ClassifierEngine, ModelRegistry
+from appliance.errors import ApplianceError, SettingsError
+from appliance.modelstore.manifest import Manifest
+from appliance.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+
+class RegistryInjectionClassifier:
+    """P(injection label) of a text from the registry's classifier engine; None while it is not loaded."""
+
+    def __init__(self, registry: ModelRegistry, manifest: Manifest, label: str) -> None:
+        self._registry = registry
+        self.manifest = manifest
+        self.label = label
+        self._warned = False
+
+    def score(self, text: str) -> float | None:
+        engine: ClassifierEngine | None = self._registry.loaded(self.manifest)
+        if engine is None:
+            return None
+        try:
+            return engine.probabilities([text])[0][self.label]
+        except ApplianceError as exc:
+            if not self._warned:  # once: a broken model would otherwise log on every request
+                self._warned = True
+                log.warning("injection classifier %s failed (%s): the rules decide", self.manifest.id, exc.message)
+            return None
+
+
+def classifier_manifest(manifests: list[Manifest], name: str, label: str) -> Manifest:
+    """The manifest of classifier `name`, checked: it exists, is a classifier and has `label`."""
+    manifest = next((m for m in manifests if name in m.names()), None)
+    if manifest is None:
+        raise SettingsError(
+            f"no model named {name!r} is registered (import one with `appliance models import MODEL.onnx "
+            "--kind classifier --tokenizer tokenizer.json --label SAFE --label INJECTION`)"
+        )
+    if manifest.kind != "classifier":
+        raise SettingsError(f"model {manifest.id!r} is a {manifest.kind} model, not a classifier")
+    if label not in (manifest.labels or []):
+        raise SettingsError(
+            f"{label!r} is not a label of {manifest.id!r} (its labels: {', '.join(manifest.labels or [])}); "
+            "set gateway.injection_label to the one that means injection"
+        )
+    return manifest
+
+
+def injection_classifier(settings: GatewaySettings, registry: ModelRegistry) -> RegistryInjectionClassifier | None:
+    """The configured classifier over `registry`, or None (rules only). Raises SettingsError when the
+    setting names a model that is missing, not a classifier, or without the injection label."""
+    if not settings.injection_classifier:
+        return None
+    try:
+        manifest = classifier_manifest(registry.manifests(), settings.injection_classifier, settings.injection_label)
+    except SettingsError as exc:
+        raise SettingsError(f"gateway.injection_classifier: {exc.message}") from None
+    return RegistryInjectionClassifier(registry, manifest, settings.injection_label)
