@@ -7,6 +7,8 @@ its usage record (if the handler has not already), counts it in /metrics and log
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import re
 import time
@@ -19,6 +21,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from appliance.api.errors import error_body
 from appliance.errors import ApplianceError, AuthenticationFailed, PermissionDenied
 from appliance.observability.logs import request_id_var
+from appliance.peering.auth import H_BODY
 from appliance.policy.gateway import Gateway, RequestContext, error_status
 from appliance.types import Principal
 
@@ -80,6 +83,7 @@ def gateway_middleware(gateway: Gateway, peer_auth: PeerAuth | None = None) -> C
                     principal = peer_auth(headers, scope["method"], scope["path"]) if peer_auth else None
                     if principal is not None:
                         ctx.act_as(principal)
+                        receive = _body_checked(receive, headers.get(H_BODY, ""))
                     else:
                         ctx.authenticate(headers.get("authorization"))
                     ctx.admit_request()
@@ -103,6 +107,21 @@ def gateway_middleware(gateway: Gateway, peer_auth: PeerAuth | None = None) -> C
         return middleware
 
     return factory
+
+
+def _body_checked(receive: Receive, expected: str) -> Receive:
+    """A peer signed the body's digest: the body must match it, or the request fails with 401 when read."""
+    digest = hashlib.sha256()
+
+    async def checked() -> Message:
+        message = await receive()
+        if message["type"] == "http.request":
+            digest.update(message.get("body", b""))
+            if not message.get("more_body", False) and not hmac.compare_digest(digest.hexdigest(), expected):
+                raise AuthenticationFailed("The request body does not match its cluster signature.")
+        return message
+
+    return checked
 
 
 def _authorize_metrics(gateway: Gateway, ctx: RequestContext, scope: Scope, headers: dict[str, str]) -> None:

@@ -1,10 +1,12 @@
 """Cluster signatures: how one appliance proves to another that a request comes from a cluster member.
 
 The forwarding node signs, with the shared secret (HMAC-SHA256), the method, path, a timestamp,
-a one-time nonce, its own node name and the caller it acts for (tenant, key id, role). The
-receiving node recomputes the signature in constant time, refuses timestamps outside
-`max_age_s` and nonces it has already seen within that window, and then serves the request as
-that caller. Bodies are not signed: run the cluster on a private network or behind TLS.
+a one-time nonce, its own node name, the caller it acts for (tenant, key id, role) and the SHA-256
+of the request body. The receiving node recomputes the signature in constant time, refuses
+timestamps outside `max_age_s` and nonces it has already seen within that window, checks the body
+against its signed digest as it is read (the gateway middleware), and then serves the request as
+that caller. Traffic is still plain HTTP (readable on the path): run the cluster on a private
+network or behind TLS.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Callable, Mapping
 from appliance.errors import AuthenticationFailed
 from appliance.types import Principal
 
-VERSION = "v1"
+VERSION = "v2"
 H_NODE = "x-appliance-node"
 H_TIMESTAMP = "x-appliance-timestamp"
 H_NONCE = "x-appliance-nonce"
@@ -27,15 +29,23 @@ H_TENANT = "x-appliance-tenant"
 H_KEY_ID = "x-appliance-key-id"
 H_ROLE = "x-appliance-role"
 H_SIGNATURE = "x-appliance-signature"
-CLUSTER_HEADERS = (H_NODE, H_TIMESTAMP, H_NONCE, H_TENANT, H_KEY_ID, H_ROLE, H_SIGNATURE)
+H_BODY = "x-appliance-body-sha256"
+"""The signed digest of the request body; the gateway middleware checks the body against it."""
+CLUSTER_HEADERS = (H_NODE, H_TIMESTAMP, H_NONCE, H_TENANT, H_KEY_ID, H_ROLE, H_BODY, H_SIGNATURE)
 
 PROBE_PRINCIPAL_TENANT = "default"
 """Probes act for no caller; they name the default tenant so the signed fields are never empty."""
 
 
-def _message(method: str, path: str, ts: str, nonce: str, node: str, tenant: str, key_id: str, role: str) -> bytes:
+def _message(
+    method: str, path: str, ts: str, nonce: str, node: str, tenant: str, key_id: str, role: str, body: str
+) -> bytes:
     # One field per line; none of them may contain a newline (checked on both sides).
-    return "\n".join((VERSION, method.upper(), path, ts, nonce, node, tenant, key_id, role)).encode()
+    return "\n".join((VERSION, method.upper(), path, ts, nonce, node, tenant, key_id, role, body)).encode()
+
+
+def body_digest(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
 
 
 def _mac(secret: str, message: bytes) -> str:
@@ -43,18 +53,28 @@ def _mac(secret: str, message: bytes) -> str:
 
 
 def sign(
-    secret: str, *, node: str, method: str, path: str, principal: Principal, now: float | None = None
+    secret: str,
+    *,
+    node: str,
+    method: str,
+    path: str,
+    principal: Principal,
+    body: bytes = b"",
+    now: float | None = None,
 ) -> dict[str, str]:
-    """The headers that let `node` call `method path` on a peer on behalf of `principal`."""
+    """The headers that let `node` send `body` to `method path` on a peer on behalf of `principal`."""
     ts = f"{time.time() if now is None else now:.3f}"
     nonce = secrets.token_hex(16)
+    digest = body_digest(body)
     fields = {
         H_NODE: node, H_TIMESTAMP: ts, H_NONCE: nonce,
-        H_TENANT: principal.tenant, H_KEY_ID: principal.key_id or "", H_ROLE: principal.role,
+        H_TENANT: principal.tenant, H_KEY_ID: principal.key_id or "", H_ROLE: principal.role, H_BODY: digest,
     }
     if any("\n" in v or "\r" in v for v in fields.values()):
         raise ValueError("a signed cluster field contains a line break")
-    message = _message(method, path, ts, nonce, node, principal.tenant, principal.key_id or "", principal.role)
+    message = _message(
+        method, path, ts, nonce, node, principal.tenant, principal.key_id or "", principal.role, digest
+    )
     return {**fields, H_SIGNATURE: _mac(secret, message)}
 
 
@@ -93,12 +113,13 @@ class SignatureVerifier:
         try:
             node, ts, nonce = headers[H_NODE], headers[H_TIMESTAMP], headers[H_NONCE]
             tenant, key_id, role, given = headers[H_TENANT], headers[H_KEY_ID], headers[H_ROLE], headers[H_SIGNATURE]
+            digest = headers[H_BODY]
         except KeyError as exc:
             raise AuthenticationFailed(f"Incomplete cluster signature: {exc.args[0]} is missing.") from None
         secret = self._secret_for(node)
         if secret is None:
             raise AuthenticationFailed("Unknown cluster node or federation is off on this node.")
-        expected = _mac(secret, _message(method, path, ts, nonce, node, tenant, key_id, role))
+        expected = _mac(secret, _message(method, path, ts, nonce, node, tenant, key_id, role, digest))
         if not hmac.compare_digest(expected.encode(), given.encode()):
             raise AuthenticationFailed("Invalid cluster signature (is the cluster secret the same on both nodes?).")
         try:

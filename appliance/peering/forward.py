@@ -79,7 +79,7 @@ async def _attempt(
         "content-type": "application/json",
         "accept-encoding": "identity",
         "x-request-id": request_id,
-        **sign(peer.secret, node=cluster.node, method="POST", path=path, principal=principal),
+        **sign(peer.secret, node=cluster.node, method="POST", path=path, principal=principal, body=body),
     }
     request = client.build_request("POST", peer.url + path, content=body, headers=headers)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from appliance.peering.auth import sign
@@ -14,8 +15,17 @@ CHAT = {"model": "chat-model", "messages": [{"role": "user", "content": "hi"}], 
 CALLER = Principal(tenant="team-a", key_id="ak_0badc0de", role="user")
 
 
-def signed(path: str, method: str = "POST", secret: str = SECRET, principal: Principal = CALLER) -> dict[str, str]:
-    return sign(secret, node="node-a", method=method, path=path, principal=principal)
+def signed(
+    path: str, method: str = "POST", secret: str = SECRET, principal: Principal = CALLER, body: bytes = b""
+) -> dict[str, str]:
+    return sign(secret, node="node-a", method=method, path=path, principal=principal, body=body)
+
+
+def _post(client, path: str, payload: dict, **kw: object):  # type: ignore[no-untyped-def]
+    """POST the exact bytes that were signed."""
+    body = json.dumps(payload).encode()
+    headers = {"content-type": "application/json", **signed(path, body=body, **kw)}  # type: ignore[arg-type]
+    return client.post(path, content=body, headers=headers)
 
 
 def cluster_client(world: World, tmp_path: Path):  # type: ignore[no-untyped-def]
@@ -26,7 +36,7 @@ def cluster_client(world: World, tmp_path: Path):  # type: ignore[no-untyped-def
 
 def test_a_signed_request_is_served_and_metered_for_the_forwarded_caller(world: World, tmp_path: Path) -> None:
     with cluster_client(world, tmp_path) as client:
-        r = client.post("/v1/chat/completions", json=CHAT, headers=signed("/v1/chat/completions"))
+        r = _post(client, "/v1/chat/completions", CHAT)
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] == 3
     row = connect(tmp_path / "gateway.db").execute(
@@ -37,12 +47,12 @@ def test_a_signed_request_is_served_and_metered_for_the_forwarded_caller(world: 
 
 def test_a_wrong_cluster_secret_is_401_in_openai_shape(world: World, tmp_path: Path) -> None:
     with cluster_client(world, tmp_path) as client:
-        r = client.post("/v1/chat/completions", json=CHAT, headers=signed("/v1/chat/completions", secret="w" * 48))
+        r = _post(client, "/v1/chat/completions", CHAT, secret="w" * 48)
         assert r.status_code == 401
         assert r.json()["error"]["code"] == "invalid_api_key"
         assert "cluster" in r.json()["error"]["message"]
         # A signature never opens the admin API, even with the right secret.
-        r = client.post("/v1/admin/tenants", json={"name": "x"}, headers=signed("/v1/admin/tenants"))
+        r = _post(client, "/v1/admin/tenants", {"name": "x"})
         assert r.status_code == 401
     assert world.chat.requests == []
 
@@ -51,7 +61,7 @@ def test_without_federation_cluster_headers_are_ignored_and_key_auth_applies(wor
     with make_client(world, APPLIANCE_DATA_DIR=str(tmp_path)) as client:
         assert client.post("/v1/admin/tenants", json={"name": "ops"}).status_code == 201
         assert client.post("/v1/admin/keys", json={"tenant": "ops", "role": "admin"}).status_code == 201
-        r = client.post("/v1/chat/completions", json=CHAT, headers=signed("/v1/chat/completions"))
+        r = _post(client, "/v1/chat/completions", CHAT)
         assert r.status_code == 401
         assert "cluster" not in client.get("/health").json()
 
@@ -90,3 +100,13 @@ def test_health_and_models_show_the_cluster_without_changing_the_default_listing
         wide = client.get("/v1/models?scope=cluster").json()["data"]
         assert [m["id"] for m in wide] == [m["id"] for m in plain]
         assert all(m["location"] == ["node-b"] for m in wide)
+
+
+def test_a_body_changed_after_signing_is_refused(world: World, tmp_path: Path) -> None:
+    with cluster_client(world, tmp_path) as client:
+        body = json.dumps(CHAT).encode()
+        headers = {"content-type": "application/json", **signed("/v1/chat/completions", body=body)}
+        tampered = body.replace(b'"hi"', b'"yo"')
+        r = client.post("/v1/chat/completions", content=tampered, headers=headers)
+        assert r.status_code == 401 and "body does not match" in r.json()["error"]["message"]
+    assert world.chat.requests == []

@@ -172,16 +172,20 @@ def test_a_wrong_cluster_secret_is_refused_and_that_peer_marked_unauthorised(nod
     assert impostor["state"] == "unauthorised"
     assert "cluster signature" in impostor["last_error"]
     caller = Principal(tenant="team-a", key_id=None, role="admin")
-    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
+    body = json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 2}).encode()
+    json_type = {"content-type": "application/json"}
     for headers in (
-        sign("w" * 40, node="node-a", method="POST", path="/v1/completions", principal=caller),
-        sign(SECRET, node="node-a", method="POST", path="/v1/completions", principal=caller, now=time.time() - 300),
-        sign(SECRET, node="node-a", method="POST", path="/v1/chat/completions", principal=caller),
+        sign("w" * 40, node="node-a", method="POST", path="/v1/completions", principal=caller, body=body),
+        sign(SECRET, node="node-a", method="POST", path="/v1/completions", principal=caller, body=body,
+             now=time.time() - 300),
+        sign(SECRET, node="node-a", method="POST", path="/v1/chat/completions", principal=caller, body=body),
+        sign(SECRET, node="node-a", method="POST", path="/v1/completions", principal=caller, body=b"{}"),
     ):
-        r = httpx.post(f"{nodes.b.url}/v1/completions", json=body, headers=headers)
+        r = httpx.post(f"{nodes.b.url}/v1/completions", content=body, headers={**json_type, **headers})
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
-    ok = sign(SECRET, node="node-a", method="POST", path="/v1/completions", principal=caller)
-    assert httpx.post(f"{nodes.b.url}/v1/completions", json=body, headers=ok, timeout=60).status_code == 200
+    ok = sign(SECRET, node="node-a", method="POST", path="/v1/completions", principal=caller, body=body)
+    r = httpx.post(f"{nodes.b.url}/v1/completions", content=body, headers={**json_type, **ok}, timeout=60)
+    assert r.status_code == 200
 
 
 def test_requests_go_to_the_least_loaded_peer(nodes: Nodes) -> None:

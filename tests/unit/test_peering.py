@@ -7,7 +7,7 @@ import time
 import pytest
 
 from appliance.errors import AuthenticationFailed, PeerUnavailable, SettingsError
-from appliance.peering.auth import H_SIGNATURE, H_TENANT, H_TIMESTAMP, SignatureVerifier, sign
+from appliance.peering.auth import H_BODY, H_SIGNATURE, H_TENANT, H_TIMESTAMP, SignatureVerifier, body_digest, sign
 from appliance.peering.cluster import Cluster, PeerState, least_loaded
 from appliance.protocol.cluster import ModelState, NodeState
 from appliance.settings import ClusterSettings, load_settings
@@ -46,6 +46,7 @@ def test_requests_without_cluster_headers_fall_through_to_key_auth() -> None:
         (lambda: signed(), "POST", "/v1/completions", "tampered path"),
         (lambda: signed(), "GET", PATH, "tampered method"),
         (lambda: {**signed(), H_TENANT: "team-b"}, "POST", PATH, "tampered tenant"),
+        (lambda: {**signed(body=b"{}"), H_BODY: body_digest(b'{"x": 1}')}, "POST", PATH, "tampered body digest"),
         (lambda: signed(secret="w" * 40), "POST", PATH, "wrong secret"),
         (lambda: signed(now=time.time() - 120), "POST", PATH, "old timestamp"),
         (lambda: signed(now=time.time() + 120), "POST", PATH, "timestamp in the future"),
