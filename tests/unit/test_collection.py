@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +13,16 @@ from appliance.retrieval.chunking import Chunker
 from appliance.retrieval.collection import Collection, DocumentInput, SearchFilter
 from appliance.retrieval.parsing import Section
 
-DIM = 16
+DIM = 256
 
 
 def embed(texts: list[str]) -> np.ndarray:
+    """Bag of hashed words. crc32, not hash(): str hashes change with every process (PYTHONHASHSEED),
+    which made word collisions, and so the vector ranking, differ from run to run."""
     out = np.zeros((len(texts), DIM), dtype=np.float32)
     for i, t in enumerate(texts):
         for w in t.lower().split():
-            out[i, hash(w) % DIM] += 1.0
+            out[i, zlib.crc32(w.encode()) % DIM] += 1.0
     return out / np.clip(np.linalg.norm(out, axis=1, keepdims=True), 1e-9, None)
 
 
