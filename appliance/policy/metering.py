@@ -17,7 +17,6 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -191,11 +190,6 @@ class UsageMeter:
                 problem="the chain does not end at the expected head (records were removed from the end)",
             )
         return VerifyResult(ok=True, records=count, head=prev)
-
-    def records(self, *, tenant: str | None, since: float | None, until: float | None) -> Iterable[dict[str, Any]]:
-        where, args = _window(tenant, since, until)
-        for r in self._conn.execute(f"SELECT * FROM usage {where} ORDER BY seq", args):
-            yield dict(r)
 
     def report(
         self, *, group_by: GroupBy, tenant: str | None = None, since: float | None = None, until: float | None = None
