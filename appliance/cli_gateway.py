@@ -27,7 +27,7 @@ _DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False), help="D
 def _db(ctx: click.Context) -> Iterator[tuple[TenantStore, UsageMeter]]:
     from appliance import cli
 
-    settings = cli._settings(ctx)
+    settings = cli._data_settings(ctx)
     conn = open_gateway_db(settings.data_dir)
     try:
         yield TenantStore(conn), UsageMeter(conn, settings.gateway.prices)

@@ -175,3 +175,15 @@ class KeyNotFound(ApplianceError):
     status = 404
     type = "invalid_request_error"
     code = "key_not_found"
+
+
+class DataDirError(ApplianceError):
+    """The data directory cannot be used by this process or release (owner, format, not empty...)."""
+
+    code = "data_dir_error"
+
+
+class BackupError(ApplianceError):
+    """A backup could not be written, or an archive cannot be restored (the data is left untouched)."""
+
+    code = "backup_error"

@@ -351,6 +351,41 @@ class ModelStore:
             self._commit(staging, msgspec.structs.replace(template, created=int(time.time())))
         return template
 
+    def install_copy(self, source_dir: Path, progress: Progress | None = None) -> Manifest | None:
+        """Install a model from another store's directory (a release bundle's models/<id>/), sha256-checked.
+
+        None if the same files are already installed; a different model under the same id is refused.
+        """
+        try:
+            template = read_manifest(source_dir / MANIFEST_NAME)
+        except (ModelStoreError, OSError) as exc:
+            raise ModelStoreError(f"{source_dir} holds no readable model manifest: {exc}") from None
+        existing = self.root / template.id / MANIFEST_NAME
+        if existing.is_file():
+            current = read_manifest(existing)
+            if [(a.name, a.sha256) for a in current.files()] == [(b.name, b.sha256) for b in template.files()] and (
+                self.sizes_match(current)
+            ):
+                return None
+            raise ModelStoreError(
+                f"{template.id} is installed but differs from {source_dir}; run `appliance models remove "
+                f"{template.id}` first"
+            )
+        self._check_names_free(template.names())
+        with self._staging(template.id) as staging:
+            for f in template.files():
+                src = source_dir / f.name
+                if not src.is_file():
+                    raise ModelStoreError(f"{src} is missing")
+                with src.open("rb") as fh:
+                    digest, size = _copy_hashing(fh, staging / f.name, progress)
+                if digest != f.sha256 or size != f.size:
+                    raise ChecksumMismatch(
+                        f"{src}: sha256 {digest} ({size} bytes), its manifest says {f.sha256} ({f.size})"
+                    )
+            self._commit(staging, msgspec.structs.replace(template, created=int(time.time())))
+        return template
+
     @staticmethod
     def _materialise(f: ModelFile, source: FileSource, target: Path, progress: Progress | None) -> None:
         spec = importlib.util.find_spec(source.module)

@@ -31,6 +31,7 @@ from appliance.retrieval.fusion import fuse
 from appliance.retrieval.lexical import LexicalChunk, LexicalIndex
 from appliance.retrieval.parsing import Section
 from appliance.retrieval.vector import VectorIndex
+from appliance.storage.files import commit_lock
 from appliance.storage.sqlite import connect, migrate
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,12 @@ def _m1(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
 
 
-MIGRATIONS = [_m1]
+def _m2(conn: sqlite3.Connection) -> None:
+    # Recovery and resume look documents up by state at every open (data format 2, release 0.2).
+    conn.execute("CREATE INDEX IF NOT EXISTS documents_by_state ON documents(state)")
+
+
+MIGRATIONS = [_m1, _m2]
 
 
 class DocumentInput(msgspec.Struct, frozen=True):
@@ -159,7 +165,7 @@ class Collection:
 
     def recover(self) -> None:
         """Scrub what a crash left half-done from both indexes (see the module docstring)."""
-        with self._write:
+        with self._write, commit_lock(self.path):
             stale = self._db.execute("SELECT id, state FROM documents WHERE state != 'ready'").fetchall()
             if not stale:
                 return
@@ -249,6 +255,13 @@ class Collection:
         self, batch: list[tuple[DocumentInput, str, list[Chunk]]], embed: Embed, progress: Callable[[int], None] | None
     ) -> list[IngestResult]:
         vectors = embed([c.text for _, _, chunks in batch for c in chunks])
+        with commit_lock(self.path):
+            return self._commit_embedded(batch, vectors, progress)
+
+    def _commit_embedded(
+        self, batch: list[tuple[DocumentInput, str, list[Chunk]]], vectors: np.ndarray,
+        progress: Callable[[int], None] | None,
+    ) -> list[IngestResult]:
         now = time.time()
         # 1. registry: pending, new chunks not live.
         old_keys: list[int] = []
@@ -319,19 +332,20 @@ class Collection:
 
     def delete(self, doc_id: str) -> bool:
         with self._write:
-            if self._db.execute("SELECT 1 FROM documents WHERE id = ?", (doc_id,)).fetchone() is None:
-                return False
-            self._db.execute("UPDATE documents SET state = 'deleting' WHERE id = ?", (doc_id,))
-            keys = [r[0] for r in self._db.execute("SELECT id FROM chunks WHERE document_id = ?", (doc_id,))]
-            self._lexical.delete_document(doc_id)
-            self._lexical.commit()
-            with self._vector_lock:
-                self._vectors.remove(keys)
-                self._vectors.save()
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM documents WHERE id = ?", (doc_id,))
-            self._add_tombstones(len(keys))
-            self._db.execute("COMMIT")
+            with commit_lock(self.path):
+                if self._db.execute("SELECT 1 FROM documents WHERE id = ?", (doc_id,)).fetchone() is None:
+                    return False
+                self._db.execute("UPDATE documents SET state = 'deleting' WHERE id = ?", (doc_id,))
+                keys = [r[0] for r in self._db.execute("SELECT id FROM chunks WHERE document_id = ?", (doc_id,))]
+                self._lexical.delete_document(doc_id)
+                self._lexical.commit()
+                with self._vector_lock:
+                    self._vectors.remove(keys)
+                    self._vectors.save()
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute("DELETE FROM documents WHERE id = ?", (doc_id,))
+                self._add_tombstones(len(keys))
+                self._db.execute("COMMIT")
             self._maybe_compact()
             return True
 
@@ -344,6 +358,10 @@ class Collection:
         self.compact()
 
     def compact(self) -> None:
+        with commit_lock(self.path):
+            self._compact()
+
+    def _compact(self) -> None:
         keys = [r[0] for r in self._db.execute("SELECT id FROM chunks WHERE live = 1 ORDER BY id")]
         with self._vector_lock:
             vectors = self._vectors.get(keys) if keys else np.zeros((0, self._vectors.ndim), dtype=np.float32)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -13,3 +16,21 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+COMMIT_LOCK = "commit.lock"
+
+
+@contextmanager
+def commit_lock(directory: Path) -> Iterator[None]:
+    """Hold `directory`'s commit lock (an flock, so it also excludes other processes).
+
+    Writers hold it while they move an index from one commit point to the next; a backup holds it
+    while it links the files of one commit point, so it never sees half of a commit.
+    """
+    fd = os.open(directory / COMMIT_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

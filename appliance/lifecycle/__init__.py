@@ -1,0 +1,1 @@
+"""Release lifecycle of a data directory: its format and migrations, backup and restore."""
