@@ -40,6 +40,13 @@ def gpu_offload_supported() -> bool:
     return any(lib.ggml_backend_dev_by_type(t) for t in _GPU_DEVICE_TYPES)
 
 
+def system_info() -> str:
+    """What this llama.cpp build was compiled for: `CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | ...` and one
+    section per other backend (CUDA, ...). `appliance doctor` asks it in a child process, because a
+    build for instructions this CPU lacks dies with SIGILL."""
+    return llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
+
+
 def resolve_gpu_layers(preference: str | int, gpu: str) -> int:
     """`auto` offloads every layer when llama.cpp has a GPU device, none otherwise."""
     if gpu == "off":
