@@ -140,6 +140,13 @@ def parse_system_info(text: str) -> dict[str, dict[str, str]]:
     return sections
 
 
+def cpu_model(cpuinfo: str) -> str:
+    """`AMD EPYC 9454P 48-Core Processor, 2 CPUs` from /proc/cpuinfo (x86 `model name`; else the CPU count only)."""
+    names = [line.partition(":")[2].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
+    count = sum(1 for line in cpuinfo.splitlines() if line.startswith("processor"))
+    return ", ".join(part for part in ((names[0] if names else ""), f"{count} CPUs" if count else "") if part)
+
+
 def cpu_flags(cpuinfo: str) -> set[str]:
     """The instruction-set flags of the first CPU in /proc/cpuinfo (x86 `flags`, aarch64 `Features`)."""
     for line in cpuinfo.splitlines():
@@ -190,7 +197,8 @@ def check_cpu(probe: BuildProbe, cpuinfo: str) -> Check:
     extra = f" (this CPU also has {' '.join(unused)}, unused by the build)" if unused else ""
     return Check(
         name="cpu", status="ok",
-        detail=f"llama.cpp build uses {' '.join(needed) or 'no listed extensions'}; this CPU has them{extra}",
+        detail=f"llama.cpp build uses {' '.join(needed) or 'no listed extensions'}; this CPU ({cpu_model(cpuinfo)}) "
+        f"has them{extra}",
     )
 
 
@@ -322,6 +330,15 @@ def estimate_models_memory(store: ModelStore, settings: Settings) -> list[ModelM
             estimate = estimate_model_memory(manifest, store.root / manifest.id, settings.models)
         except ApplianceError as exc:
             out.append(ModelMemory(model_id=manifest.id, error=exc.message))
+            continue
+        split = settings.models.rpc.get(manifest.id)
+        if split is not None and split.offload_layers == -1:
+            # Every layer, with its KV cache, is placed on the workers: this node keeps the buffers only.
+            out.append(ModelMemory(
+                model_id=manifest.id, total=estimate.overhead,
+                explanation=f"{manifest.id}: split over {len(split.peers)} RPC worker(s), weights and KV cache "
+                f"there, {_size(estimate.overhead)} here",
+            ))
             continue
         out.append(ModelMemory(model_id=manifest.id, total=estimate.total, explanation=estimate.explain()))
     return out
@@ -893,11 +910,11 @@ def _read(path: str) -> str:
         return ""
 
 
-def run_checks(settings: Settings, *, full: bool = False, build: BuildProbe | None = None) -> list[Check]:
+def run_checks(settings: Settings, *, full: bool = False) -> list[Check]:
     """Every check against the live system, in the order a reader fixes them: machine, files, network."""
     from appliance.engines.memory import max_memory_bytes
 
-    checks = [check_cpu(build if build is not None else probe_build(probe_argv()), _read("/proc/cpuinfo"))]
+    checks = [check_cpu(probe_build(probe_argv()), _read("/proc/cpuinfo"))]
     memory = parse_meminfo(_read("/proc/meminfo"), cgroup_memory_limit())
     store = ModelStore(settings.models_dir)
     checks.append(check_memory(

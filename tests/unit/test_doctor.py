@@ -192,6 +192,15 @@ def test_memory_too_small_fails_with_the_estimate(data_dir: Path, tiny_model: Pa
     assert check_memory(needs, parse_meminfo(MEMINFO_BIG)).status == "ok"
 
 
+def test_model_split_over_rpc_workers_counts_only_its_buffers_here(data_dir: Path, tiny_model: Path, tmp_path: Path) -> None:
+    config = tmp_path / "split.toml"
+    config.write_text(f'data_dir = "{data_dir}"\n[models.rpc.tiny]\npeers = ["127.0.0.1:50052"]\n')
+    settings = load_settings(config=config, env={})
+    [split] = estimate_models_memory(ModelStore(settings.models_dir), settings)
+    [whole] = estimate_models_memory(ModelStore(settings.models_dir), load_settings(env={}, overrides={(None, "data_dir"): str(data_dir)}))
+    assert split.total < whole.total and "RPC worker" in split.explanation
+
+
 def test_memory_counts_the_cgroup_limit_and_max_memory() -> None:
     model = ModelMemory(model_id="big", total=3 << 30, explanation="big: 3 GiB")
     limited = parse_meminfo(MEMINFO_BIG, cgroup_limit=2 << 30)
