@@ -7,6 +7,7 @@ This is the only module that reads the environment.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
@@ -58,6 +59,47 @@ class RpcSplitSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
             raise ValueError("tensor_split needs at most 16 shares and a positive sum")
 
 
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-z]*|%)\s*$", re.IGNORECASE)
+
+
+class MemoryLimit(msgspec.Struct, frozen=True):
+    """A parsed `models.max_memory`: a byte count, or a share of the machine's RAM; neither means unlimited."""
+
+    bytes: int = 0
+    ram_fraction: float = 0.0
+
+    @property
+    def unlimited(self) -> bool:
+        return self.bytes == 0 and self.ram_fraction == 0.0
+
+
+def parse_max_memory(value: str | int) -> MemoryLimit:
+    """"6GB" (10^9), "6GiB" (2^30), "6000000000" or "75%" of RAM; 0 or "" is unlimited. Raises ValueError."""
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"models.max_memory must not be negative (got {value})")
+        return MemoryLimit(bytes=value)
+    if not value.strip():
+        return MemoryLimit()
+    match = _SIZE_RE.match(value)
+    unit = match.group(2).lower() if match else ""
+    if match is None or (unit != "%" and unit not in _SIZE_UNITS):
+        raise ValueError(
+            f"models.max_memory: {value!r} is not a size: use bytes, a unit (6GB, 6GiB, 512MiB) or a share of RAM (75%)"
+        )
+    number = float(match.group(1))
+    if unit == "%":
+        if not 0 < number <= 100:
+            raise ValueError(f"models.max_memory: {value!r} must be a share of RAM above 0% and at most 100%")
+        return MemoryLimit(ram_fraction=number / 100)
+    return MemoryLimit(bytes=int(number * _SIZE_UNITS[unit]))
+
+
 class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     load: Literal["startup", "lazy"] = "startup"
     """`startup` loads every registered model before /health turns 200; `lazy` loads on first use."""
@@ -87,6 +129,15 @@ class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Most inputs one /v1/embeddings request may carry."""
     rpc: dict[str, RpcSplitSettings] = msgspec.field(default_factory=dict)
     """GGUF models split over RPC workers, by model id: [models.rpc.<id>] peers = ["127.0.0.1:50052"]."""
+    max_memory: str | int = 0
+    """Memory all loaded models may use together ("6GB", "6GiB", bytes, "75%" of RAM); 0: unlimited."""
+
+    def __post_init__(self) -> None:
+        parse_max_memory(self.max_memory)  # a bad value stops start-up with the setting's name
+
+    @property
+    def memory_limit(self) -> MemoryLimit:
+        return parse_max_memory(self.max_memory)
 
 
 class RetrievalSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -211,6 +262,7 @@ _ENV_FIELDS: dict[str, tuple[str | None, str]] = {
     "APPLIANCE_GPU": ("models", "gpu"),
     "APPLIANCE_PARALLEL": ("models", "parallel"),
     "APPLIANCE_MAX_QUEUE": ("models", "max_queue"),
+    "APPLIANCE_MAX_MEMORY": ("models", "max_memory"),
     "APPLIANCE_METRICS_ACCESS": ("gateway", "metrics_access"),
     "APPLIANCE_JSON_LOGS": ("gateway", "json_logs"),
     "APPLIANCE_CACHE_TTL_S": ("gateway", "cache_ttl_s"),
