@@ -57,13 +57,13 @@ done
 backups=$data_dir.backups
 
 release_value() { # release_value FOLDER KEY
-  sed -n "s/^$2=//p" "$1/RELEASE" | head -1
+  grep -m1 "^$2=" "$1/RELEASE" | cut -d= -f2- || true
 }
 
 # -- verification: before anything is touched -------------------------------------------------------
 
 verify_release() { # verify_release FOLDER: every file listed with its checksum, nothing missing, nothing added
-  local dir=$1 listed actual bad
+  local dir=$1 listed actual bad link target
   [ -f "$dir/SHA256SUMS" ] || die "$dir/SHA256SUMS is missing: this is not a complete release folder"
   [ -f "$dir/RELEASE" ] || die "$dir/RELEASE is missing: this is not a complete release folder"
   if ! bad=$(cd "$dir" && sha256sum --strict --quiet -c SHA256SUMS 2>&1); then
@@ -96,8 +96,8 @@ check_machine() { # check_machine FOLDER: architecture, glibc and CPU features t
   arch=$(release_value "$dir" arch)
   [ "$arch" = "$(uname -m)" ] || die "this release is built for $arch; this machine is $(uname -m)"
   need=$(release_value "$dir" glibc_min)
-  have=$(ldd --version 2>&1 | head -1 | grep -oE '[0-9]+\.[0-9]+$' || echo 0)
-  if [ -n "$need" ] && [ "$need" != unknown ] && [ "$(printf '%s\n%s\n' "$need" "$have" | sort -V | head -1)" != "$need" ]; then
+  have=$(getconf GNU_LIBC_VERSION 2> /dev/null | awk '{print $2}')
+  if [ -n "$need" ] && [ "$need" != unknown ] && [ -n "$have" ] && [ "$(printf '%s\n%s\n' "$need" "$have" | sort -V | head -1)" != "$need" ]; then
     die "this release needs glibc $need or newer; this machine has $have"
   fi
   flags=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
@@ -217,7 +217,7 @@ do_install() {
     verify_release "$target"
     say "release $version is already in $target"
   elif [ "$target" != "$here" ]; then
-    local incoming=$prefix/releases/.incoming-$version-$$
+    incoming=$prefix/releases/.incoming-$version-$$
     rm -rf "$incoming"
     trap 'rm -rf "$incoming"' EXIT
     if ! cp -a "$here/." "$incoming/"; then

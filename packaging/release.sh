@@ -41,7 +41,7 @@ chmod 0755 "$stage/install.sh" "$stage/appliance"
 features=$($py -c 'from appliance.engines.llama import system_info
 cpu = system_info().split("CPU :")[-1].split("|")
 print(" ".join(p.split("=")[0].strip() for p in cpu if p.strip().endswith("= 1")))' 2>/dev/null || true)
-glibc=$(ldd --version 2>&1 | head -1 | grep -oE '[0-9]+\.[0-9]+$' || echo unknown)
+glibc=$(getconf GNU_LIBC_VERSION | awk '{print $2}')
 data_format=$($py -c 'from appliance.lifecycle.datadir import DATA_FORMAT; print(DATA_FORMAT)')
 {
   echo "name=appliance"
@@ -61,8 +61,8 @@ fi
 
 # Every file (and link) but SHA256SUMS itself, sorted, paths relative to the bundle's top folder.
 (cd "$stage" && find . \( -type f -o -type l \) ! -name SHA256SUMS -printf '%P\n' | LC_ALL=C sort \
-  | tr '\n' '\0' | xargs -0 sha256sum) > "$stage/SHA256SUMS.tmp"
-mv "$stage/SHA256SUMS.tmp" "$stage/SHA256SUMS"
+  | tr '\n' '\0' | xargs -0 sha256sum) > build/release/SHA256SUMS.tmp
+mv build/release/SHA256SUMS.tmp "$stage/SHA256SUMS"
 
 archive=dist/$name.tar.gz
 # Fixed owner and order; the installer and its checksums come first, so even an archive cut short
