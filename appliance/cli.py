@@ -698,11 +698,13 @@ def peer_probe(endpoints: tuple[str, ...], timeout: float) -> None:
 
 
 def _register_gateway_commands() -> None:
+    from appliance.cli_doctor import register as register_doctor
     from appliance.cli_gateway import register
     from appliance.cli_release import register as register_release
 
     register(main)
     register_release(main)
+    register_doctor(main)
 
 
 _register_gateway_commands()
