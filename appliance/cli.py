@@ -16,6 +16,8 @@ from appliance.settings import Settings, load_settings
 from appliance.types import DEFAULT_TENANT
 
 log = logging.getLogger("appliance")
+EXIT_CONFIG = 78
+"""sysexits' EX_CONFIG: the unit's RestartPreventExitStatus, for refusals a restart cannot fix."""
 
 
 def _inherited(ctx: click.Context, name: str) -> Any:
@@ -55,10 +57,11 @@ def _data_settings(ctx: click.Context, **overrides: Any) -> Settings:
     try:
         open_data_dir(settings.data_dir)
     except ApplianceError as exc:
-        _fail(exc)
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(EXIT_CONFIG)
     except OSError as exc:
         click.echo(f"error: cannot use data directory {settings.data_dir}: {exc}", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_CONFIG)
     return settings
 
 

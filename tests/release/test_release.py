@@ -206,7 +206,7 @@ def test_newer_data_and_foreign_owner_are_refused(bundle: Path, release_root: Pa
     proc = install(bundle, base)
     assert proc.returncode != 0 and "newer release" in proc.stderr, proc.stderr
     serve = as_service(base / "opt" / "current" / "appliance", "serve", "--data-dir", base / "data", "--port", "18939")
-    assert serve.returncode != 0 and "42.0.0 or newer" in serve.stderr, serve.stderr
+    assert serve.returncode == 78 and "42.0.0 or newer" in serve.stderr, serve.stderr
     fmt.write_text(saved)
     os.chown(base / "data", 65534, 65534)
     proc = install(bundle, base)
