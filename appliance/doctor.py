@@ -322,23 +322,20 @@ def check_memory(models: Sequence[ModelMemory], memory: MemoryInfo, max_memory: 
 
 
 def estimate_models_memory(store: ModelStore, settings: Settings) -> list[ModelMemory]:
-    from appliance.engines.memory import estimate_model_memory  # reads GGUF headers with the gguf package
+    """engines/memory.py's estimate of each registered model, counted as the registry counts them."""
+    from appliance.engines.memory import estimate_model_memory  # reads GGUF headers, not llama_cpp
 
     out = []
     for manifest in store.manifests():
+        if manifest.id in settings.models.rpc:
+            # As engines/memory.estimate_models: a split model's layers live on the RPC workers, and it
+            # runs in a child process outside models.max_memory.
+            out.append(ModelMemory(model_id=manifest.id, explanation=f"{manifest.id}: split over RPC workers, not counted"))
+            continue
         try:
             estimate = estimate_model_memory(manifest, store.root / manifest.id, settings.models)
         except ApplianceError as exc:
             out.append(ModelMemory(model_id=manifest.id, error=exc.message))
-            continue
-        split = settings.models.rpc.get(manifest.id)
-        if split is not None and split.offload_layers == -1:
-            # Every layer, with its KV cache, is placed on the workers: this node keeps the buffers only.
-            out.append(ModelMemory(
-                model_id=manifest.id, total=estimate.overhead,
-                explanation=f"{manifest.id}: split over {len(split.peers)} RPC worker(s), weights and KV cache "
-                f"there, {_size(estimate.overhead)} here",
-            ))
             continue
         out.append(ModelMemory(model_id=manifest.id, total=estimate.total, explanation=estimate.explain()))
     return out

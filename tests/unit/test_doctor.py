@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -192,13 +193,13 @@ def test_memory_too_small_fails_with_the_estimate(data_dir: Path, tiny_model: Pa
     assert check_memory(needs, parse_meminfo(MEMINFO_BIG)).status == "ok"
 
 
-def test_model_split_over_rpc_workers_counts_only_its_buffers_here(data_dir: Path, tiny_model: Path, tmp_path: Path) -> None:
+def test_model_split_over_rpc_workers_is_not_counted_here(data_dir: Path, tiny_model: Path, tmp_path: Path) -> None:
     config = tmp_path / "split.toml"
     config.write_text(f'data_dir = "{data_dir}"\n[models.rpc.tiny]\npeers = ["127.0.0.1:50052"]\n')
     settings = load_settings(config=config, env={})
     [split] = estimate_models_memory(ModelStore(settings.models_dir), settings)
     [whole] = estimate_models_memory(ModelStore(settings.models_dir), load_settings(env={}, overrides={(None, "data_dir"): str(data_dir)}))
-    assert split.total < whole.total and "RPC worker" in split.explanation
+    assert split.total == 0 < whole.total and "RPC workers" in split.explanation
 
 
 def test_memory_counts_the_cgroup_limit_and_max_memory() -> None:
@@ -423,3 +424,27 @@ def test_render_puts_the_fix_under_the_line() -> None:
     text = render([Check(name="a", status="FAIL", detail="broken", fix="mend it"), Check(name="bb", status="ok", detail="fine")])
     assert text.splitlines() == ["FAIL  a   broken", "          fix: mend it", "ok    bb  fine", "1 FAIL, 1 ok: blocked"]
     assert failed([Check(name="a", status="warn", detail="")]) is False
+
+
+APPLIANCE = Path(sys.executable).parent / "appliance"
+
+
+@pytest.mark.skipif(not APPLIANCE.exists(), reason="the appliance console script is not installed")
+def test_installed_command_probes_like_the_frozen_binary_and_sets_the_exit_code(
+    data_dir: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    # `appliance doctor --probe-cpu` is the child a PyInstaller binary starts (sys.executable is the binary).
+    probe = probe_build([str(APPLIANCE), "doctor", "--probe-cpu"])
+    assert probe.returncode == 0 and "CPU" in parse_system_info(probe.system_info), probe.stderr
+    config = tmp_path / "appliance.toml"
+    config.write_text(f'data_dir = "{data_dir}"\n[server]\nport = {free_port()}\n')
+    run = lambda: subprocess.run(  # noqa: E731
+        [str(APPLIANCE), "doctor", "--json", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    ok = run()
+    assert ok.returncode == 0, ok.stdout
+    assert {c["status"] for c in json.loads(ok.stdout)} <= {"ok", "warn"}
+    tiny_model.unlink()
+    missing = run()
+    assert missing.returncode == 1
+    assert [c["name"] for c in json.loads(missing.stdout) if c["status"] == "FAIL"] == ["model tiny"]
