@@ -40,6 +40,8 @@ class FakeChatEngine:
         self.cancelled = threading.Event()
         self.delay_s = 0.0
         self.fail_after: int | None = None
+        self.closed = threading.Event()
+        """Set by close(): the registry unloaded this engine."""
 
     def submit(self, request: GenerationRequest, emit: Callable[[object], None], cancel: threading.Event) -> None:
         self.requests.append(request)
@@ -56,6 +58,9 @@ class FakeChatEngine:
 
         threading.Thread(target=run, daemon=True).start()
 
+    def close(self) -> None:
+        self.closed.set()
+
     def _generate(self, request: GenerationRequest, cancel: threading.Event, prompt_tokens: int) -> Iterator[Chunk]:
         words = self.reply.split(" ")
         budget = request.max_tokens or len(words)
@@ -66,6 +71,8 @@ class FakeChatEngine:
                 return
             if self.fail_after is not None and i >= self.fail_after:
                 raise RuntimeError("native engine exploded with secret details")
+            if self.closed.is_set():  # a real engine's memory is gone: this must never happen mid-request
+                raise RuntimeError("the engine was closed while generating")
             time.sleep(self.delay_s)
             sent += 1
             yield Chunk(text=word if i == 0 else " " + word)
@@ -77,7 +84,13 @@ class FakeEmbeddingEngine:
     def __init__(self, model_id: str) -> None:
         self.model_id = model_id
         self.calls: list[list[str]] = []
+        self.closed = threading.Event()
+
+    def close(self) -> None:
+        self.closed.set()
 
     def embed(self, texts: list[str]) -> Embeddings:
+        if self.closed.is_set():
+            raise RuntimeError("the engine was closed before embedding")
         self.calls.append(texts)
         return Embeddings(vectors=[[1.0, 0.0, 0.0, 0.0] for _ in texts], prompt_tokens=sum(len(t.split()) for t in texts))

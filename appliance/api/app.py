@@ -20,6 +20,7 @@ from appliance.api.cluster import cluster_state
 from appliance.api.documents import DocumentsController
 from appliance.api.gateway import context_of, gateway_middleware
 from appliance.api.openai import OpenAIController
+from appliance.engines.memory import estimate_models, max_memory_bytes
 from appliance.engines.registry import ModelRegistry
 from appliance.errors import ApplianceError
 from appliance.observability.metrics import Metrics
@@ -93,10 +94,11 @@ def _prompt_embedder(registry: ModelRegistry, settings: Settings) -> Any:
     async def embed(text: str) -> np.ndarray | None:
         try:
             manifest = registry.resolve(settings.retrieval.embedding_model, kinds=("embedding",))
-            engine = await registry.engine(manifest)
+            lease = await registry.acquire(manifest)
         except ApplianceError:
             return None
-        vector = np.asarray((await asyncio.to_thread(engine.embed, [text])).vectors[0], dtype=np.float32)
+        with lease as engine:
+            vector = np.asarray((await asyncio.to_thread(engine.embed, [text])).vectors[0], dtype=np.float32)
         norm = float(np.linalg.norm(vector))
         return vector / norm if norm else None
 
@@ -109,11 +111,13 @@ def _request_context(request: Request) -> RequestContext:
 
 def create_app(settings: Settings, registry: ModelRegistry) -> Litestar:
     """Raises SettingsError when a setting names a model the registry cannot serve for it."""
+    if limit := max_memory_bytes(settings.models):
+        registry.limit_memory(limit, estimate_models(registry.manifests(), settings.models_dir, settings.models))
     gateway = Gateway(
         settings.data_dir,
         settings.gateway,
         open_mode_allowed=loopback_host(settings.server.host),
-        metrics=Metrics(registry.status),
+        metrics=Metrics(registry.status, registry.memory),
         injection_classifier=injection_classifier(settings.gateway, registry),
     )
     gateway.replay_interrupted()

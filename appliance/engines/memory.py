@@ -8,6 +8,7 @@ x86-64 Linux machine (see README, "Several models in bounded memory").
 from __future__ import annotations
 
 import ctypes
+import logging
 from pathlib import Path
 
 import msgspec
@@ -17,10 +18,13 @@ from appliance.errors import ModelStoreError
 from appliance.modelstore.manifest import Manifest
 from appliance.settings import MemoryLimit, ModelSettings, parse_max_memory
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "MemoryEstimate",
     "MemoryLimit",
     "estimate_model_memory",
+    "estimate_models",
     "format_bytes",
     "max_memory_bytes",
     "parse_max_memory",
@@ -153,6 +157,22 @@ def _estimate_onnx(manifest: Manifest, weights: int, models: ModelSettings) -> M
         total=weights + overhead,
         detail=f"activations of {models.embedding_batch_size} x {length} tokens: {format_bytes(activations)}",
     )
+
+
+def estimate_models(manifests: list[Manifest], models_dir: Path, models: ModelSettings) -> dict[str, MemoryEstimate]:
+    """Estimates of the models a memory limit governs: all but split models, whose weights live on RPC workers.
+
+    A model whose file cannot be read is left out (logged): its load fails with the store's own message.
+    """
+    estimates: dict[str, MemoryEstimate] = {}
+    for manifest in manifests:
+        if manifest.id in models.rpc:
+            continue
+        try:
+            estimates[manifest.id] = estimate_model_memory(manifest, models_dir / manifest.id, models)
+        except ModelStoreError as exc:
+            log.warning("model %s: no memory estimate (%s)", manifest.id, exc.message)
+    return estimates
 
 
 def release_freed_memory() -> None:

@@ -2,6 +2,11 @@
 
 Models are read from the store once at start-up. Loading runs on one background thread, so a
 large model never blocks the event loop and /health can say "loading" meanwhile.
+
+With a memory limit (`models.max_memory`, see `limit_memory`) models are loaded when they fit: a model
+that does not fit beside the loaded ones first unloads the least recently used idle ones. Engines are
+therefore used through leases (`acquire`, `use`, `try_acquire`): a model with an open lease or a
+request waiting for it is never unloaded.
 """
 
 from __future__ import annotations
@@ -10,16 +15,21 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from types import TracebackType
 from typing import Any, Literal, Protocol
 
+from appliance.engines.memory import MemoryEstimate, format_bytes, release_freed_memory
 from appliance.errors import ApplianceError, EngineError, ModelNotFound, ModelUnavailable, UnsupportedForModel
 from appliance.modelstore.manifest import Manifest, ModelKind
 from appliance.types import Chunk, Embeddings, GenerationRequest
 
 log = logging.getLogger(__name__)
-LoadState = Literal["pending", "loading", "ready", "failed"]
+LoadState = Literal["pending", "loading", "ready", "failed", "unloaded"]
+RETRY_AFTER_S = 2
+"""Retry-After of a request that found no room for its model: in-flight requests usually end within seconds."""
 
 
 class ChatEngine(Protocol):
@@ -63,6 +73,50 @@ class _Slot:
         self.error: str | None = None
         self.future: Future[Any] | None = None
         self.load_seconds: float | None = None
+        self.estimate: MemoryEstimate | None = None
+        """None: outside the memory limit (no limit, or a split model whose weights live on workers)."""
+        self.leases = 0
+        """Open leases: requests using the engine (streams until they end or are cancelled)."""
+        self.waiters = 0
+        """Requests waiting for this model to load: they pin it like leases do."""
+        self.last_used = 0.0
+        self.never_fits = False
+        """Its own estimate exceeds the memory limit: failed for good, whatever else is loaded."""
+        self.loads = 0
+        self.unloads = 0
+
+    @property
+    def counted(self) -> bool:
+        """Its estimate counts against the limit: loaded, loading or queued to load."""
+        return self.estimate is not None and self.future is not None and self.state != "failed"
+
+    @property
+    def idle(self) -> bool:
+        return self.state == "ready" and self.leases == 0 and self.waiters == 0
+
+
+class EngineLease:
+    """One use of a loaded engine; the registry does not unload the model until it is released.
+
+    `release` is idempotent, so an error path and a `finally` may both call it.
+    """
+
+    def __init__(self, engine: Any, release: Callable[[], None]) -> None:
+        self.engine = engine
+        self._release: Callable[[], None] | None = release
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def __enter__(self) -> Any:
+        return self.engine
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
 
 
 class ModelRegistry:
@@ -75,7 +129,10 @@ class ModelRegistry:
         self._factory = factory
         self._timeout = load_timeout_s
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
+        # Guards slot states, lease counts and the waiter list; never held across an await or a load.
         self._lock = threading.Lock()
+        self._limit = 0
+        self._changed: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
     # -- lookup --------------------------------------------------------------------------------
 
@@ -95,61 +152,238 @@ class ModelRegistry:
             )
         return manifest
 
+    # -- the memory limit ----------------------------------------------------------------------
+
+    def limit_memory(self, limit: int, estimates: Mapping[str, MemoryEstimate]) -> None:
+        """Keep the estimates of loaded models within `limit` bytes (before loading starts).
+
+        Models without an estimate stay outside the limit. A model whose own estimate exceeds the
+        limit can never load: it is marked failed with both figures, and the log says so now.
+        """
+        self._limit = limit
+        for model_id, estimate in estimates.items():
+            slot = self._slots[model_id]
+            slot.estimate = estimate
+            if estimate.total > limit:
+                slot.state, slot.never_fits = "failed", True
+                slot.error = (
+                    f"it can never fit: it needs about {format_bytes(estimate.total)} and models.max_memory "
+                    f"is {format_bytes(limit)}"
+                )
+                log.error("model %s can never load: %s (%s)", model_id, slot.error, estimate.explain())
+            else:
+                log.info("model %s: %s", model_id, estimate.explain())
+        log.info("models may use %s together (models.max_memory)", format_bytes(limit))
+
+    def _used(self) -> int:
+        return sum(s.estimate.total for s in self._slots.values() if s.counted and s.estimate is not None)
+
+    def _victims(self, slot: _Slot) -> list[_Slot] | None:
+        """The least recently used idle models to unload so `slot` fits; None if even all of them won't do."""
+        if slot.estimate is None or not self._limit:
+            return []
+        short = self._used() + slot.estimate.total - self._limit
+        victims: list[_Slot] = []
+        for candidate in sorted(
+            (s for s in self._slots.values() if s.idle and s.estimate is not None and s is not slot),
+            key=lambda s: s.last_used,
+        ):
+            if short <= 0:
+                break
+            victims.append(candidate)
+            short -= candidate.estimate.total if candidate.estimate is not None else 0
+        return victims if short <= 0 else None
+
     # -- loading -------------------------------------------------------------------------------
 
     def load_all(self) -> None:
-        """Queue every model for loading (start-up mode); returns at once."""
-        for slot in self._slots.values():
-            self._submit(slot)
+        """Queue every model for loading (start-up mode); returns at once.
 
-    def _submit(self, slot: _Slot) -> Future[Any]:
+        Under a memory limit only what fits is loaded, in registry order; the rest loads on first use.
+        """
         with self._lock:
-            if slot.future is None:
-                slot.future = self._loader.submit(self._load, slot)
-            return slot.future
+            for slot in self._slots.values():
+                if slot.state != "pending" or slot.future is not None:
+                    continue
+                if slot.estimate is not None and self._used() + slot.estimate.total > self._limit:
+                    slot.state = "unloaded"
+                    log.info(
+                        "model %s does not fit beside the models loaded first (%s of %s in use): loads on first use",
+                        slot.manifest.id, format_bytes(self._used()), format_bytes(self._limit),
+                    )
+                    continue
+                self._submit(slot, [])
 
-    def _load(self, slot: _Slot) -> Any:
+    def _start_load(self, slot: _Slot) -> Future[Any] | None:
+        """Under the lock: queue `slot`'s load, unloading idle models to make room; None: no room now."""
+        if slot.future is not None:
+            return slot.future
+        victims = self._victims(slot)
+        if victims is None:
+            return None
+        engines = []
+        for victim in victims:
+            engines.append((victim.manifest.id, victim.engine))
+            victim.engine, victim.state, victim.future = None, "unloaded", None
+            victim.unloads += 1
+            log.info("model %s: unloading (least recently used, idle) to make room for %s", victim.manifest.id, slot.manifest.id)
+        return self._submit(slot, engines)
+
+    def _submit(self, slot: _Slot, to_close: list[tuple[str, Any]]) -> Future[Any]:
+        # The loader thread closes the unloaded engines before it loads: memory is freed before it is taken.
+        slot.future = self._loader.submit(self._load, slot, to_close)
+        return slot.future
+
+    def _load(self, slot: _Slot, to_close: list[tuple[str, Any]]) -> Any:
+        for model_id, engine in to_close:
+            self._close_engine(model_id, engine)
+        if to_close:
+            release_freed_memory()
         slot.state = "loading"
         started = time.perf_counter()
         log.info("model %s: loading", slot.manifest.id)
         try:
-            slot.engine = self._factory(slot.manifest)
+            engine = self._factory(slot.manifest)
         except ApplianceError as exc:
-            slot.state, slot.error = "failed", exc.message
+            self._set_failed(slot, exc.message)
             log.error("model %s: failed to load: %s", slot.manifest.id, exc.message)
             raise
         except Exception as exc:
-            slot.state, slot.error = "failed", f"{type(exc).__name__}: {exc}"
+            self._set_failed(slot, f"{type(exc).__name__}: {exc}")
             log.exception("model %s: failed to load", slot.manifest.id)
             raise EngineError(f"model {slot.manifest.id} failed to load") from exc
-        slot.load_seconds = time.perf_counter() - started
-        slot.state = "ready"
+        with self._lock:
+            slot.engine = engine
+            slot.load_seconds = time.perf_counter() - started
+            slot.state = "ready"
+            slot.loads += 1
+            slot.last_used = time.monotonic()
+            self._notify()
         log.info("model %s: ready in %.1f s", slot.manifest.id, slot.load_seconds)
-        return slot.engine
+        return engine
 
-    def loaded(self, manifest: Manifest) -> Any | None:
-        """The engine if it is ready, else None at once (never waits); starts loading it if nothing has."""
+    def _set_failed(self, slot: _Slot, error: str) -> None:
+        with self._lock:
+            slot.state, slot.error = "failed", error
+            self._notify()
+
+    @staticmethod
+    def _close_engine(model_id: str, engine: Any) -> None:
+        close = getattr(engine, "close", None)
+        if close is None:
+            return  # an engine without close() (ONNX) is freed when the last reference goes
+        try:
+            close()
+        except Exception:
+            log.exception("closing %s failed", model_id)
+
+    # -- leases --------------------------------------------------------------------------------
+
+    def _lease(self, slot: _Slot) -> EngineLease:
+        """Under the lock, on a ready slot."""
+        slot.leases += 1
+        slot.last_used = time.monotonic()
+        return EngineLease(slot.engine, lambda: self._release(slot))
+
+    def _release(self, slot: _Slot) -> None:
+        with self._lock:
+            slot.leases -= 1
+            slot.last_used = time.monotonic()
+            self._notify()
+
+    def _notify(self) -> None:
+        """Under the lock: wake every request waiting for room (they re-check; few ever wait)."""
+        for loop, waiter in self._changed:
+            loop.call_soon_threadsafe(_wake, waiter)
+        self._changed.clear()
+
+    def try_acquire(self, manifest: Manifest) -> EngineLease | None:
+        """A lease if the model is ready, else None at once (never waits); starts loading it if it can."""
         slot = self._slots[manifest.id]
-        if slot.state == "ready":
-            return slot.engine
-        if slot.state == "pending":
-            self._submit(slot)
+        with self._lock:
+            if slot.state == "ready":
+                return self._lease(slot)
+            if slot.state in ("pending", "unloaded"):
+                self._start_load(slot)
         return None
 
-    async def engine(self, manifest: Manifest) -> Any:
-        """The loaded engine, loading it first if needed (lazy mode) and waiting at most the timeout."""
+    async def acquire(self, manifest: Manifest) -> EngineLease:
+        """A lease on the loaded engine, loading it first if needed and waiting at most load_timeout_s.
+
+        Raises ModelUnavailable when the model failed to load, is still loading at the deadline, or
+        no room could be made (every other model in use) before it.
+        """
         slot = self._slots[manifest.id]
-        if slot.state == "ready":
-            return slot.engine
-        if slot.state == "failed":
-            raise ModelUnavailable(f"The model '{manifest.id}' failed to load: {slot.error}")
-        future = asyncio.wrap_future(self._submit(slot))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        pinned = False
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self._timeout)
+            while True:
+                with self._lock:
+                    if pinned:
+                        slot.waiters, pinned = slot.waiters - 1, False
+                    if slot.state == "ready":
+                        return self._lease(slot)
+                    if slot.state == "failed":
+                        what = "cannot load" if slot.never_fits else "failed to load"
+                        raise ModelUnavailable(f"The model '{manifest.id}' {what}: {slot.error}")
+                    future = self._start_load(slot)
+                    if future is not None:
+                        slot.waiters, pinned = slot.waiters + 1, True
+                        changed = None
+                    else:
+                        changed = loop.create_future()
+                        self._changed.append((loop, changed))
+                remaining = deadline - loop.time()
+                if future is not None:
+                    await self._wait_loaded(slot, future, remaining)
+                elif not await _wait(changed, remaining):
+                    raise self._no_room(slot)
+        finally:
+            if pinned:
+                with self._lock:
+                    slot.waiters -= 1
+                    self._notify()
+
+    async def _wait_loaded(self, slot: _Slot, future: Future[Any], timeout: float) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), max(timeout, 0))
         except TimeoutError:
-            raise ModelUnavailable(f"The model '{manifest.id}' is still loading; retry shortly.") from None
+            raise ModelUnavailable(
+                f"The model '{slot.manifest.id}' is still loading; retry shortly.", retry_after=RETRY_AFTER_S
+            ) from None
         except ApplianceError:
-            raise ModelUnavailable(f"The model '{manifest.id}' failed to load: {slot.error}") from None
+            raise ModelUnavailable(f"The model '{slot.manifest.id}' failed to load: {slot.error}") from None
+
+    def _no_room(self, slot: _Slot) -> ModelUnavailable:
+        with self._lock:
+            busy = [s.manifest.id for s in self._slots.values() if s.counted and not s.idle and s is not slot]
+            used = self._used()
+        need = slot.estimate.total if slot.estimate is not None else 0
+        return ModelUnavailable(
+            f"The model '{slot.manifest.id}' needs about {format_bytes(need)} and {format_bytes(used)} of "
+            f"models.max_memory ({format_bytes(self._limit)}) is held by models in use ({', '.join(busy) or 'none'}); "
+            "retry shortly.",
+            retry_after=RETRY_AFTER_S,
+        )
+
+    @asynccontextmanager
+    async def use(self, manifest: Manifest) -> AsyncIterator[Any]:
+        """`async with registry.use(manifest) as engine:` a lease for the duration of the block."""
+        lease = await self.acquire(manifest)
+        try:
+            yield lease.engine
+        finally:
+            lease.release()
+
+    async def engine(self, manifest: Manifest) -> Any:
+        """The loaded engine without a lease, for a process that serves nothing else (CLI tools).
+
+        Under a memory limit another model's load may unload it: requests use `acquire` or `use`.
+        """
+        lease = await self.acquire(manifest)
+        lease.release()
+        return lease.engine
 
     # -- status --------------------------------------------------------------------------------
 
@@ -157,14 +391,26 @@ class ModelRegistry:
         out: dict[str, dict[str, Any]] = {}
         for model_id, s in self._slots.items():
             # An engine can lose its footing after loading (a split model's RPC worker died): `failure`.
-            error = s.error or getattr(s.engine, "failure", None)
-            out[model_id] = {"state": s.state, "kind": s.manifest.kind, "error": error, "load_seconds": s.load_seconds}
-            stats = getattr(s.engine, "stats", None)
+            engine = s.engine
+            error = s.error or getattr(engine, "failure", None)
+            out[model_id] = {
+                "state": s.state, "kind": s.manifest.kind, "error": error, "load_seconds": s.load_seconds,
+                "loads": s.loads, "unloads": s.unloads, "in_use": s.leases,
+            }
+            if s.estimate is not None:
+                out[model_id]["memory_estimate_bytes"] = s.estimate.total
+            stats = getattr(engine, "stats", None)
             if stats is not None:
                 out[model_id]["engine"] = stats.snapshot()
         return out
 
+    def memory(self) -> dict[str, int]:
+        """The limit and the estimated bytes of the models loaded or loading under it (0, 0 without one)."""
+        with self._lock:
+            return {"limit_bytes": self._limit, "used_bytes": self._used() if self._limit else 0}
+
     def health(self) -> Literal["ok", "loading", "degraded"]:
+        # An unloaded model is not a fault: it loads again on its next request.
         states = {s.state for s in self._slots.values()}
         if "failed" in states or any(getattr(s.engine, "failure", None) for s in self._slots.values()):
             return "degraded"
@@ -175,9 +421,20 @@ class ModelRegistry:
     def close(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
         for slot in self._slots.values():
-            close = getattr(slot.engine, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception:
-                    log.exception("closing %s failed", slot.manifest.id)
+            self._close_engine(slot.manifest.id, slot.engine)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+async def _wait(waiter: asyncio.Future[None] | None, timeout: float) -> bool:
+    """False when `timeout` passed first."""
+    if waiter is None or timeout <= 0:
+        return False
+    try:
+        await asyncio.wait_for(waiter, timeout)
+    except TimeoutError:
+        return False
+    return True

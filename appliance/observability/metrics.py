@@ -18,12 +18,32 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 _TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2)
 
 
+_MODEL_STATES = ("pending", "loading", "ready", "failed", "unloaded")
+
+
 class _EngineCollector(Collector):
-    def __init__(self, status: Callable[[], dict[str, dict[str, Any]]]) -> None:
+    def __init__(
+        self,
+        status: Callable[[], dict[str, dict[str, Any]]],
+        memory: Callable[[], dict[str, int]] | None = None,
+    ) -> None:
         self._status = status
+        self._memory = memory
 
     def collect(self) -> Iterable[Any]:
         state = GaugeMetricFamily("appliance_model_ready", "1 when the model is loaded and serving", labels=["model"])
+        states = GaugeMetricFamily(
+            "appliance_model_state", "1 for the model's load state (pending, loading, ready, failed, unloaded)",
+            labels=["model", "state"],
+        )
+        loads = CounterMetricFamily("appliance_model_loads", "Times the model was loaded", labels=["model"])
+        unloads = CounterMetricFamily(
+            "appliance_model_unloads", "Times the model was unloaded to make room (models.max_memory)", labels=["model"]
+        )
+        estimate = GaugeMetricFamily(
+            "appliance_model_memory_estimate_bytes", "Estimated resident memory of the model when loaded",
+            labels=["model"],
+        )
         queue = GaugeMetricFamily("appliance_queue_depth", "Requests waiting for a batch slot", labels=["model"])
         busy = GaugeMetricFamily("appliance_busy_slots", "Sequences generating now", labels=["model"])
         hit = GaugeMetricFamily(
@@ -37,6 +57,12 @@ class _EngineCollector(Collector):
         )
         for model, s in self._status().items():
             state.add_metric([model], 1.0 if s["state"] == "ready" else 0.0)
+            for name in _MODEL_STATES:
+                states.add_metric([model, name], 1.0 if s["state"] == name else 0.0)
+            loads.add_metric([model], s.get("loads", 0))
+            unloads.add_metric([model], s.get("unloads", 0))
+            if "memory_estimate_bytes" in s:
+                estimate.add_metric([model], s["memory_estimate_bytes"])
             engine = s.get("engine")
             if engine is None:
                 continue
@@ -45,11 +71,25 @@ class _EngineCollector(Collector):
             hit.add_metric([model], engine["prefix_cache_hit_rate"])
             prompt.add_metric([model], engine["prompt_tokens"])
             prefix.add_metric([model], round(engine["prompt_tokens"] * engine["prefix_cache_hit_rate"]))
-        yield from (state, queue, busy, hit, prompt, prefix)
+        yield from (state, states, loads, unloads, estimate, queue, busy, hit, prompt, prefix)
+        if self._memory is not None:
+            memory = self._memory()
+            if memory["limit_bytes"]:
+                yield GaugeMetricFamily(
+                    "appliance_models_memory_limit_bytes", "models.max_memory in bytes", value=memory["limit_bytes"]
+                )
+                yield GaugeMetricFamily(
+                    "appliance_models_memory_used_bytes", "Estimated memory of the models loaded or loading",
+                    value=memory["used_bytes"],
+                )
 
 
 class Metrics:
-    def __init__(self, engine_status: Callable[[], dict[str, dict[str, Any]]] | None = None) -> None:
+    def __init__(
+        self,
+        engine_status: Callable[[], dict[str, dict[str, Any]]] | None = None,
+        model_memory: Callable[[], dict[str, int]] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -88,7 +128,7 @@ class Metrics:
             "appliance_forwarded_requests", "Requests forwarded to peer appliances", ["peer", "outcome"], registry=r
         )
         if engine_status is not None:
-            r.register(_EngineCollector(engine_status))
+            r.register(_EngineCollector(engine_status, model_memory))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

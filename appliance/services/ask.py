@@ -224,12 +224,12 @@ class AskService:
         vector_hits = await self._documents.search(tenant, collection, question, top_k=1, mode="vector", flt=None)
         if not vector_hits or vector_hits[0].score < MIN_SIMILARITY:
             return []
-        engine = await self._registry.engine(manifest)
-        # Sources get what the answering model's context leaves after the answer and the prompt frame.
-        room = getattr(engine, "n_ctx", 4096) - max_tokens - PROMPT_OVERHEAD_TOKENS - len(question) // 2
-        tokenize = getattr(engine, "tokenize", None)
-        count = (lambda t: len(tokenize(t))) if tokenize else (lambda t: len(t) // 4)
-        chosen = select_context(hits, top_k, count_tokens=count, budget=max(0, min(CONTEXT_TOKENS, room)))
+        async with self._registry.use(manifest) as engine:
+            # Sources get what the answering model's context leaves after the answer and the prompt frame.
+            room = getattr(engine, "n_ctx", 4096) - max_tokens - PROMPT_OVERHEAD_TOKENS - len(question) // 2
+            tokenize = getattr(engine, "tokenize", None)
+            count = (lambda t: len(tokenize(t))) if tokenize else (lambda t: len(t) // 4)
+            chosen = select_context(hits, top_k, count_tokens=count, budget=max(0, min(CONTEXT_TOKENS, room)))
         return [Source(i + 1, h.document_id, h.chunk_id, h.title, h.source, h.page, h.text) for i, h in enumerate(chosen)]
 
     async def start(

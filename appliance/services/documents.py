@@ -17,7 +17,7 @@ import msgspec
 import numpy as np
 
 from appliance.engines.registry import ModelRegistry
-from appliance.errors import CollectionExists, CollectionNotFound, DocumentNotFound, InvalidRequest
+from appliance.errors import CollectionExists, CollectionNotFound, DocumentNotFound, InvalidRequest, ModelUnavailable
 from appliance.modelstore.manifest import Manifest
 from appliance.retrieval.chunking import Chunker
 from appliance.retrieval.collection import Collection, DocumentInput, Hit, IngestResult, SearchFilter
@@ -74,6 +74,7 @@ class DocumentService:
         return self._root / tenant / check_name(name)
 
     async def embedder(self) -> tuple[Manifest, Any]:
+        """The embedding model and its engine, unleased: for tools that load nothing else (CLI evaluation)."""
         manifest = self._registry.resolve(self._embedding_name, kinds=("embedding",))
         return manifest, await self._registry.engine(manifest)
 
@@ -81,13 +82,34 @@ class DocumentService:
     def chunker_for(engine: Any) -> Chunker:
         return Chunker(lambda texts: engine.count_tokens(texts, special=False), max_tokens=engine.max_length)
 
+    def _leased_chunker(self, manifest: Manifest, max_tokens: int) -> Chunker:
+        """A chunker that holds no engine: a collection outlives loads and unloads of its embedding model.
+
+        It counts tokens only while an ingest holds a lease on the model, so the model is loaded.
+        """
+
+        def count(texts: list[str]) -> list[int]:
+            lease = self._registry.try_acquire(manifest)
+            if lease is None:
+                raise ModelUnavailable(f"The model '{manifest.id}' is not loaded; retry shortly.", retry_after=1)
+            with lease as engine:
+                return engine.count_tokens(texts, special=False)
+
+        return Chunker(count, max_tokens=max_tokens)
+
     @staticmethod
     def embed_fn(engine: Any) -> Callable[[list[str]], np.ndarray]:
         return lambda texts: np.asarray(engine.embed(texts).vectors, dtype=np.float32)
 
-    async def _collection(self, tenant: str, name: str, *, create: bool = False) -> tuple[Collection, Any]:
+    async def _collection(self, tenant: str, name: str, *, create: bool = False) -> tuple[Collection, Manifest]:
         path = self._dir(tenant, name)
-        manifest, engine = await self.embedder()
+        manifest = self._registry.resolve(self._embedding_name, kinds=("embedding",))
+        with self._lock:
+            col = self._open.get((tenant, name))
+        if col is not None:
+            return col, manifest
+        async with self._registry.use(manifest) as engine:
+            max_tokens = engine.max_length
         with self._lock:
             col = self._open.get((tenant, name))
             if col is None:
@@ -98,10 +120,10 @@ class DocumentService:
                     path,
                     embedding_model=manifest.id,
                     ndim=manifest.embedding_dim or 384,
-                    chunker=self.chunker_for(engine),
+                    chunker=self._leased_chunker(manifest, max_tokens),
                 )
                 self._open[(tenant, name)] = col
-        return col, engine
+        return col, manifest
 
     def close(self) -> None:
         with self._lock:
@@ -144,8 +166,9 @@ class DocumentService:
 
     async def ingest(self, tenant: str, name: str, docs: list[DocumentInput]) -> list[IngestResult]:
         """Chunk, embed and index parsed documents (the one path every ingest takes)."""
-        col, engine = await self._collection(tenant, name)
-        return await asyncio.to_thread(col.ingest, docs, self.embed_fn(engine))
+        col, manifest = await self._collection(tenant, name)
+        async with self._registry.use(manifest) as engine:
+            return await asyncio.to_thread(col.ingest, docs, self.embed_fn(engine))
 
     async def ingest_files(self, tenant: str, name: str, files: list[tuple[str, bytes]]) -> list[FileResult]:
         if not files:
@@ -191,12 +214,13 @@ class DocumentService:
     ) -> list[Hit]:
         if not query.strip():
             raise InvalidRequest("The query is empty.", param="query")
-        col, engine = await self._collection(tenant, name)
-        embed = self.embed_fn(engine)
-        started = time.perf_counter()
-        hits = await asyncio.to_thread(
-            col.search, query, top_k=top_k, mode=mode, query_vector=lambda: embed([_clip(engine, query)])[0], flt=flt
-        )
+        col, manifest = await self._collection(tenant, name)
+        async with self._registry.use(manifest) as engine:
+            embed = self.embed_fn(engine)
+            started = time.perf_counter()
+            hits = await asyncio.to_thread(
+                col.search, query, top_k=top_k, mode=mode, query_vector=lambda: embed([_clip(engine, query)])[0], flt=flt
+            )
         if self._on_search is not None:
             self._on_search(mode, time.perf_counter() - started)
         return hits

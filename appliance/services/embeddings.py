@@ -34,8 +34,8 @@ class EmbeddingService:
                 param="dimensions",
             )
         texts = policy.screen_input(texts, instructions=False)
-        engine = await self._registry.engine(manifest)
-        count = getattr(engine, "count_tokens", None)
-        tokens = sum(count(texts)) if count else sum(len(t.split()) for t in texts)
-        policy.reserve(manifest, tokens, 0)
-        return manifest, await asyncio.to_thread(engine.embed, texts)
+        async with self._registry.use(manifest) as engine:
+            count = getattr(engine, "count_tokens", None)
+            tokens = sum(count(texts)) if count else sum(len(t.split()) for t in texts)
+            policy.reserve(manifest, tokens, 0)
+            return manifest, await asyncio.to_thread(engine.embed, texts)

@@ -12,7 +12,7 @@ import msgspec
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from appliance.engines.registry import ChatEngine, ModelRegistry
+from appliance.engines.registry import ChatEngine, EngineLease, ModelRegistry
 from appliance.errors import ApplianceError, EngineError
 from appliance.modelstore.manifest import Manifest
 from appliance.protocol.openai import ChatCompletionRequest, CompletionRequest
@@ -220,13 +220,19 @@ class GenerationService:
 
     async def _launch(self, manifest: Manifest, generation: GenerationRequest, policy: RequestPolicy) -> Generation:
         policy.allow_model(manifest)
-        engine = await self._registry.engine(manifest)
-        tokenize = getattr(engine, "tokenize", None)
-        prompt_tokens = len(tokenize(generation.prompt)) if tokenize else len(generation.prompt.split())
-        # Without max_tokens a generation may fill the context: that is what it reserves.
-        limit = generation.max_tokens if generation.max_tokens is not None else engine.n_ctx - prompt_tokens
-        policy.reserve(manifest, prompt_tokens, max(0, limit))
-        rest = self._run(engine, generation)
+        # The lease keeps the model loaded until the stream ends; `_run` releases it, whichever way it ends.
+        lease = await self._registry.acquire(manifest)
+        try:
+            engine = lease.engine
+            tokenize = getattr(engine, "tokenize", None)
+            prompt_tokens = len(tokenize(generation.prompt)) if tokenize else len(generation.prompt.split())
+            # Without max_tokens a generation may fill the context: that is what it reserves.
+            limit = generation.max_tokens if generation.max_tokens is not None else engine.n_ctx - prompt_tokens
+            policy.reserve(manifest, prompt_tokens, max(0, limit))
+        except BaseException:
+            lease.release()
+            raise
+        rest = self._run(engine, generation, lease)
         try:
             first = await anext(rest)
         except StopAsyncIteration:
@@ -241,11 +247,11 @@ class GenerationService:
         generation.observe(policy.on_chunk)
         return generation
 
-    async def _run(self, engine: ChatEngine, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    async def _run(self, engine: ChatEngine, request: GenerationRequest, lease: EngineLease) -> AsyncIterator[Chunk]:
         """Submit to the engine and yield its chunks as they arrive from the engine's thread.
 
         Closing this iterator (client gone, error) sets `cancel`; the engine frees the sequence's
-        slot at its next step.
+        slot at its next step. The engine's lease is released when the iterator ends.
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk | ApplianceError] = asyncio.Queue()
@@ -257,8 +263,8 @@ class GenerationService:
             except RuntimeError:  # the loop is gone (shutdown): nobody is listening
                 cancel.set()
 
-        engine.submit(request, emit, cancel)
         try:
+            engine.submit(request, emit, cancel)
             while True:
                 item = await queue.get()
                 if isinstance(item, ApplianceError):
@@ -268,6 +274,7 @@ class GenerationService:
                     return
         finally:
             cancel.set()
+            lease.release()
 
 
 async def _nothing() -> AsyncIterator[Chunk]:

@@ -27,16 +27,19 @@ class RegistryInjectionClassifier:
         self._warned = False
 
     def score(self, text: str) -> float | None:
-        engine: ClassifierEngine | None = self._registry.loaded(self.manifest)
-        if engine is None:
+        lease = self._registry.try_acquire(self.manifest)
+        if lease is None:
             return None
         try:
+            engine: ClassifierEngine = lease.engine
             return engine.probabilities([text])[0][self.label]
         except ApplianceError as exc:
             if not self._warned:  # once: a broken model would otherwise log on every request
                 self._warned = True
                 log.warning("injection classifier %s failed (%s): the rules decide", self.manifest.id, exc.message)
             return None
+        finally:
+            lease.release()
 
 
 def classifier_manifest(manifests: list[Manifest], name: str, label: str) -> Manifest:
