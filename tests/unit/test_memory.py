@@ -13,6 +13,7 @@ from appliance.engines.memory import (
     GGUF_FIXED_OVERHEAD,
     MemoryLimit,
     estimate_model_memory,
+    estimate_models,
     max_memory_bytes,
     parse_max_memory,
     system_memory_bytes,
@@ -132,3 +133,14 @@ def test_max_memory_from_toml_and_environment(tmp_path: Path) -> None:
 
 def test_system_memory_is_known_here() -> None:
     assert system_memory_bytes() > 256 << 20
+
+
+def test_estimate_models_leaves_out_split_and_unreadable_models(tmp_path: Path) -> None:
+    for model_id in ("local", "split"):
+        (tmp_path / model_id).mkdir()
+        write_gqa_gguf(tmp_path / model_id / "model.bin")
+    toml = tmp_path / "s.toml"
+    toml.write_text('[models.rpc.split]\npeers = ["127.0.0.1:50052"]\n')
+    models = load_settings(config=toml, env={}).models
+    manifests = [manifest(i, kind="completion") for i in ("local", "split", "missing")]
+    assert list(estimate_models(manifests, tmp_path, models)) == ["local"]
