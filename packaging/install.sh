@@ -272,6 +272,13 @@ do_install() {
 
   switch_to "$version"
   prune_releases
+  # What this machine can run of the configuration, as the service will see it (never fatal here:
+  # the service may still run, e.g. with a model that is only lazily loaded).
+  if ! as_user "$prefix/current/appliance" --config "$etc_dir/appliance.toml" doctor > "$prefix/.doctor.txt" 2>&1; then
+    grep -E '^(FAIL|warn)' "$prefix/.doctor.txt" | sed 's/^/install: doctor: /' || true
+    say "appliance doctor found problems (above); the full report: $prefix/current/appliance doctor"
+  fi
+  rm -f "$prefix/.doctor.txt"
   finish
 }
 

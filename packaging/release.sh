@@ -54,10 +54,8 @@ data_format=$($py -c 'from appliance.lifecycle.datadir import DATA_FORMAT; print
   echo "commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo -dirty)"
 } > "$stage/RELEASE"
 
-if [ -f packaging/sbom.py ]; then  # TEMP until sbom.py lands
 $py packaging/sbom.py --bundle "$stage" --out "$stage/sbom.cdx.json"
 $py packaging/notices.py --bundle "$stage" --models-dir "$stage/models" --out "$stage/THIRD-PARTY-NOTICES"
-fi
 
 # Every file (and link) but SHA256SUMS itself, sorted, paths relative to the bundle's top folder.
 (cd "$stage" && find . \( -type f -o -type l \) ! -name SHA256SUMS -printf '%P\n' | LC_ALL=C sort \

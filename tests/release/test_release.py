@@ -84,6 +84,10 @@ def test_offline_install_serves_everything(bundle: Path, release_root: Path) -> 
                base / "data", "--etc-dir", base / "etc", "--no-systemd")
     assert gone.returncode == 0, gone.stderr
     assert not (base / "opt").exists() and (base / "data" / "gateway.db").exists()
+    purged = run(bundle / "install.sh", "--uninstall", "--purge", "--prefix", base / "opt", "--data-dir",
+                 base / "data", "--etc-dir", base / "etc", "--no-systemd")
+    assert purged.returncode == 0, purged.stderr
+    assert not (base / "data").exists() and not (base / "etc").exists()
 
 
 def test_tampered_or_incomplete_release_is_refused(bundle: Path, release_root: Path) -> None:
