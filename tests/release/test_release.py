@@ -47,9 +47,12 @@ def test_archive_contents(bundle: Path, release_archive: Path) -> None:
     assert listed == on_disk
     sbom = json.loads((bundle / "sbom.cdx.json").read_text())
     assert sbom["bomFormat"] == "CycloneDX"
-    names_in_sbom = {c["name"].lower() for c in sbom["components"]}
+    names_in_sbom = {c["name"].lower().replace("_", "-") for c in sbom["components"]}
     assert {"llama-cpp-python", "onnxruntime", "tantivy", "usearch", "litestar"} <= names_in_sbom
-    assert any(c["name"].startswith("libllama") for c in sbom["components"])
+    libraries = [lib["name"] for c in sbom["components"] for lib in c.get("components", [])]
+    assert any(name.startswith("libllama") for name in libraries) and any("onnxruntime" in n for n in libraries)
+    assert (bundle / "THIRD-PARTY-NOTICES").is_dir() and "Gemma" in (bundle / "THIRD-PARTY-NOTICES").joinpath(
+        "THIRD-PARTY-NOTICES.md").read_text()
     # The archive's own checksum, written beside it, is what an operator checks after carrying it.
     expected = (release_archive.parent / f"{release_archive.name}.sha256").read_text().split()[0]
     assert hashlib.sha256(release_archive.read_bytes()).hexdigest() == expected
