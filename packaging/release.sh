@@ -35,6 +35,7 @@ mkdir -p "$stage/systemd"
 cp systemd/appliance.service systemd/appliance-peer.service systemd/appliance.sysusers.conf "$stage/systemd/"
 cp packaging/install.sh "$stage/install.sh"
 cp packaging/INSTALL.md "$stage/INSTALL.md"
+cp README.md "$stage/README.md"  # the unit's Documentation= points at the installed copy
 chmod 0755 "$stage/install.sh" "$stage/appliance"
 
 # What the build needs of a target: the CPU features llama.cpp was compiled for, glibc, the data format.
