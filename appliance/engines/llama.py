@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +27,43 @@ _PENALTY_LAST_N = 64
 FLASH_ATTN = 0
 
 
+def ggml_library() -> ctypes.CDLL:
+    """A new handle on libllama: its ggml_* symbols resolve to the libggml that libllama itself uses.
+
+    llama_cpp._ggml.libggml is `llama_cpp/lib/libggml.so` while libllama loads `libggml.so.0`: in an
+    installed wheel they are two files (copies, not links), so the process holds two libggml with two
+    backend registries, and what is registered in _ggml's copy is invisible to llama.cpp.
+    """
+    return ctypes.CDLL(llama_cpp.llama_cpp._lib._name)
+
+
+_ggml_lib = ggml_library()
+
+
+def load_backends() -> None:
+    """Load ggml's backend modules from llama_cpp/lib when this build has them as modules.
+
+    The portable release build (packaging/build-portable-llama.sh: GGML_BACKEND_DL with
+    GGML_CPU_ALL_VARIANTS) links no backend into libggml: the CPU backend is one module per instruction
+    set (libggml-cpu-<variant>.so) and RPC is libggml-rpc.so. ggml_backend_load_all(), which llama.cpp
+    calls by itself, looks for them only next to the executable (python, or the frozen binary) and in
+    the current directory, never in llama_cpp/lib. Loading them from there picks the best variant this
+    CPU can run. A native build registers its backends statically: then this does nothing.
+    """
+    lib = _ggml_lib
+    lib.ggml_backend_reg_count.restype = ctypes.c_size_t
+    lib.ggml_backend_reg_count.argtypes = []
+    if lib.ggml_backend_reg_count() == 0:
+        lib.ggml_backend_load_all_from_path.restype = None
+        lib.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+        lib.ggml_backend_load_all_from_path(os.fsencode(_ggml.libggml_base_path))
+        if lib.ggml_backend_reg_count() == 0:
+            raise EngineError(f"llama.cpp found no backend (libggml-cpu*.so) in {_ggml.libggml_base_path}")
+
+
+load_backends()
+
+
 def gpu_offload_supported() -> bool:
     """True when a GPU device is registered with ggml.
 
@@ -34,7 +72,7 @@ def gpu_offload_supported() -> bool:
     """
     if not llama_cpp.llama_supports_gpu_offload():
         return False
-    lib = _ggml.libggml
+    lib = _ggml_lib
     lib.ggml_backend_dev_by_type.restype = ctypes.c_void_p
     lib.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
     return any(lib.ggml_backend_dev_by_type(t) for t in _GPU_DEVICE_TYPES)

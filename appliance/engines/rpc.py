@@ -162,9 +162,10 @@ class _Ggml:
     """Prototypes on a handle of our own, so llama_cpp's function objects keep theirs."""
 
     def __init__(self) -> None:
-        from llama_cpp import _ggml  # locates libggml.so inside the llama_cpp package (also when frozen)
+        # The libggml that libllama uses (and, in a GGML_BACKEND_DL build, its backend modules loaded).
+        from appliance.engines.llama import ggml_library
 
-        lib = ctypes.CDLL(_ggml.libggml._name)
+        lib = ggml_library()
         p, s, i = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
 
         def fn(name: str, restype: object, *argtypes: object) -> Callable[..., object]:

@@ -37,6 +37,8 @@ def test_greedy_completion_is_exact(client: OpenAI) -> None:
 def test_greedy_matches_raw_llama_cpp(client: OpenAI, data_dir) -> None:  # type: ignore[no-untyped-def]
     import llama_cpp
 
+    import appliance.engines.llama  # noqa: F401  loads the backend modules of a GGML_BACKEND_DL (portable) build
+
     path = data_dir / "models" / "gemma3-270m" / "gemma-3-270m-q4_k_m.gguf"
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=4096, verbose=False)
     prompt = "Q: Name three colours of the rainbow.\nA:"

@@ -180,6 +180,7 @@ def _health(server: Server) -> dict[str, Any]:
 _SINGLE_NODE = """
 import json, sys, ctypes
 import llama_cpp
+import appliance.engines.llama  # loads the backend modules of a GGML_BACKEND_DL (portable) build
 path, n, prompts = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
 mp = llama_cpp.llama_model_default_params()
 mp.n_gpu_layers = 0
