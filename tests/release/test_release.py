@@ -41,6 +41,10 @@ def test_archive_contents(bundle: Path, release_archive: Path) -> None:
     assert {"appliance", "_internal", "install.sh", "RELEASE", "SHA256SUMS", "INSTALL.md", "models", "systemd",
             "sbom.cdx.json", "THIRD-PARTY-NOTICES"} <= names
     assert {p.name for p in (bundle / "models").iterdir()} == {"gemma3-270m", "all-minilm-l6-v2"}
+    # The portable build: one CPU backend per instruction set down to plain x86-64, no required features.
+    release = dict(line.split("=", 1) for line in (bundle / "RELEASE").read_text().splitlines())
+    assert "x64" in release["cpu_variants"].split() and release["cpu_features"] == ""
+    assert (bundle / "_internal" / "llama_cpp" / "lib" / "libggml-cpu-x64.so").is_file()
     assert (bundle / "systemd" / "appliance.service").is_file() and (bundle / "systemd" / "appliance.sysusers.conf").is_file()
     listed = {line.split("  ", 1)[1] for line in (bundle / "SHA256SUMS").read_text().splitlines()}
     on_disk = {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file() or p.is_symlink()} - {"SHA256SUMS"}
