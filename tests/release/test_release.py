@@ -19,7 +19,8 @@ import pytest
 
 from tests.release.conftest import clone_bundle, rewrite, run
 
-pytestmark = pytest.mark.release
+# The first test builds the release (session fixture): the portable wheel alone takes ~14 min the first time.
+pytestmark = [pytest.mark.release, pytest.mark.timeout(3600)]
 DRIVER = Path(__file__).with_name("offline_driver.py")
 
 
