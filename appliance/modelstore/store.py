@@ -361,17 +361,21 @@ class ModelStore:
         except (ModelStoreError, OSError) as exc:
             raise ModelStoreError(f"{source_dir} holds no readable model manifest: {exc}") from None
         existing = self.root / template.id / MANIFEST_NAME
+        replacing: str | None = None
         if existing.is_file():
             current = read_manifest(existing)
-            if [(a.name, a.sha256) for a in current.files()] == [(b.name, b.sha256) for b in template.files()] and (
-                self.sizes_match(current)
-            ):
+            same = [(a.name, a.sha256) for a in current.files()] == [(b.name, b.sha256) for b in template.files()]
+            if same and self.sizes_match(current):
                 return None
-            raise ModelStoreError(
-                f"{template.id} is installed but differs from {source_dir}; run `appliance models remove "
-                f"{template.id}` first"
-            )
-        self._check_names_free(template.names())
+            if not same:
+                raise ModelStoreError(
+                    f"{template.id} is installed but differs from {source_dir}; run `appliance models remove "
+                    f"{template.id}` first"
+                )
+            # The same model with its files missing (a backup restored without them): put them back.
+            replacing = template.id
+        self._check_names_free(template.names(), replacing=replacing)
+        trash = self.root / f".removing-{template.id}-{uuid.uuid4().hex[:8]}"
         with self._staging(template.id) as staging:
             for f in template.files():
                 src = source_dir / f.name
@@ -383,7 +387,10 @@ class ModelStore:
                     raise ChecksumMismatch(
                         f"{src}: sha256 {digest} ({size} bytes), its manifest says {f.sha256} ({f.size})"
                     )
+            if replacing:
+                os.rename(self.root / template.id, trash)
             self._commit(staging, msgspec.structs.replace(template, created=int(time.time())))
+        shutil.rmtree(trash, ignore_errors=True)
         return template
 
     @staticmethod

@@ -245,3 +245,37 @@ def test_full_disk_is_refused_before_anything_changes(bundle: Path, release_root
     finally:
         run("umount", small)
     assert shutil.which("umount")
+
+
+def test_rollback_past_a_data_migration_restores_the_pre_upgrade_backup(bundle: Path, release_root: Path) -> None:
+    base = release_root / "rollback-data"
+    base.mkdir(mode=0o755)
+    assert install(bundle, base).returncode == 0
+    app = base / "opt" / "current" / "appliance"
+    data = ["--data-dir", str(base / "data")]
+    for name, text in (("before.md", "The P-1 pump runs at 40 bar."), ("after.md", "The P-2 pump runs at 90 bar.")):
+        (base / name).write_text(f"# {name}\n\n{text}\n")
+        (base / name).chmod(0o644)
+    assert as_service(app, "ingest", "manuals", base / "before.md", "--create", *data).returncode == 0
+    assert install(_newer(bundle, release_root / "newer-rb", "99.0.0"), base).returncode == 0
+    # What an upgrade that migrates the data leaves: the pre-upgrade backup, then data in a newer format.
+    (base / "data.backups").mkdir(mode=0o700)
+    run("chown", "appliance:appliance", base / "data.backups", check=True)
+    snap = base / "data.backups" / "pre-upgrade-0.2.0-to-99.0.0.tar"
+    assert as_service(app, "backup", snap, "--no-models", *data).returncode == 0
+    assert as_service(app, "ingest", "manuals", base / "after.md", *data).returncode == 0
+    (base / "data" / "data-format.json").write_text(json.dumps({"format": 99, "written_by": "99.0.0"}))
+    args = ["--prefix", base / "opt", "--data-dir", base / "data", "--etc-dir", base / "etc", "--no-systemd"]
+
+    refused = run(base / "opt" / "current" / "install.sh", "--rollback", *args)
+    assert refused.returncode != 0 and "--restore-data" in refused.stderr, refused.stderr
+    assert version_of(base / "opt" / "current") == "99.0.0"
+
+    back = run(base / "opt" / "current" / "install.sh", "--rollback", "--restore-data", *args)
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert version_of(base / "opt" / "current") == "0.2.0"
+    found = as_service(app, "search", "manuals", "pump bar", "--mode", "bm25", *data).stdout
+    assert "40 bar" in found and "90 bar" not in found, found
+    (aside,) = release_root.joinpath("rollback-data").glob("data.rolled-back-*")
+    assert json.loads((aside / "data-format.json").read_text())["format"] == 99, "the newer data is kept aside"
+    assert as_service(app, "models", "verify", *data).returncode == 0, "models put back from the release"

@@ -222,3 +222,27 @@ def test_backup_on_a_full_disk_fails_cleanly(tmp_path: Path) -> None:
         assert list(small.iterdir()) == []
     finally:
         subprocess.run(["umount", str(small)])
+
+
+def test_backup_without_models_then_models_put_back_from_a_release(tmp_path: Path) -> None:
+    from appliance.modelstore.store import ModelStore
+    from tests.tinygguf import write_tiny_gguf
+
+    release_models = ModelStore(tmp_path / "release" / "models")
+    release_models.import_model(write_tiny_gguf(tmp_path / "tiny.gguf"), model_id="tiny")
+    data = make_data_dir(tmp_path)
+    store = ModelStore(data / "models")
+    assert store.install_copy(release_models.root / "tiny") is not None
+    assert store.install_copy(release_models.root / "tiny") is None, "already there: nothing to do"
+    manifest = backup(data, tmp_path / "slim.tar", include_models=False)
+    assert [f.path for f in manifest.files if f.path.startswith("models/")] == ["models/tiny/manifest.toml"]
+    owner = (65534, 65534) if os.geteuid() == 0 else None
+    restore(tmp_path / "slim.tar", tmp_path / "restored", owner=owner)
+    if owner:
+        assert {(p.stat().st_uid, p.stat().st_gid) for p in (tmp_path / "restored").rglob("*")} == {owner}
+        os.system(f"chown -R 0:0 {tmp_path / 'restored'}")
+    restored = ModelStore(tmp_path / "restored" / "models")
+    assert [r.ok for r in restored.verify()] == [False], "the manifest is there, its file is not"
+    assert restored.install_copy(release_models.root / "tiny") is not None
+    assert all(r.ok for r in restored.verify())
+    assert not list(restored.root.glob(".removing-*")) and not list(restored.root.glob(".staging-*"))
