@@ -278,4 +278,4 @@ def test_rollback_past_a_data_migration_restores_the_pre_upgrade_backup(bundle: 
     assert "40 bar" in found and "90 bar" not in found, found
     (aside,) = release_root.joinpath("rollback-data").glob("data.rolled-back-*")
     assert json.loads((aside / "data-format.json").read_text())["format"] == 99, "the newer data is kept aside"
-    assert as_service(app, "models", "verify", *data).returncode == 0, "models put back from the release"
+    assert as_service(app, *data, "models", "verify").returncode == 0, "models put back from the release"
