@@ -86,9 +86,9 @@ def read_format(data_dir: Path) -> DataFormat | None:
             return msgspec.json.decode(path.read_bytes(), type=DataFormat)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise DataDirError(f"{path} is not a valid data format record: {exc}", code="data_format_invalid") from None
-    if data_dir.is_dir() and any(
-        (data_dir / name).exists() for name in ("gateway.db", "collections", "models")
-    ):
+    # Only what format 1 and 2 lay out differently makes a directory "format 1"; a directory holding just
+    # models/ (the same in both) is as good as new.
+    if data_dir.is_dir() and any((data_dir / name).exists() for name in ("gateway.db", "collections")):
         return DataFormat(format=1, written_by=_RELEASE_OF_FORMAT[1])
     return None
 
