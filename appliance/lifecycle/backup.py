@@ -16,7 +16,6 @@ renames it into place: a failed restore leaves nothing behind.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import shutil
@@ -39,12 +38,12 @@ from appliance.lifecycle.datadir import (
     read_format,
     write_format,
 )
+from appliance.modelstore.store import hash_file
 from appliance.storage.files import commit_lock, fsync_dir
 
 log = logging.getLogger(__name__)
 MANIFEST = "BACKUP.json"
 _SNAPSHOT_TRIES = 5
-_BLOCK = 1 << 20
 
 
 class FileEntry(msgspec.Struct, frozen=True):
@@ -83,14 +82,6 @@ class RestoreReport(msgspec.Struct, kw_only=True):
     models: list[str]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _space_error(what: str, exc: OSError) -> BackupError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return BackupError(f"no space left on the device while {what}; free some space or choose another place")
@@ -119,28 +110,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _live_counts(registry: Path) -> tuple[int, int]:
-    conn = sqlite3.connect(f"file:{registry}?mode=ro", uri=True)
-    try:
-        docs = conn.execute("SELECT COUNT(*) FROM documents WHERE state = 'ready'").fetchone()[0]
-        chunks = conn.execute(
-            "SELECT COUNT(*) FROM chunks c JOIN documents d ON d.id = c.document_id "
-            "WHERE c.live = 1 AND d.state = 'ready'"
-        ).fetchone()[0]
-    finally:
-        conn.close()
-    return docs, chunks
-
-
-def _ndim(registry: Path) -> int:
-    conn = sqlite3.connect(f"file:{registry}?mode=ro", uri=True)
-    try:
-        row = conn.execute("SELECT value FROM meta WHERE key = 'ndim'").fetchone()
-    finally:
-        conn.close()
-    return int(row[0]) if row else 384
-
-
 def check_collection(directory: Path) -> CollectionEntry:
     """Open a collection's three stores read-only and check they agree on what is live."""
     from appliance.retrieval.lexical import LexicalIndex
@@ -151,11 +120,16 @@ def check_collection(directory: Path) -> CollectionEntry:
     try:
         problem = conn.execute("PRAGMA integrity_check").fetchone()[0]
         pending = conn.execute("SELECT COUNT(*) FROM documents WHERE state != 'ready'").fetchone()[0]
+        docs = conn.execute("SELECT COUNT(*) FROM documents WHERE state = 'ready'").fetchone()[0]
+        chunks = conn.execute(
+            "SELECT COUNT(*) FROM chunks c JOIN documents d ON d.id = c.document_id "
+            "WHERE c.live = 1 AND d.state = 'ready'"
+        ).fetchone()[0]
+        ndim_row = conn.execute("SELECT value FROM meta WHERE key = 'ndim'").fetchone()
     finally:
         conn.close()
     if problem != "ok":
         raise BackupError(f"{registry}: integrity check failed: {problem}")
-    docs, chunks = _live_counts(registry)
     # Chunks of documents a crash left pending are scrubbed from the indexes when the server opens the
     # collection; until then they may sit in the indexes, so only a clean collection must match exactly.
     lexical = LexicalIndex(directory / "lexical")
@@ -163,9 +137,8 @@ def check_collection(directory: Path) -> CollectionEntry:
         lexical_docs = lexical.num_docs()
     finally:
         lexical.close()
-    vectors = len(VectorIndex(directory / "vectors.usearch", _ndim(registry))) if (
-        directory / "vectors.usearch"
-    ).exists() else 0
+    vector_file = directory / "vectors.usearch"
+    vectors = len(VectorIndex(vector_file, int(ndim_row[0]) if ndim_row else 384)) if vector_file.exists() else 0
     if pending == 0 and (lexical_docs != chunks or vectors != chunks):
         raise BackupError(
             f"collection {directory.parent.name}/{directory.name}: the registry has {chunks} live chunks, "
@@ -247,7 +220,7 @@ def _stage(data_dir: Path, staging: Path, include_models: bool) -> BackupManifes
         write_format(staging, record)
     files = []
     for path in sorted(p for p in staging.rglob("*") if p.is_file()):
-        files.append(FileEntry(str(path.relative_to(staging)), path.stat().st_size, _sha256(path)))
+        files.append(FileEntry(str(path.relative_to(staging)), path.stat().st_size, hash_file(path)[0]))
     return BackupManifest(
         appliance=__version__,
         data_format=record.format if record else 0,
@@ -322,7 +295,7 @@ def _verify(root: Path, manifest: BackupManifest) -> RestoreReport:
         raise BackupError(f"the archive lacks files its manifest lists: {sorted(listed - present)[:3]}")
     for entry in manifest.files:
         path = root / entry.path
-        if path.stat().st_size != entry.size or _sha256(path) != entry.sha256:
+        if path.stat().st_size != entry.size or hash_file(path)[0] != entry.sha256:
             raise BackupError(f"{entry.path} in the archive does not match its checksum: the archive is damaged")
     if (root / "gateway.db").exists():
         conn = sqlite3.connect(root / "gateway.db")
@@ -346,7 +319,6 @@ def _verify(root: Path, manifest: BackupManifest) -> RestoreReport:
         if want is None or (want.documents, want.chunks) != (entry.documents, entry.chunks):
             raise BackupError(f"collection {entry.tenant}/{entry.name} does not match the backup's record")
         collections.append(entry)
-    models = []
     if manifest.models_included:
         bad = [r for r in ModelStore(root / "models").verify() if not r.ok]
         if bad:

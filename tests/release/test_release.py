@@ -140,8 +140,8 @@ def test_truncated_archive_is_refused(release_archive: Path, release_root: Path)
 def _newer(bundle: Path, dest: Path, version: str) -> Path:
     """The same build labelled as a newer release (installer mechanics: versions, links, data kept)."""
     folder = clone_bundle(bundle, dest)
-    text = (folder / "RELEASE").read_text().replace("version=", "version=", 1)
-    lines = [f"version={version}" if line.startswith("version=") else line for line in text.splitlines()]
+    lines = [f"version={version}" if line.startswith("version=") else line
+             for line in (folder / "RELEASE").read_text().splitlines()]
     rewrite(folder / "RELEASE", ("\n".join(lines) + "\n").encode())
     digest = hashlib.sha256((folder / "RELEASE").read_bytes()).hexdigest()
     sums = [f"{digest}  RELEASE" if line.endswith("  RELEASE") else line
