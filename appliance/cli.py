@@ -21,7 +21,7 @@ EXIT_CONFIG = 78
 
 
 def _inherited(ctx: click.Context, name: str) -> Any:
-    """The innermost value of an option that several command levels accept (--data-dir, --config)."""
+    """The innermost value of an option that several command levels accept (--tenant)."""
     node: click.Context | None = ctx
     while node is not None:
         if node.params.get(name):
@@ -30,15 +30,47 @@ def _inherited(ctx: click.Context, name: str) -> Any:
     return None
 
 
+def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    # ctx.meta is shared by the whole command chain, and a subcommand's options are parsed after its
+    # group's: the innermost --data-dir or --config given wins.
+    if value is not None:
+        ctx.meta[f"appliance.{param.name}"] = value
+    return value
+
+
+def _location_options() -> list[click.Option]:
+    return [
+        click.Option(["--data-dir"], type=click.Path(file_okay=False), expose_value=False, callback=_remember,
+                     help="Data directory (or APPLIANCE_DATA_DIR)."),
+        click.Option(["--config"], type=click.Path(dir_okay=False), expose_value=False, callback=_remember,
+                     help="TOML settings file (or APPLIANCE_CONFIG)."),
+    ]
+
+
+_NO_SETTINGS = frozenset({"version", "peer", "restore"})
+"""Commands that read neither settings nor the data directory (restore names its target with its own --data-dir)."""
+
+
+def accept_location_everywhere(command: click.Command) -> None:
+    """Give every command and group --data-dir and --config, so both work in any position:
+    `appliance --data-dir D models list`, `appliance models --data-dir D list`, `appliance models list --data-dir D`."""
+    have = {p.name for p in command.params}
+    command.params.extend(o for o in _location_options() if o.name not in have)
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            if name not in _NO_SETTINGS:
+                accept_location_everywhere(sub)
+
+
 def _settings(ctx: click.Context, **overrides: Any) -> Settings:
     flags = {
-        (None, "data_dir"): overrides.get("data_dir") or _inherited(ctx, "data_dir"),
+        (None, "data_dir"): ctx.meta.get("appliance.data_dir"),
         ("server", "host"): overrides.get("host"),
         ("server", "port"): overrides.get("port"),
         ("server", "log_level"): overrides.get("log_level"),
         ("models", "load"): overrides.get("load"),
     }
-    config = overrides.get("config") or _inherited(ctx, "config")
+    config = ctx.meta.get("appliance.config")
     try:
         return load_settings(config=Path(config) if config else None, overrides=flags)
     except ApplianceError as exc:
@@ -100,22 +132,19 @@ def _fail(exc: ApplianceError) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", type=click.Path(dir_okay=False), help="TOML settings file (or APPLIANCE_CONFIG).")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Data directory (or APPLIANCE_DATA_DIR).")
 @click.version_option(__version__, prog_name="appliance")
-def main(config: str | None, data_dir: str | None) -> None:
+def main() -> None:
     """A self-contained local LLM server that speaks the OpenAI API.
 
     Settings come from the embedded defaults, then the TOML file given by --config or
     APPLIANCE_CONFIG, then APPLIANCE_* environment variables, then command-line flags.
+    --data-dir and --config are accepted before or after any command.
     """
 
 
 @main.command()
 @click.option("--host", help="Address to bind (default 127.0.0.1; or APPLIANCE_HOST).")
 @click.option("--port", type=int, help="Port to listen on (default 8080; or APPLIANCE_PORT).")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Data directory (or APPLIANCE_DATA_DIR).")
-@click.option("--config", type=click.Path(dir_okay=False), help="TOML settings file (or APPLIANCE_CONFIG).")
 @click.option("--load", type=click.Choice(["startup", "lazy"]), help="Load models at start-up or on first use.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Log verbosity.")
 @click.pass_context
@@ -195,9 +224,7 @@ def version(as_json: bool) -> None:
 
 
 @main.group()
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Data directory (or APPLIANCE_DATA_DIR).")
-@click.option("--config", type=click.Path(dir_okay=False), help="TOML settings file (or APPLIANCE_CONFIG).")
-def models(data_dir: str | None, config: str | None) -> None:
+def models() -> None:
     """List, import, verify and remove models in DATA_DIR/models."""
 
 
@@ -392,9 +419,8 @@ def _run_documents(ctx: click.Context, work: Any) -> Any:
 
 
 @main.group()
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Data directory (or APPLIANCE_DATA_DIR).")
 @click.option("--tenant", default=DEFAULT_TENANT, show_default=True, help="Tenant whose collections these are.")
-def collections(data_dir: str | None, tenant: str) -> None:
+def collections(tenant: str) -> None:
     """Create, list and delete document collections (on disk; use the API while the server runs)."""
 
 
@@ -431,12 +457,10 @@ def collections_delete(ctx: click.Context, name: str) -> None:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--create", is_flag=True, help="Create the collection if it does not exist.")
 @click.option("--batch", default=16, show_default=True, help="Files per index commit.")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Data directory (or APPLIANCE_DATA_DIR).")
 @click.option("--tenant", default=DEFAULT_TENANT, show_default=True, help="Tenant whose collections these are.")
 @click.pass_context
 def ingest(
-    ctx: click.Context, collection: str, paths: tuple[Path, ...], create: bool, batch: int, data_dir: str | None,
-    tenant: str,
+    ctx: click.Context, collection: str, paths: tuple[Path, ...], create: bool, batch: int, tenant: str,
 ) -> None:
     """Ingest files (.txt .md .html .pdf .docx) or folders of them into COLLECTION."""
     from appliance.retrieval.parsing import SUPPORTED
@@ -478,11 +502,10 @@ def ingest(
 @click.argument("query")
 @click.option("--mode", type=click.Choice(["hybrid", "bm25", "vector"]), default="hybrid", show_default=True)
 @click.option("--top-k", default=5, show_default=True)
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Data directory (or APPLIANCE_DATA_DIR).")
 @click.option("--tenant", default=DEFAULT_TENANT, show_default=True, help="Tenant whose collections these are.")
 @click.pass_context
 def search(
-    ctx: click.Context, collection: str, query: str, mode: str, top_k: int, data_dir: str | None, tenant: str
+    ctx: click.Context, collection: str, query: str, mode: str, top_k: int, tenant: str
 ) -> None:
     """Search COLLECTION and print the best chunks."""
     hits = _run_documents(ctx, lambda s: s.search(tenant, collection, query, top_k=top_k, mode=mode, flt=None))
@@ -530,11 +553,9 @@ def _injection_classifier(ctx: click.Context, name: str) -> tuple[Any, Any]:
 @click.option("--classifier", "classifier_id",
               help="Score injection with this registered ONNX classifier (label: gateway.injection_label).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Data directory (or APPLIANCE_DATA_DIR).")
 @click.pass_context
 def eval_guardrails(
     ctx: click.Context, bipia: Path, pii_texts: int, seed: int, classifier_id: str | None, as_json: bool,
-    data_dir: str | None,
 ) -> None:
     """Injection detection on BIPIA (precision/recall) and PII detection on synthetic text (per kind)."""
     from appliance.policy.guardrails.evaluate import evaluate_injection, evaluate_pii
@@ -569,9 +590,8 @@ def eval_guardrails(
 @click.option("--dataset", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="SQuAD-format JSON.")
 @click.option("--limit", type=int, help="Evaluate only the first N questions.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Data directory (or APPLIANCE_DATA_DIR).")
 @click.pass_context
-def eval_retrieval(ctx: click.Context, dataset: Path, limit: int | None, as_json: bool, data_dir: str | None) -> None:
+def eval_retrieval(ctx: click.Context, dataset: Path, limit: int | None, as_json: bool) -> None:
     """Recall@1/5/10 and MRR@10 of bm25, vector and hybrid search, one document per paragraph."""
     from appliance.retrieval.evaluate import evaluate, load_squad
 
@@ -599,9 +619,8 @@ def eval_retrieval(ctx: click.Context, dataset: Path, limit: int | None, as_json
 @click.option("--dataset", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="SQuAD-format JSON.")
 @click.option("--limit", type=int, default=100, show_default=True, help="Questions to ask (each runs the model).")
 @click.option("--model", help="Model answering (default: the first chat/completion model).")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Data directory (or APPLIANCE_DATA_DIR).")
 @click.pass_context
-def eval_answers(ctx: click.Context, dataset: Path, limit: int, model: str | None, data_dir: str | None) -> None:
+def eval_answers(ctx: click.Context, dataset: Path, limit: int, model: str | None) -> None:
     """Share of grounded answers containing the gold answer, and citing the gold paragraph."""
     import asyncio
     import tempfile
@@ -708,6 +727,7 @@ def _register_gateway_commands() -> None:
     register(main)
     register_release(main)
     register_doctor(main)
+    accept_location_everywhere(main)
 
 
 _register_gateway_commands()

@@ -16,13 +16,10 @@ from appliance.doctor import Check, failed, render, run_checks, to_json
 @click.command("doctor")
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as a JSON list of {name, status, detail, fix}.")
 @click.option("--full", is_flag=True, help="Also re-hash every model file against its manifest (reads them all).")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Data directory (or APPLIANCE_DATA_DIR).")
-@click.option("--config", type=click.Path(dir_okay=False), help="TOML settings file (or APPLIANCE_CONFIG).")
 # The child process doctor starts to read llama.cpp's build: a PyInstaller binary has no `python -c`.
 @click.option("--probe-cpu", is_flag=True, hidden=True)
 @click.pass_context
-def doctor(ctx: click.Context, as_json: bool, full: bool, data_dir: str | None, config: str | None,
-           probe_cpu: bool) -> None:
+def doctor(ctx: click.Context, as_json: bool, full: bool, probe_cpu: bool) -> None:
     """Check this machine against the configuration: CPU, memory, disk, data dir, models, GPU, port,
     clock, cluster peers and RPC workers. Exit 1 when something blocks."""
     if probe_cpu:

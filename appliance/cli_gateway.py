@@ -20,9 +20,6 @@ from appliance.policy.db import open_gateway_db
 from appliance.policy.metering import UsageMeter, parse_time
 from appliance.policy.tenancy import TenantStore, TenantUpdate
 
-_DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False), help="Data directory (or APPLIANCE_DATA_DIR).")
-
-
 @contextmanager
 def _db(ctx: click.Context) -> Iterator[tuple[TenantStore, UsageMeter]]:
     from appliance import cli
@@ -56,8 +53,7 @@ def _expiry(value: str | None) -> float | None:
 
 
 @click.group()
-@_DATA_DIR
-def tenants(data_dir: str | None) -> None:
+def tenants() -> None:
     """Tenants: the teams that share this appliance, each with its own keys, limits and data."""
 
 
@@ -127,8 +123,7 @@ def tenants_list(ctx: click.Context, as_json: bool) -> None:
 
 
 @click.group()
-@_DATA_DIR
-def keys(data_dir: str | None) -> None:
+def keys() -> None:
     """API keys: shown once at creation, stored only as a hash."""
 
 
@@ -180,8 +175,7 @@ def keys_revoke(ctx: click.Context, key_id: str) -> None:
 
 
 @click.group()
-@_DATA_DIR
-def usage(data_dir: str | None) -> None:
+def usage() -> None:
     """Usage records: hash-chained, one per request."""
 
 

@@ -7,7 +7,6 @@ import pwd
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import click
 import msgspec
@@ -15,8 +14,6 @@ import msgspec
 from appliance import __version__
 from appliance.errors import ApplianceError
 
-_DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False), help="Data directory (or APPLIANCE_DATA_DIR).")
-_CONFIG = click.option("--config", type=click.Path(dir_okay=False), help="TOML settings file (or APPLIANCE_CONFIG).")
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -31,10 +28,8 @@ def _mb(n: int) -> str:
 @click.command("backup")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--no-models", is_flag=True, help="Leave model files out (manifests are kept): a much smaller archive.")
-@_DATA_DIR
-@_CONFIG
 @click.pass_context
-def backup_command(ctx: click.Context, file: Path, no_models: bool, **_: Any) -> None:
+def backup_command(ctx: click.Context, file: Path, no_models: bool) -> None:
     """Write a consistent snapshot of the data directory to FILE (.tar, or .tar.gz), safe while serving."""
     from appliance import cli
     from appliance.lifecycle.backup import backup
@@ -90,11 +85,9 @@ def data_group() -> None:
 
 
 @data_group.command("status")
-@_DATA_DIR
-@_CONFIG
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def data_status(ctx: click.Context, as_json: bool, **_: Any) -> None:
+def data_status(ctx: click.Context, as_json: bool) -> None:
     """Show the data format, the release that wrote it, and whether this release can open it.
 
     Exit status: 0 readable by this release (perhaps after a migration), 3 written by a newer release.
@@ -132,10 +125,8 @@ def data_status(ctx: click.Context, as_json: bool, **_: Any) -> None:
 
 
 @data_group.command("migrate")
-@_DATA_DIR
-@_CONFIG
 @click.pass_context
-def data_migrate(ctx: click.Context, **_: Any) -> None:
+def data_migrate(ctx: click.Context) -> None:
     """Migrate the data directory to this release's format now (the server also does it at start)."""
     from appliance import cli
     from appliance.lifecycle.datadir import read_format
