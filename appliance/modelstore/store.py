@@ -192,9 +192,9 @@ class ModelStore:
         `labels` name a classifier's output columns in order; `context_length` is an ONNX encoder's
         window in tokens (default 256; a GGUF file states its own).
         """
-        from appliance.engines.gguf_info import probe_gguf  # heavy imports only when importing
+        from appliance.engines.gguf_info import check_gguf  # heavy imports only when importing
 
-        source = self._check_source(source)
+        given, source = source, self._check_source(source)
         fmt = self._detect_format(source)
         model_id = check_model_id(source.stem if model_id is None else model_id)
         aliases = [check_model_id(a) for a in aliases or []]
@@ -207,6 +207,8 @@ class ModelStore:
         if context_length is not None and fmt != "onnx":
             raise ModelStoreError("--context-length is for ONNX models (a GGUF file states its own)",
                                   param="context_length")
+        # Before the copy: a cut-off download fails at once, naming the user's file, not the staging copy.
+        info = check_gguf(given) if fmt == "gguf" else None
         with self._staging(model_id) as staging:
             file = self._stage_file(source, staging, link=link, expected=expected_sha256, progress=progress)
             tok_file = None
@@ -215,8 +217,7 @@ class ModelStore:
             staged = staging / file.name
             embedding_dim = None
             architecture = None
-            if fmt == "gguf":
-                info = probe_gguf(staged)
+            if info is not None:
                 context_length, architecture = info.context_length, info.architecture
                 chat_template = chat_template or info.chat_template
             else:
@@ -375,12 +376,20 @@ class ModelStore:
             # The same model with its files missing (a backup restored without them): put them back.
             replacing = template.id
         self._check_names_free(template.names(), replacing=replacing)
+        # Sizes first, so a cut-off bundle is refused before gigabytes are copied and hashed.
+        for f in template.files():
+            src = source_dir / f.name
+            if not src.is_file():
+                raise ModelStoreError(f"{src} is missing")
+            size = src.stat().st_size
+            if size < f.size:
+                raise ChecksumMismatch(f"{src} is truncated: {size} bytes, expected {f.size}")
+            if size != f.size:
+                raise ChecksumMismatch(f"{src} is {size} bytes, its manifest says {f.size}")
         trash = self.root / f".removing-{template.id}-{uuid.uuid4().hex[:8]}"
         with self._staging(template.id) as staging:
             for f in template.files():
                 src = source_dir / f.name
-                if not src.is_file():
-                    raise ModelStoreError(f"{src} is missing")
                 with src.open("rb") as fh:
                     digest, size = _copy_hashing(fh, staging / f.name, progress)
                 if digest != f.sha256 or size != f.size:
