@@ -104,9 +104,12 @@ def _setup_logging(level: str) -> None:
 
 
 def _setup_server_logging(settings: Settings) -> None:
-    from appliance.observability.logs import setup_logging
+    from appliance.observability.logs import server_addresses, setup_logging
 
-    setup_logging(settings.server.log_level, json_lines=settings.gateway.json_logs, redact=_log_redactor())
+    setup_logging(
+        settings.server.log_level, json_lines=settings.gateway.json_logs, redact=_log_redactor(),
+        keep=server_addresses(settings),  # the log says where the server listens and whom it talks to
+    )
 
 
 def _log_redactor() -> Any:
@@ -114,6 +117,25 @@ def _log_redactor() -> Any:
     from appliance.policy.guardrails.masking import redact_text
 
     return redact_text
+
+
+def build_registry(
+    settings: Settings, *, keep: Any = None, load_timeout_s: float | None = None
+) -> tuple[Any, list[Any]]:
+    """The model registry over DATA_DIR/models (only the manifests `keep` accepts), and its manifests."""
+    from appliance.engines.factory import NativeEngineFactory
+    from appliance.engines.registry import ModelRegistry
+    from appliance.modelstore.store import ModelStore
+
+    store = ModelStore(settings.models_dir)
+    manifests = [m for m in store.manifests() if keep is None or keep(m)]
+    registry = ModelRegistry(
+        manifests,
+        NativeEngineFactory(store, settings.models),
+        load_timeout_s=settings.models.load_timeout_s if load_timeout_s is None else load_timeout_s,
+        n_ctx=settings.models.n_ctx,
+    )
+    return registry, manifests
 
 
 def _tenant(ctx: click.Context) -> str:
@@ -174,20 +196,13 @@ def serve(ctx: click.Context, **flags: Any) -> None:
             )
 
     from appliance.api.app import create_app
-    from appliance.engines.factory import NativeEngineFactory
-    from appliance.engines.registry import ModelRegistry
-    from appliance.modelstore.store import ModelStore
 
-    store = ModelStore(settings.models_dir)
-    manifests = store.manifests()
+    registry, manifests = build_registry(settings)
     if not manifests:
         log.warning(
             "no models registered in %s: run `appliance models install-defaults` or `appliance models import`",
             settings.models_dir,
         )
-    registry = ModelRegistry(
-        manifests, NativeEngineFactory(store, settings.models), load_timeout_s=settings.models.load_timeout_s
-    )
     try:
         app = create_app(settings, registry)
     except ApplianceError as exc:
@@ -384,16 +399,11 @@ def models_install_defaults(ctx: click.Context, source: Path | None) -> None:
 
 def _document_service(ctx: click.Context) -> Any:
     """A DocumentService over the data directory with just the embedding model loaded."""
-    from appliance.engines.factory import NativeEngineFactory
-    from appliance.engines.registry import ModelRegistry
-    from appliance.modelstore.store import ModelStore
     from appliance.services.documents import DocumentService
 
     settings = _data_settings(ctx)
     _setup_logging("warning")
-    store = ModelStore(settings.models_dir)
-    manifests = [m for m in store.manifests() if m.kind == "embedding"]
-    registry = ModelRegistry(manifests, NativeEngineFactory(store, settings.models), load_timeout_s=600)
+    registry, _ = build_registry(settings, keep=lambda m: m.kind == "embedding", load_timeout_s=600)
     return DocumentService(
         settings.data_dir / "collections", registry, embedding_model=settings.retrieval.embedding_model
     ), registry
@@ -523,20 +533,17 @@ def _injection_classifier(ctx: click.Context, name: str) -> tuple[Any, Any]:
     """The registered classifier `name`, loaded, as the guardrails' InjectionClassifier, and its registry."""
     import asyncio
 
-    from appliance.engines.factory import NativeEngineFactory
-    from appliance.engines.registry import ModelRegistry
     from appliance.modelstore.store import ModelStore
     from appliance.services.injection_classifier import RegistryInjectionClassifier, classifier_manifest
 
     settings = _data_settings(ctx)
     _setup_logging("warning")
-    store = ModelStore(settings.models_dir)
     label = settings.gateway.injection_label
     try:
-        manifest = classifier_manifest(store.manifests(), name, label)
+        manifest = classifier_manifest(ModelStore(settings.models_dir).manifests(), name, label)
     except ApplianceError as exc:
         raise click.BadParameter(exc.message, param_hint="--classifier") from None
-    registry = ModelRegistry([manifest], NativeEngineFactory(store, settings.models), load_timeout_s=600)
+    registry, _ = build_registry(settings, keep=lambda m: m.id == manifest.id, load_timeout_s=600)
     try:
         asyncio.run(registry.engine(manifest))
     except ApplianceError as exc:
@@ -625,9 +632,6 @@ def eval_answers(ctx: click.Context, dataset: Path, limit: int, model: str | Non
     import asyncio
     import tempfile
 
-    from appliance.engines.factory import NativeEngineFactory
-    from appliance.engines.registry import ModelRegistry
-    from appliance.modelstore.store import ModelStore
     from appliance.retrieval.evaluate import answer_hits, load_squad, load_squad_answers
     from appliance.services.ask import AskService
     from appliance.services.documents import DocumentService
@@ -635,8 +639,7 @@ def eval_answers(ctx: click.Context, dataset: Path, limit: int, model: str | Non
 
     settings = _data_settings(ctx)
     _setup_logging("warning")
-    store = ModelStore(settings.models_dir)
-    registry = ModelRegistry(store.manifests(), NativeEngineFactory(store, settings.models), load_timeout_s=600)
+    registry, _ = build_registry(settings, load_timeout_s=600)
     docs, _ = load_squad(dataset)
     questions = load_squad_answers(dataset, limit)
 

@@ -173,7 +173,7 @@ class OpenAIController(Controller):
     ) -> Response[bytes]:
         status = registry.status()
         allowed = ctx.tenant.allowed_models
-        cards = [model_card(m, status[m.id]) for m in registry.manifests() if allowed is None or m.id in allowed]
+        cards = [model_card(m, status[m.id], registry.context_window(m)) for m in registry.manifests() if allowed is None or m.id in allowed]
         if where == "cluster":  # appliance extension: the peers' models too, each with its `location`
             return _json(cluster_model_list(cluster, cards, allowed))
         return _json(ModelList(cards))
@@ -182,7 +182,7 @@ class OpenAIController(Controller):
     async def get_model(self, model_id: str, registry: ModelRegistry, ctx: RequestContext) -> Response[bytes]:
         manifest = registry.resolve(model_id)
         ctx.allow_model(manifest)
-        return _json(model_card(manifest, registry.status()[manifest.id]))
+        return _json(model_card(manifest, registry.status()[manifest.id], registry.context_window(manifest)))
 
     @post("/chat/completions", status_code=200)
     async def chat_completions(

@@ -120,7 +120,11 @@ class EngineLease:
 
 
 class ModelRegistry:
-    def __init__(self, manifests: list[Manifest], factory: EngineFactory, *, load_timeout_s: float) -> None:
+    def __init__(
+        self, manifests: list[Manifest], factory: EngineFactory, *, load_timeout_s: float, n_ctx: int | None = None
+    ) -> None:
+        """`n_ctx`: the per-sequence context the engines are built with (settings `models.n_ctx`)."""
+        self._n_ctx = n_ctx
         self._slots = {m.id: _Slot(m) for m in manifests}
         self._names: dict[str, str] = {}
         for m in manifests:
@@ -151,6 +155,10 @@ class ModelRegistry:
                 param="model",
             )
         return manifest
+
+    def context_window(self, manifest: Manifest) -> int | None:
+        """Prompt plus completion tokens one request to this model can use."""
+        return manifest.context_window(self._n_ctx)
 
     # -- the memory limit ----------------------------------------------------------------------
 

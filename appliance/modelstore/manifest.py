@@ -85,6 +85,15 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_de
     def names(self) -> list[str]:
         return [self.id, *self.aliases]
 
+    def context_window(self, n_ctx: int | None) -> int | None:
+        """Tokens one request can use: a generative model's trained context capped at the
+        server's per-sequence `n_ctx`; an encoder's maximum sequence length (256 when unknown)."""
+        if self.kind in ("chat", "completion"):
+            if n_ctx is None:
+                return self.context_length
+            return min(n_ctx, self.context_length or n_ctx)
+        return self.context_length or 256
+
 
 def check_model_id(model_id: str) -> str:
     if not _ID_RE.match(model_id) or model_id in {".", ".."}:

@@ -237,7 +237,7 @@ class Cluster:
             s = status[m.id]
             engine = s.get("engine") or {}
             models.append(ModelState(
-                id=m.id, kind=m.kind, format=m.format, aliases=list(m.aliases), context_length=m.context_length,
+                id=m.id, kind=m.kind, format=m.format, aliases=list(m.aliases), context_length=self._registry.context_window(m),
                 created=m.created, status="failed" if s.get("error") else s["state"],
                 busy_slots=engine.get("busy_slots", 0), queue_depth=engine.get("queue_depth", 0),
             ))

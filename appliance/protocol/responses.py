@@ -120,6 +120,8 @@ class ModelCard(msgspec.Struct):
     format: str
     aliases: list[str]
     context_length: int | None
+    """Prompt plus completion tokens a request can use (the server's `models.n_ctx` caps the trained length)."""
+    trained_context_length: int | None
     status: str
     object: str = "model"
 
@@ -149,7 +151,7 @@ def embedding_list(manifest: Manifest, result: Embeddings, encoding: str) -> Emb
     )
 
 
-def model_card(manifest: Manifest, status: dict[str, Any]) -> ModelCard:
+def model_card(manifest: Manifest, status: dict[str, Any], context_window: int | None) -> ModelCard:
     return ModelCard(
         id=manifest.id,
         created=manifest.created,
@@ -157,6 +159,7 @@ def model_card(manifest: Manifest, status: dict[str, Any]) -> ModelCard:
         kind=manifest.kind,
         format=manifest.format,
         aliases=manifest.aliases,
-        context_length=manifest.context_length,
+        context_length=context_window,
+        trained_context_length=manifest.context_length,
         status=status.get("state", "pending"),
     )

@@ -13,7 +13,7 @@ import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from appliance.engines.registry import ChatEngine, EngineLease, ModelRegistry
-from appliance.errors import ApplianceError, EngineError
+from appliance.errors import ApplianceError, ContextLengthExceeded, EngineError
 from appliance.modelstore.manifest import Manifest
 from appliance.protocol.openai import ChatCompletionRequest, CompletionRequest
 from appliance.services.cache import CachedAnswer, ResponseCache, deterministic, scope_of
@@ -185,9 +185,14 @@ class GenerationService:
             json_schema=json_schema,
             priority=request.priority_level,
         )
-        if cache_scope is None or self._cache is None or not self._cache.enabled or not deterministic(generation):
-            return await self._launch(manifest, generation, policy)
-        return await self._cached(manifest, generation, policy, cache_scope)
+        try:
+            if cache_scope is None or self._cache is None or not self._cache.enabled or not deterministic(generation):
+                return await self._launch(manifest, generation, policy)
+            return await self._cached(manifest, generation, policy, cache_scope)
+        except ContextLengthExceeded as exc:
+            # the engine cannot tell which request field held the prompt
+            exc.param = "prompt" if isinstance(request, CompletionRequest) else "messages"
+            raise
 
     async def _cached(
         self, manifest: Manifest, request: GenerationRequest, policy: RequestPolicy, tenant: str

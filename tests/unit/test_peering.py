@@ -202,7 +202,7 @@ class _Manifest:
 
 
 class _Registry:
-    """The two registry calls the cluster makes, with engine stats set by the test."""
+    """The registry calls the cluster makes, with engine stats set by the test."""
 
     def __init__(self, *ids: str) -> None:
         self.models = {i: _Manifest(i) for i in ids}
@@ -220,6 +220,9 @@ class _Registry:
 
     def manifests(self) -> list:
         return list(self.models.values())
+
+    def context_window(self, manifest: _Manifest) -> int:
+        return min(manifest.context_length, 256)
 
     def health(self) -> str:
         return "ok"
@@ -269,3 +272,4 @@ def test_node_state_reports_models_and_load() -> None:
     state = cluster_with(registry).node_state()
     assert state.node == "a" and state.health == "ok"
     assert [(m.id, m.status, m.busy_slots, m.queue_depth) for m in state.models] == [("gemma", "ready", 2, 1)]
+    assert state.models[0].context_length == 256  # the window a request can use, not the trained 512
