@@ -4,6 +4,8 @@ Sections (pages, headings) are never merged; inside a section, paragraphs are pa
 at most `max_tokens` tokens as the embedding model counts them (special tokens included), with about
 `overlap_tokens` of the previous chunk repeated at the start of the next. A paragraph too long for one
 chunk is split at sentences, then words, then characters, so no chunk is ever truncated by the model.
+A section's opening headings always share a chunk with body text: a chunk of headings alone would be
+retrieved and cited as a source while saying nothing.
 """
 
 from __future__ import annotations
@@ -76,6 +78,15 @@ class Chunker:
                 end = units[j - 1][1]
                 text = section.text[start:end].strip()
                 tokens = self._count([text])[0] + self._special
+            if end <= section.heading_chars < units[-1][1]:
+                # Only headings, and body follows: split the next unit finer so some of it fits with
+                # them; if it cannot be, leave them out (each chunk still carries its `heading`).
+                finer = self._finer(section.text, units[j])
+                if len(finer) > 1:
+                    units[j : j + 1] = finer
+                else:
+                    i = j
+                continue
             if text:
                 lead = len(section.text[start:end]) - len(section.text[start:end].lstrip())
                 s = base + start + lead
@@ -94,6 +105,15 @@ class Chunker:
         """Spans that each fit the budget: paragraphs, else sentences, else words, else characters."""
         spans = _split(text, 0, len(text), _PARAGRAPHS)
         return self._fit(text, spans, (_SENTENCES, _WORDS))
+
+    def _finer(self, text: str, unit: tuple[int, int, int]) -> list[tuple[int, int, int]]:
+        """A unit as its sentences, else its words; itself when it has only one word."""
+        a, b, _ = unit
+        for pattern, rest in ((_SENTENCES, (_WORDS,)), (_WORDS, ())):
+            spans = _split(text, a, b, pattern)
+            if len(spans) > 1:
+                return self._fit(text, spans, rest)
+        return [unit]
 
     def _fit(self, text: str, spans: list[tuple[int, int]], finer: tuple[re.Pattern[str], ...]) -> list[tuple[int, int, int]]:
         counts = self._count([text[a:b] for a, b in spans]) if spans else []

@@ -21,6 +21,11 @@ class Section(msgspec.Struct, frozen=True):
     text: str
     page: int | None = None
     heading: str | None = None
+    heading_chars: int = 0
+    """Length of the headings that open `text`: the chunker keeps them with the body that follows."""
+    outer_headings: tuple[str, ...] = ()
+    """Headings above `heading` that had no body of their own and were carried into this section,
+    outermost first ("Manual" for "# Manual" then "## Pumps"); a document's title is the first."""
 
 
 SUPPORTED = (".txt", ".md", ".markdown", ".html", ".htm", ".pdf", ".docx")
@@ -56,20 +61,54 @@ def _decode(name: str, data: bytes) -> str:
 
 def _markdown(text: str) -> list[Section]:
     """Split at headings; plain text is one section. Paragraphs are kept for the chunker."""
-    sections: list[Section] = []
-    heading: str | None = None
-    lines: list[str] = []
+    headed = _HeadedSections("\n")
     for line in text.replace("\r\n", "\n").split("\n"):
         match = _MD_HEADING.match(line)
         if match:
-            if "".join(lines).strip():
-                sections.append(Section("\n".join(lines).strip("\n"), heading=heading))
-            heading, lines = match.group(2), [line]
+            headed.heading(line, match.group(2))
         else:
-            lines.append(line)
-    if "".join(lines).strip():
-        sections.append(Section("\n".join(lines).strip("\n"), heading=heading))
-    return sections
+            headed.body(line)
+    return headed.done()
+
+
+class _HeadedSections:
+    """Sections split at headings, each opening with its heading.
+
+    A heading with no body before the next heading is carried into the next section (nested headings
+    such as "# Manual" then "## Pumps"), so no section is headings alone, unless the whole document is.
+    """
+
+    def __init__(self, joiner: str) -> None:
+        self._joiner = joiner
+        self._sections: list[Section] = []
+        self._titles: list[str] = []
+        self._headings: list[str] = []
+        self._body: list[str] = []
+
+    def heading(self, text: str, title: str) -> None:
+        if "".join(self._body).strip():
+            self._flush()
+        self._body = []  # blank lines between two headings
+        self._headings.append(text)
+        self._titles.append(title)
+
+    def body(self, text: str) -> None:
+        self._body.append(text)
+
+    def done(self) -> list[Section]:
+        # Headings at the very end head nothing and are left out, unless they are the whole document:
+        # then they are kept, so it can still be found.
+        if "".join(self._body).strip() or (self._headings and not self._sections):
+            self._flush()
+        return self._sections
+
+    def _flush(self) -> None:
+        head = self._joiner.join(self._headings)
+        text = self._joiner.join([*self._headings, *self._body]).strip("\n")
+        heading = self._titles[-1] if self._titles else None  # None: text before the first heading
+        outer = tuple(self._titles[:-1])
+        self._sections.append(Section(text, heading=heading, heading_chars=len(head), outer_headings=outer))
+        self._headings, self._titles, self._body = [], [], []
 
 
 def _html(name: str, data: bytes) -> list[Section]:
@@ -84,21 +123,16 @@ def _html(name: str, data: bytes) -> list[Section]:
     root = tree.body or tree.root
     if root is None:
         return []
-    sections: list[Section] = []
-    heading: str | None = None
-    parts: list[str] = []
+    headed = _HeadedSections("\n\n")
     for node in root.css("h1, h2, h3, h4, h5, h6, p, li, pre, td, th, blockquote, dt, dd"):
         text = node.text(separator=" ", strip=True)
         if not text:
             continue
         if node.tag in ("h1", "h2", "h3", "h4", "h5", "h6"):
-            if parts:
-                sections.append(Section("\n\n".join(parts), heading=heading))
-            heading, parts = text, [text]
+            headed.heading(text, text)
         else:
-            parts.append(text)
-    if parts:
-        sections.append(Section("\n\n".join(parts), heading=heading))
+            headed.body(text)
+    sections = headed.done()
     if not sections:
         text = root.text(separator=" ", strip=True)
         sections = [Section(text)] if text else []
@@ -129,25 +163,19 @@ def _docx(name: str, data: bytes) -> list[Section]:
         doc = Document(io.BytesIO(data))
     except (zipfile.BadZipFile, KeyError, ValueError) as exc:
         raise DocumentError(f"{name}: corrupt or unreadable DOCX ({exc})") from None
-    sections: list[Section] = []
-    heading: str | None = None
-    parts: list[str] = []
+    headed = _HeadedSections("\n\n")
     for para in doc.paragraphs:
         text = para.text.strip()
         if not text:
             continue
         style = (para.style.name if para.style is not None else "") or ""
         if style.lower().startswith(("heading", "title")):
-            if parts:
-                sections.append(Section("\n\n".join(parts), heading=heading))
-            heading, parts = text, [text]
+            headed.heading(text, text)
         else:
-            parts.append(text)
+            headed.body(text)
     for table in doc.tables:
         for row in table.rows:
             cells = [c.text.strip() for c in row.cells if c.text.strip()]
             if cells:
-                parts.append(" | ".join(cells))
-    if parts:
-        sections.append(Section("\n\n".join(parts), heading=heading))
-    return sections
+                headed.body(" | ".join(cells))
+    return headed.done()
