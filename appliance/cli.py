@@ -196,7 +196,14 @@ def serve(ctx: click.Context, **flags: Any) -> None:
             )
 
     from appliance.api.app import create_app
+    from appliance.lifecycle.serverlock import ServerLock
 
+    host = settings.server.host
+    url = f"http://{f'[{host}]' if ':' in host else host}:{settings.server.port}"
+    try:
+        lock = ServerLock.acquire(settings.data_dir, url, __version__)
+    except ApplianceError as exc:
+        _fail(exc)
     registry, manifests = build_registry(settings)
     if not manifests:
         log.warning(
@@ -224,6 +231,7 @@ def serve(ctx: click.Context, **flags: Any) -> None:
         log_config=None,
         timeout_graceful_shutdown=5,
     )
+    lock.release()
 
 
 @main.command()
@@ -409,12 +417,22 @@ def _document_service(ctx: click.Context) -> Any:
     ), registry
 
 
-def _run_documents(ctx: click.Context, work: Any) -> Any:
+def _run_documents(ctx: click.Context, work: Any, *, writes: bool = False) -> Any:
+    """Run `work(service)` on a DocumentService over the data directory; `writes`: refused while a
+    server runs on it (the server's in-memory indexes would never see the change)."""
     import asyncio
+    import contextlib
 
-    service, registry = _document_service(ctx)
+    from appliance.lifecycle.serverlock import writing_collections
+
     try:
-        return asyncio.run(work(service))
+        with writing_collections(_data_settings(ctx).data_dir) if writes else contextlib.nullcontext():
+            service, registry = _document_service(ctx)
+            try:
+                return asyncio.run(work(service))
+            finally:
+                service.close()
+                registry.close()
     except ApplianceError as exc:
         _fail(exc)
     except OSError as exc:
@@ -423,9 +441,6 @@ def _run_documents(ctx: click.Context, work: Any) -> Any:
     except ValueError as exc:  # tantivy LockBusy and friends
         click.echo(f"error: {exc} (is a running server using this collection? use the HTTP API)", err=True)
         sys.exit(1)
-    finally:
-        service.close()
-        registry.close()
 
 
 @main.group()
@@ -439,7 +454,7 @@ def collections(tenant: str) -> None:
 @click.pass_context
 def collections_create(ctx: click.Context, name: str) -> None:
     """Create an empty collection."""
-    _run_documents(ctx, lambda s: s.create(_tenant(ctx), name))
+    _run_documents(ctx, lambda s: s.create(_tenant(ctx), name), writes=True)
     click.echo(f"created {name}")
 
 
@@ -458,7 +473,7 @@ def collections_list(ctx: click.Context) -> None:
 @click.pass_context
 def collections_delete(ctx: click.Context, name: str) -> None:
     """Delete a collection and its indexes."""
-    _run_documents(ctx, lambda s: s.delete(_tenant(ctx), name))
+    _run_documents(ctx, lambda s: s.delete(_tenant(ctx), name), writes=True)
     click.echo(f"deleted {name}")
 
 
@@ -468,11 +483,17 @@ def collections_delete(ctx: click.Context, name: str) -> None:
 @click.option("--create", is_flag=True, help="Create the collection if it does not exist.")
 @click.option("--batch", default=16, show_default=True, help="Files per index commit.")
 @click.option("--tenant", default=DEFAULT_TENANT, show_default=True, help="Tenant whose collections these are.")
+@click.option("--url", help="Send the files to the server running at URL (its HTTP API) instead of the data directory.")
+@click.option("--api-key", envvar="APPLIANCE_API_KEY", help="With --url: the key to send (or APPLIANCE_API_KEY).")
 @click.pass_context
 def ingest(
     ctx: click.Context, collection: str, paths: tuple[Path, ...], create: bool, batch: int, tenant: str,
+    url: str | None, api_key: str | None,
 ) -> None:
-    """Ingest files (.txt .md .html .pdf .docx) or folders of them into COLLECTION."""
+    """Ingest files (.txt .md .html .pdf .docx) or folders of them into COLLECTION.
+
+    Writes the data directory directly, which is refused while a server runs on it: then give the
+    server's --url (the key's tenant owns the collection)."""
     from appliance.retrieval.parsing import SUPPORTED
 
     files = []
@@ -481,6 +502,19 @@ def ingest(
             files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUPPORTED)
         else:
             files.append(p)
+    if url is not None:
+        from appliance.cli_remote import ingest_remote
+
+        if not files:
+            raise click.UsageError("no supported files (.txt .md .html .pdf .docx) in the paths given")
+        try:
+            with _bar(len(files), f"sending to {collection} at {url}") as bar:
+                results = ingest_remote(url, api_key, collection, files, create=create, batch=batch,
+                                        progress=bar.update)
+        except ApplianceError as exc:
+            _fail(exc)
+        _print_ingested(results)
+        return
 
     async def work(service: Any) -> list[Any]:
         from appliance.errors import CollectionNotFound
@@ -499,7 +533,10 @@ def ingest(
                 bar.update(len(group))
         return results
 
-    results = _run_documents(ctx, work)
+    _print_ingested(_run_documents(ctx, work, writes=True))
+
+
+def _print_ingested(results: list[Any]) -> None:
     for r in results:
         line = f"{r.status:<9} {r.source}" + (f" ({r.chunks} chunks)" if r.chunks else "")
         click.echo(line + (f": {r.error}" if r.error else ""))
