@@ -39,6 +39,10 @@ _STOPWORDS = frozenset(
     "to was were what when where which who whom why will with".split()
 )
 _SYNTAX = re.compile(r'["():+\-^*~\[\]{}]|\b(AND|OR|NOT)\b')
+# Punctuation that closes a sentence or a quotation, and that opens one; only a whole run next to a
+# space or the text's edge counts, so "3.5" or "e.g." are not cut into "3." or "e.".
+_CLOSING = re.compile(r"[.!?\u2026)\]}\"'\u201d\u2019\u00bb]+(?=\s|$)")
+_OPENING = re.compile(r"(?:^|(?<=\s))[(\[{\"'\u201c\u2018\u00ab\u00bf\u00a1]+$")
 
 
 def _drop_stopwords(text: str) -> str:
@@ -47,6 +51,22 @@ def _drop_stopwords(text: str) -> str:
     words = text.split()
     kept = [w for w in words if w.lower().strip(".,;!?'") not in _STOPWORDS]
     return " ".join(kept) if kept else text
+
+
+def _with_punctuation(text: str, fragment: str) -> tuple[str, int]:
+    """`fragment` of `text` with the punctuation around it, and how many characters it gained in front.
+
+    tantivy's fragments run from the first token's start to the last token's end, and punctuation is
+    no token: "Pumps need oil." came back as "Pumps need oil", "(see manual)" as "see manual".
+    """
+    at = text.find(fragment) if fragment else -1
+    if at < 0:
+        return fragment, 0
+    end = at + len(fragment)
+    closing = _CLOSING.match(text, end)
+    opening = _OPENING.search(text, 0, at)
+    start = opening.start() if opening else at
+    return text[start : closing.end() if closing else end], at - start
 
 
 def _schema() -> tantivy.Schema:
@@ -128,7 +148,8 @@ class LexicalIndex:
                 (len(raw[: r.start].decode("utf-8", "ignore")), len(raw[: r.end].decode("utf-8", "ignore")))
                 for r in snippet.highlighted()
             ]
-            out.append((fragment, ranges))
+            fragment, shift = _with_punctuation(chunk_text, fragment)
+            out.append((fragment, [(a + shift, b + shift) for a, b in ranges]))
         return out
 
     def num_docs(self) -> int:

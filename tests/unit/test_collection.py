@@ -97,3 +97,23 @@ def test_filters_and_compaction(tmp_path: Path) -> None:
     for round_ in range(8):  # replace every document repeatedly: tombstones pile up, then get compacted
         col.ingest([doc(f"d{i}", f"memo {i} revision {round_} about audits") for i in range(10)], embed)
     assert len(col._vectors) == col.stats()["chunks"]
+
+
+def test_snippets_keep_the_punctuation_around_them(tmp_path: Path) -> None:
+    """tantivy's fragments end at the last word; the sentence's full stop, and quotes or brackets, stay."""
+    col = Collection(tmp_path / "c", embedding_model="test", ndim=DIM,
+                     chunker=Chunker(lambda texts: [len(t.split()) for t in texts], max_tokens=200))
+    # 47 "word"s fill tantivy's first 240-character fragment; the second starts at "turbines", after the quote.
+    quoted = "word " * 47 + '"turbines need steam."'
+    col.ingest([doc("a", "Pumps need oil every week."), doc("b", "Valves need grease (not oil)."),
+                doc("c", "Why do compressors need filters?"), doc("q", quoted)], embed)
+
+    def snippet(query: str) -> tuple[str, list[str]]:
+        [hit] = col.search(query, top_k=1, mode="bm25", query_vector=None)
+        return hit.snippet, [hit.snippet[a:b] for a, b in hit.highlights]
+
+    assert snippet("week") == ("Pumps need oil every week.", ["week"])
+    assert snippet("grease") == ("Valves need grease (not oil).", ["grease"])
+    assert snippet("compressors") == ("Why do compressors need filters?", ["compressors"])
+    assert snippet("turbines steam") == ('"turbines need steam."', ["turbines", "steam"]), "the opening quote too"
+    col.close()
