@@ -47,7 +47,11 @@ def _package_version(name: str) -> str | None:
 @get("/health", sync_to_thread=False)
 def health(registry: ModelRegistry, cluster: Cluster) -> Response[dict[str, object]]:
     status = registry.health()
-    body: dict[str, object] = {"status": status, "models": registry.status()}
+    models = registry.status()
+    # `ok` means the server can serve: with models.load = "lazy" (or after an unload) a model waits,
+    # `pending` or `unloaded`, until its first request loads it. `waiting` names those models.
+    waiting = sorted(m for m, s in models.items() if s["state"] in ("pending", "unloaded"))
+    body: dict[str, object] = {"status": status, "waiting": waiting, "models": models}
     if cluster.enabled:
         body["cluster"] = cluster.health()  # a peer that is down does not make this node unhealthy
     return Response(body, status_code=200 if status == "ok" else 503)

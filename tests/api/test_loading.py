@@ -59,7 +59,13 @@ def test_lazy_mode_loads_on_first_use(world: World) -> None:
 
     world.factory = counting  # type: ignore[method-assign]
     with make_client(world, APPLIANCE_MODEL_LOAD="lazy") as client:
-        assert client.get("/health").status_code == 200
+        health = client.get("/health")
+        # ok: the server can serve; the body says which models a first request will still have to load
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        assert health.json()["waiting"] == sorted(m.id for m in world.manifests)
+        assert {s["state"] for s in health.json()["models"].values()} == {"pending"}
         assert loaded == []
         client.post("/v1/embeddings", json={"model": "embed-model", "input": "x"})
         assert loaded == ["embed-model"]
+        health = client.get("/health").json()
+        assert "embed-model" not in health["waiting"] and health["models"]["embed-model"]["state"] == "ready"
