@@ -180,17 +180,23 @@ def usage() -> None:
 
 
 @usage.command("verify")
-@click.option("--expect-head", help="The head hash recorded earlier: also detects records removed from the end.")
+@click.option("--expect-head", help="A head hash printed earlier: it must still be in the chain (detects records removed from the end).")
 @click.pass_context
 def usage_verify(ctx: click.Context, expect_head: str | None) -> None:
     """Check the hash chain; exit 1 when a record was edited, deleted or reordered."""
+    if expect_head is not None:
+        expect_head = expect_head.strip().lower()
     with _db(ctx) as (_, meter):
         result = meter.verify(expect_head)
     if result.ok:
-        click.echo(f"ok: {result.records} records, head {result.head}")
+        since = f" ({result.since_expected} written after the expected head)" if result.since_expected else ""
+        click.echo(f"ok: {result.records} records, head {result.head}{since}")
         return
-    where = f" at record {result.first_bad_seq}" if result.first_bad_seq is not None else ""
-    click.echo(f"TAMPERED{where}: {result.problem} ({result.records} records verified before it)", err=True)
+    if result.first_bad_seq is not None:
+        click.echo(f"TAMPERED at record {result.first_bad_seq}: {result.problem} "
+                   f"({result.records} records verified before it)", err=True)
+    else:
+        click.echo(f"NOT VERIFIED: {result.problem} (all {result.records} records verify on their own)", err=True)
     sys.exit(1)
 
 
@@ -215,9 +221,22 @@ def usage_report(ctx: click.Context, fmt: str, group_by: str, tenant: str | None
         writer.writeheader()
         writer.writerows(rows)
     else:
-        click.echo(" ".join(f"{c.upper():>17}" for c in columns))
-        for r in rows:
-            click.echo(" ".join(f"{str(r[c]):>17}" for c in columns))
+        click.echo(_table(columns, rows))
+
+
+def _table(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    """The group column left-aligned and as wide as its longest value ('-' for none, e.g. a request
+    that named no model); the counts right-aligned."""
+    cells = [[c.upper() for c in columns]]
+    for r in rows:
+        cells.append([
+            "-" if r[c] is None else f"{r[c]:.6f}" if c == "cost" else str(r[c]) for c in columns
+        ])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    return "\n".join(
+        "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))).rstrip()
+        for row in cells
+    )
 
 
 def register(main: click.Group) -> None:

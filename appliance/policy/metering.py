@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -27,6 +28,7 @@ from appliance.policy.guardrails.types import GuardrailAction
 from appliance.settings import Price
 
 GENESIS = "0" * 64
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 Outcome = Literal["ok", "error", "cancelled", "interrupted", "forwarded", "cached"]
 GroupBy = Literal["model", "key", "day", "tenant", "route"]
 _RECORD_FIELDS = (
@@ -64,6 +66,8 @@ class VerifyResult(msgspec.Struct, kw_only=True):
     head: str
     first_bad_seq: int | None = None
     problem: str | None = None
+    since_expected: int | None = None
+    """With an expected head found in the chain: the records written after it (normal growth)."""
 
 
 def _canonical(seq: int, prev_hash: str, row: dict[str, Any]) -> bytes:
@@ -170,8 +174,15 @@ class UsageMeter:
         return int(row[0])
 
     def verify(self, expect_head: str | None = None) -> VerifyResult:
+        """Check every record's hash and link. `expect_head`: a head printed earlier, which must still be
+        in the chain (records written since are fine; a chain cut before it is not)."""
+        if expect_head is not None and not _HEX64.fullmatch(expect_head):
+            raise InvalidRequest(
+                f"{expect_head!r} is not a head hash: give the 64 hex digits `usage verify` printed", param="expect_head"
+            )
         prev, count = GENESIS, 0
         expected_seq = 1
+        anchor = 0 if expect_head == GENESIS else None
         for r in self._conn.execute("SELECT * FROM usage ORDER BY seq"):
             row = dict(r)
             problem = None
@@ -184,12 +195,19 @@ class UsageMeter:
             if problem is not None:
                 return VerifyResult(ok=False, records=count, head=prev, first_bad_seq=row["seq"] if row["seq"] == expected_seq else expected_seq, problem=problem)
             prev, count, expected_seq = row["hash"], count + 1, expected_seq + 1
-        if expect_head is not None and expect_head != prev:
+            if row["hash"] == expect_head:
+                anchor = count
+        if expect_head is None:
+            return VerifyResult(ok=True, records=count, head=prev)
+        if anchor is None:
             return VerifyResult(
                 ok=False, records=count, head=prev,
-                problem="the chain does not end at the expected head (records were removed from the end)",
+                problem=(
+                    f"no record has the expected head hash {expect_head}: records were removed from the end, "
+                    "or the hash is not one this chain ever had (check it was copied whole)"
+                ),
             )
-        return VerifyResult(ok=True, records=count, head=prev)
+        return VerifyResult(ok=True, records=count, head=prev, since_expected=count - anchor)
 
     def report(
         self, *, group_by: GroupBy, tenant: str | None = None, since: float | None = None, until: float | None = None

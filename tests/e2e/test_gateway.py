@@ -231,6 +231,9 @@ def test_usage_verify_detects_edited_deleted_and_reordered_records(
     assert truncated.returncode == 0  # a shorter chain is still a chain...
     anchored = cli(copy, "usage", "verify", "--expect-head", head, check=False)
     assert anchored.returncode == 1 and "removed from the end" in anchored.stderr  # ...unless anchored
+    assert "TAMPERED" not in anchored.stderr  # every remaining record verifies; the anchor is what is missing
+    wrong = cli(copy, "usage", "verify", "--expect-head", "0000", check=False)
+    assert wrong.returncode == 1 and "not a head hash" in wrong.stderr and "removed" not in wrong.stderr
 
 
 def test_refuses_a_public_address_without_keys(data_dir: Path, tmp_path: Path) -> None:

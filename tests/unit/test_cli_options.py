@@ -68,3 +68,19 @@ def test_every_settings_command_accepts_both() -> None:
         return missing
 
     assert walk(main, "appliance") == []
+
+
+def test_usage_report_table_has_no_none_and_stays_aligned() -> None:
+    from appliance.cli_gateway import _table
+
+    columns = ["route", "requests", "cost"]
+    rows = [
+        {"route": "/v1/collections/a-very-long-collection-name/ask", "requests": 3, "cost": 0.0123},
+        {"route": None, "requests": 12, "cost": 0.0},
+    ]
+    lines = _table(columns, rows).splitlines()
+    assert "None" not in "\n".join(lines) and lines[2].startswith("- ")
+    # right-aligned numbers end where their header ends, on every line, however long the route
+    end = lines[0].index("REQUESTS") + len("REQUESTS")
+    assert [line[end - 2 : end + 1] for line in lines[1:]] == [" 3 ", "12 "]
+    assert len({len(line) for line in lines}) == 1

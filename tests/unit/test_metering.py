@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.errors import BudgetExceeded
+from appliance.errors import BudgetExceeded, InvalidRequest
 from appliance.policy.db import MIGRATIONS, open_gateway_db
 from appliance.policy.limits import BudgetLedger
 from appliance.policy.metering import UsageMeter, UsageRecord
@@ -46,7 +46,22 @@ def test_chain_verifies_and_reports_costs(tmp_path: Path) -> None:
     assert rows["m"]["requests"] == 5 and rows["m"]["cost"] == pytest.approx((50 * 1.0 + 25 * 2.0) / 1000)
     assert rows["free"]["cost"] == 0 and rows["free"]["embedding_tokens"] == 100
     assert meter.verify(expect_head=result.head).ok
-    assert not meter.verify(expect_head="0" * 64).ok
+    assert meter.verify(expect_head="0" * 64).ok  # the genesis is in every chain
+
+
+def test_expect_head_accepts_growth_and_names_what_is_wrong(tmp_path: Path) -> None:
+    meter = UsageMeter(open_gateway_db(tmp_path), {})
+    meter.record(_record(0))
+    first = meter.verify().head
+    meter.record(_record(1))
+    meter.record(_record(2))
+    grown = meter.verify(expect_head=first)
+    assert grown.ok and grown.since_expected == 2  # records written since the anchor are normal growth
+    missing = meter.verify(expect_head="ab" * 32)
+    assert not missing.ok and missing.first_bad_seq is None
+    assert "no record has the expected head hash" in (missing.problem or "")
+    with pytest.raises(InvalidRequest, match="not a head hash"):
+        meter.verify(expect_head="0000")
 
 
 def test_interrupted_generations_are_replayed_once(tmp_path: Path) -> None:
