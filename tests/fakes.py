@@ -81,6 +81,8 @@ class FakeChatEngine:
 
 
 class FakeEmbeddingEngine:
+    max_length = 256
+
     def __init__(self, model_id: str) -> None:
         self.model_id = model_id
         self.calls: list[list[str]] = []
@@ -94,3 +96,6 @@ class FakeEmbeddingEngine:
             raise RuntimeError("the engine was closed before embedding")
         self.calls.append(texts)
         return Embeddings(vectors=[[1.0, 0.0, 0.0, 0.0] for _ in texts], prompt_tokens=sum(len(t.split()) for t in texts))
+
+    def count_tokens(self, texts: list[str], *, special: bool = True) -> list[int]:
+        return [len(t.split()) + (2 if special else 0) for t in texts]

@@ -66,6 +66,7 @@ class DocumentService:
         self._on_search = on_search
         """Told each search's mode and seconds (the retrieval latency metric)."""
         self._open: dict[tuple[str, str], Collection] = {}
+        self._opening: dict[tuple[str, str], asyncio.Lock] = {}
         self._lock = threading.Lock()
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -103,26 +104,34 @@ class DocumentService:
 
     async def _collection(self, tenant: str, name: str, *, create: bool = False) -> tuple[Collection, Manifest]:
         path = self._dir(tenant, name)
+        key = (tenant, name)
         manifest = self._registry.resolve(self._embedding_name, kinds=("embedding",))
+        # The threading lock guards the dicts only and is never held across an await; concurrent first
+        # opens of one collection wait on that collection's asyncio gate, inside the event loop.
         with self._lock:
-            col = self._open.get((tenant, name))
-        if col is not None:
-            return col, manifest
-        async with self._registry.use(manifest) as engine:
-            max_tokens = engine.max_length
-        with self._lock:
-            col = self._open.get((tenant, name))
-            if col is None:
-                if not path.exists() and not create:
-                    raise CollectionNotFound(f"Collection '{name}' does not exist.", param="name")
-                col = await asyncio.to_thread(
-                    Collection,
-                    path,
-                    embedding_model=manifest.id,
-                    ndim=manifest.embedding_dim or 384,
-                    chunker=self._leased_chunker(manifest, max_tokens),
-                )
-                self._open[(tenant, name)] = col
+            col = self._open.get(key)
+            gate = self._opening.setdefault(key, asyncio.Lock()) if col is None else None
+        if gate is None:
+            return col, manifest  # type: ignore[return-value]
+        async with gate:
+            with self._lock:
+                col = self._open.get(key)
+            if col is not None:
+                return col, manifest
+            if not path.exists() and not create:
+                raise CollectionNotFound(_not_found(name), param="name")
+            async with self._registry.use(manifest) as engine:
+                max_tokens = engine.max_length
+            col = await asyncio.to_thread(
+                Collection,
+                path,
+                embedding_model=manifest.id,
+                ndim=manifest.embedding_dim or 384,
+                chunker=self._leased_chunker(manifest, max_tokens),
+            )
+            with self._lock:
+                self._open[key] = col
+                self._opening.pop(key, None)
         return col, manifest
 
     def close(self) -> None:
@@ -157,7 +166,7 @@ class DocumentService:
         if col is not None:
             await asyncio.to_thread(col.close)
         if not path.exists():
-            raise CollectionNotFound(f"Collection '{name}' does not exist.", param="name")
+            raise CollectionNotFound(_not_found(name), param="name")
         trash = path.with_name(f".deleting-{path.name}")
         path.rename(trash)
         await asyncio.to_thread(shutil.rmtree, trash, True)
@@ -241,8 +250,17 @@ class DocumentService:
                     await self.ingest(tenant_dir.name, path.name, pending)
 
 
+def _not_found(name: str) -> str:
+    return (
+        f"Collection '{name}' does not exist. Create it first: POST /v1/collections {{\"name\": \"{name}\"}}, "
+        "or add --create to `appliance ingest`."
+    )
+
+
 def _title(source: str, sections: list[Section]) -> str:
     for s in sections:
+        if s.outer_headings:  # a document's first heading may have no body of its own: it was carried on
+            return s.outer_headings[0]
         if s.heading:
             return s.heading
     return Path(source).stem

@@ -177,3 +177,35 @@ def test_chat_completions_with_a_collection_is_grounded(server: Server, col: str
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip() == resp.choices[0].message.content
     assert (chunks[-1].model_extra or {})["citations"][0]["document_id"] == "lib"
+
+
+def test_concurrent_first_opens_after_a_restart(data_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Two collections opened at once by a freshly started server: no request hangs, the server keeps serving."""
+    import concurrent.futures
+
+    from tests.e2e.conftest import fresh_data_dir, start_server, stop_server
+
+    data = fresh_data_dir(data_dir, tmp_path / "data")
+    srv = start_server(data, tmp_path / "first.log")
+    try:
+        for name in ("alpha", "beta"):
+            assert httpx.post(f"{srv.url}/v1/collections", json={"name": name}).status_code == 201
+            upload(srv, name, [(f"{name}.txt", f"The {name} pump runs at 40 bar.".encode())])
+    finally:
+        stop_server(srv)
+    # without the resume pass, no collection is open when the requests arrive
+    config = tmp_path / "no-resume.toml"
+    config.write_text("[retrieval]\nresume_on_start = false\n")
+    srv = start_server(data, tmp_path / "second.log", "--config", str(config))
+    try:
+        def docs(name: str) -> int:
+            return httpx.get(f"{srv.url}/v1/collections/{name}/documents", timeout=30).status_code
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(docs, ["alpha", "beta"] * 4))
+        assert codes == [200] * 8
+        assert httpx.get(f"{srv.url}/health", timeout=10).status_code == 200
+        missing = httpx.get(f"{srv.url}/v1/collections/gamma/documents", timeout=10)
+        assert missing.status_code == 404 and "--create" in missing.json()["error"]["message"]
+    finally:
+        stop_server(srv)
