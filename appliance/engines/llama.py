@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +26,51 @@ _GPU_DEVICE_TYPES = (1, 2)
 _PENALTY_LAST_N = 64
 # Flash attention off, as llama-cpp-python's Llama does: same numerics as the high-level API.
 FLASH_ATTN = 0
+
+
+class LlamaLogLines:
+    """llama.cpp's and ggml's log callback: each line as one record on a Python logger.
+
+    llama.cpp calls it with pieces of text: a line may arrive in several calls, and level CONT (5)
+    continues the previous one. Pieces are buffered per thread up to the newline. llama.cpp's INFO and
+    DEBUG lines (model metadata, tensor lists: over a thousand per load) are DEBUG records here; WARN and
+    ERROR stay warnings and errors.
+    """
+
+    # ggml_log_level in this llama.cpp: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (llama_cpp/_logger.py
+    # still lists an older order).
+    _LEVELS = {3: logging.WARNING, 4: logging.ERROR}
+    _CONT = 5
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._log = logger
+        self._pending = threading.local()
+
+    def __call__(self, level: int, text: bytes | None, user_data: object = None) -> None:
+        state = self._pending
+        held: bytes = getattr(state, "text", b"")
+        if level != self._CONT:
+            new_level = self._LEVELS.get(level, logging.DEBUG)
+            if held and new_level != getattr(state, "level", new_level):  # an unfinished line of another level
+                self._emit(state.level, held)
+                held = b""
+            state.level = new_level
+        elif not hasattr(state, "level"):
+            state.level = logging.DEBUG
+        *lines, state.text = (held + (text or b"")).split(b"\n")
+        for line in lines:
+            self._emit(state.level, line)
+
+    def _emit(self, level: int, line: bytes) -> None:
+        if line.strip() and self._log.isEnabledFor(level):
+            self._log.log(level, "%s", line.decode("utf-8", "replace").rstrip())
+
+
+# llama-cpp-python's own callback prints every line to stderr; replacing it sends them to the server's
+# log. llama_log_set also sets ggml's (one libggml-base in the process). The callback object must live
+# as long as the library may call it.
+_log_callback = llama_cpp.llama_log_callback(LlamaLogLines(logging.getLogger("llama_cpp")))
+llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
 
 
 def ggml_library() -> ctypes.CDLL:

@@ -28,6 +28,7 @@ from typing import Any
 from appliance import errors
 from appliance.engines import rpc
 from appliance.errors import ApplianceError, EngineError, PeerUnavailable
+from appliance.observability.logs import server_formatter, setup_child_logging
 from appliance.types import Chunk, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -233,7 +234,10 @@ class SplitChatEngine:
     def _spawn(self) -> _Child:
         parent_end, child_end = self._mp.Pipe()
         proc = self._mp.Process(
-            target=_child_main, args=(child_end, self.spec), name=f"appliance-split-{self.model_id}", daemon=True
+            target=_child_main,
+            args=(child_end, self.spec, server_formatter()),
+            name=f"appliance-split-{self.model_id}",
+            daemon=True,
         )
         proc.start()
         child_end.close()  # so that the child's death reads as EOF here
@@ -357,11 +361,13 @@ class SplitChatEngine:
 # -- the child process ---------------------------------------------------------------------------
 
 
-def _child_main(conn: Connection, spec: SplitSpec) -> None:
-    """Load the model over the workers and serve submit/cancel messages until told to close."""
-    logging.basicConfig(level=spec.log_level, format=f"%(asctime)s %(levelname)s split[{spec.model_id}] %(name)s: %(message)s")
-    # llama-cpp-python prints llama.cpp's log lines at or above this logger's level; its debug lines are noise.
-    logging.getLogger("llama-cpp-python").setLevel(max(spec.log_level, logging.INFO))
+def _child_main(conn: Connection, spec: SplitSpec, formatter: logging.Formatter | None = None) -> None:
+    """Load the model over the workers and serve submit/cancel messages until told to close.
+
+    The child writes to the server's stderr: with the server's formatter its lines (llama.cpp's too,
+    engines/llama.py) are the server's JSON lines, redacted alike.
+    """
+    setup_child_logging(spec.log_level, formatter)
     send_lock = threading.Lock()
 
     def send(message: tuple[Any, ...]) -> None:
