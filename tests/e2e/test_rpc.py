@@ -112,7 +112,9 @@ def _copy_model(models: Path, source: str, new_id: str) -> None:
 def _start_head(data: Path, config: Path, log: Path) -> Server:
     """The head server, waited for until every model has loaded or failed (/health may stay 503)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "appliance", "serve", "--port", str(port), "--data-dir", str(data), "--config", str(config)]
+    # debug: the layer placement checks read llama.cpp's model-loading lines, logged at debug
+    cmd = [sys.executable, "-m", "appliance", "serve", "--port", str(port), "--data-dir", str(data), "--config", str(config),
+           "--log-level", "debug"]
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
