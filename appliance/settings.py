@@ -147,6 +147,8 @@ class RetrievalSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     """Model for grounded answers when a request names none; default: the first chat/completion model."""
     resume_on_start: bool = True
     """Re-ingest documents that a crash left half-ingested, once the server has started."""
+    rerank_model: str | None = None
+    """Cross-encoder (kind rerank) that search and ask use when a request sends `"rerank": true`; none: refused."""
 
 
 class Price(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -270,6 +272,7 @@ _ENV_FIELDS: dict[str, tuple[str | None, str]] = {
     "APPLIANCE_INJECTION_CLASSIFIER": ("gateway", "injection_classifier"),
     "APPLIANCE_INJECTION_LABEL": ("gateway", "injection_label"),
     "APPLIANCE_EMBEDDING_MODEL": ("retrieval", "embedding_model"),
+    "APPLIANCE_RERANK_MODEL": ("retrieval", "rerank_model"),
     "APPLIANCE_CLUSTER_SECRET": ("cluster", "secret"),
     "APPLIANCE_NODE_NAME": ("cluster", "node_name"),
 }

@@ -20,6 +20,7 @@ from appliance.api.cluster import cluster_state
 from appliance.api.documents import DocumentsController
 from appliance.api.gateway import context_of, gateway_middleware
 from appliance.api.openai import OpenAIController
+from appliance.api.rerank import rerank
 from appliance.engines.memory import estimate_models, max_memory_bytes
 from appliance.engines.registry import ModelRegistry
 from appliance.errors import ApplianceError
@@ -32,6 +33,7 @@ from appliance.services.documents import DocumentService
 from appliance.services.embeddings import EmbeddingService
 from appliance.services.generation import GenerationService
 from appliance.services.injection_classifier import injection_classifier
+from appliance.services.rerank import RerankService
 from appliance.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -137,10 +139,12 @@ def create_app(settings: Settings, registry: ModelRegistry) -> Litestar:
     )
     generation = GenerationService(registry, cache, embed_prompt=_prompt_embedder(registry, settings))
     embeddings = EmbeddingService(registry, max_inputs=settings.models.max_embedding_inputs)
+    reranker = RerankService(registry, default_model=settings.retrieval.rerank_model)
     documents = DocumentService(
         settings.data_dir / "collections",
         registry,
         embedding_model=settings.retrieval.embedding_model,
+        reranker=reranker,
         on_search=lambda mode, seconds: gateway.metrics.retrieval.labels(mode=mode).observe(seconds),
     )
 
@@ -164,7 +168,7 @@ def create_app(settings: Settings, registry: ModelRegistry) -> Litestar:
     return Litestar(
         route_handlers=[
             _page_handler(), health, version, metrics, usage_report,
-            OpenAIController, DocumentsController, AdminController, cluster_state,
+            OpenAIController, rerank, DocumentsController, AdminController, cluster_state,
         ],
         middleware=[gateway_middleware(gateway, peer_auth=cluster.verifier)],
         dependencies={
@@ -173,6 +177,7 @@ def create_app(settings: Settings, registry: ModelRegistry) -> Litestar:
             "registry": const(registry),
             "generation_service": const(generation),
             "embedding_service": const(embeddings),
+            "rerank_service": const(reranker),
             "document_service": const(documents),
             "ask_service": const(ask),
             "cluster": const(cluster),

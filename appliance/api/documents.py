@@ -77,7 +77,8 @@ class DocumentsController(Controller):
         f = body.filter
         if f is not None and f.page_from is not None and f.page_to is not None and f.page_from > f.page_to:
             raise InvalidRequest("filter.page_from is after filter.page_to.", param="filter")
-        hits = await document_service.search(ctx.tenant.name, name, body.query, top_k=body.top_k, mode=body.mode, flt=f)
+        hits = await document_service.search(ctx.tenant.name, name, body.query, top_k=body.top_k, mode=body.mode, flt=f,
+                                             rerank=body.rerank)
         ctx.retrieved_chunks = len(hits)
         data = [
             SearchHit(h.document_id, h.chunk_id, h.title, h.source, h.page, h.heading, h.text, h.start, h.end,
@@ -89,7 +90,7 @@ class DocumentsController(Controller):
     @post("/{name:str}/ask", status_code=200)
     async def ask(self, name: str, request: Request, ask_service: AskService, ctx: RequestContext) -> Response[bytes] | Stream:
         body: AskRequest = decode_request(await request.body(), AskRequest)
-        args = dict(top_k=body.top_k, model=body.model, max_tokens=body.max_tokens, policy=ctx)
+        args = dict(top_k=body.top_k, model=body.model, max_tokens=body.max_tokens, policy=ctx, rerank=body.rerank)
         ctx.hold_record = True
         if not body.stream:
             answer = await ask_service.ask(ctx.tenant.name, name, body.question, **args)

@@ -80,6 +80,18 @@ class NativeEngineFactory:
                 n_threads=threads,
                 gpu=self._settings.gpu,
             )
+        if manifest.format == "onnx" and manifest.kind == "rerank" and manifest.tokenizer is not None:
+            from appliance.engines.onnx import OnnxCrossEncoder
+
+            return OnnxCrossEncoder(
+                path,
+                self._store.path_of(manifest, manifest.tokenizer),
+                model_id=manifest.id,
+                max_length=manifest.context_window(None) or 256,
+                batch_size=self._settings.embedding_batch_size,
+                n_threads=threads,
+                gpu=self._settings.gpu,
+            )
         raise UnsupportedForModel(f"no engine serves {manifest.format} models of kind {manifest.kind}")
 
     def _split(self, manifest: Manifest, path: Path, threads: int) -> Any:

@@ -1,5 +1,5 @@
-"""Sentence embeddings and text classification on onnxruntime + HF tokenizers. The only module that
-imports onnxruntime."""
+"""Sentence embeddings, text classification and cross-encoder reranking on onnxruntime + HF tokenizers.
+The only module that imports onnxruntime."""
 
 from __future__ import annotations
 
@@ -220,3 +220,67 @@ class OnnxTextClassifier(_OnnxTextModel):
                               f"expected [batch, {len(self.labels)}]")
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
         return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+class OnnxCrossEncoder(_OnnxTextModel):
+    """A cross-encoder reranker: reads each (query, document) pair as one input and gives it one logit.
+
+    The pair is encoded the way the model was trained (`[CLS] query [SEP] document [SEP]` for BERT-style
+    tokenizers, token_type_ids 0 then 1) and cut to `max_length` tokens, longest part first, as
+    sentence-transformers' CrossEncoder does. The logit is the log-odds that the document is relevant:
+    the single output column, or for a two-column model `logit[1] - logit[0]` (column 1 being the
+    positive label), so that its sigmoid is the softmax probability of that label.
+    """
+
+    def __init__(
+        self,
+        model_path: Path,
+        tokenizer_path: Path,
+        *,
+        model_id: str,
+        max_length: int,
+        batch_size: int,
+        n_threads: int | None,
+        gpu: str,
+    ) -> None:
+        super().__init__(model_path, tokenizer_path, model_id=model_id, max_length=max_length, n_threads=n_threads,
+                         gpu=gpu)
+        self._batch_size = batch_size
+        outputs = self._session.get_outputs()
+        self._output = next((o for o in outputs if o.name == "logits"), outputs[0])
+        columns = self._output.shape[-1] if len(self._output.shape or []) > 1 else 1
+        if isinstance(columns, int) and columns not in (1, 2):
+            raise EngineError(f"model {model_id} has {columns} output columns; a cross-encoder has 1 or 2")
+        special = self._tokenizer.post_processor.num_special_tokens_to_add(True) if self._tokenizer.post_processor else 0
+        if max_length - special < 2:
+            raise EngineError(f"model {model_id}: a window of {max_length} tokens leaves no room for a pair")
+        self._tokenizer.enable_truncation(max_length, strategy="longest_first")
+
+    def _encode(self, query: str, documents: list[str]) -> list[Any]:
+        return self._tokenizer.encode_batch([(query, d) for d in documents], add_special_tokens=True)
+
+    def count_tokens(self, query: str, documents: list[str]) -> int:
+        """Tokens of all the pairs as the model sees them (special tokens in, cut to the window)."""
+        return sum(len(e.ids) for e in self._encode(query, documents))
+
+    def score(self, query: str, documents: list[str]) -> list[float]:
+        """One relevance logit per document, in the documents' order (see the class docstring)."""
+        encoded = self._encode(query, documents)
+        out = np.zeros(len(documents), dtype=np.float64)
+        # Sorting by length keeps padding small inside each batch.
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
+        for start in range(0, len(order), self._batch_size):
+            idx = order[start : start + self._batch_size]
+            out[idx] = self._logits([encoded[i] for i in idx])
+        return out.tolist()
+
+    def _logits(self, encoded: list[Any]) -> np.ndarray:
+        logits, _ = self._run(encoded, "rerank", output=self._output.name)
+        logits = logits.astype(np.float64)
+        if logits.ndim == 2 and logits.shape[1] == 2:
+            return logits[:, 1] - logits[:, 0]
+        if logits.ndim == 2 and logits.shape[1] == 1:
+            return logits[:, 0]
+        if logits.ndim == 1:
+            return logits
+        raise EngineError(f"model {self.model_id} returned logits of shape {logits.shape}, expected [batch, 1 or 2]")

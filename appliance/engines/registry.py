@@ -61,6 +61,19 @@ class ClassifierEngine(Protocol):
         """{label: probability} per text; never refuses a long text."""
 
 
+class RerankEngine(Protocol):
+    """A cross-encoder: scores (query, document) pairs, each cut to `max_length` tokens, never refused."""
+
+    model_id: str
+    max_length: int
+
+    def count_tokens(self, query: str, documents: list[str]) -> int:
+        """Tokens of all the (query, document) pairs as the model sees them."""
+
+    def score(self, query: str, documents: list[str]) -> list[float]:
+        """One relevance logit (log-odds) per document, in order; higher is more relevant."""
+
+
 EngineFactory = Callable[[Manifest], Any]
 """Builds the engine for a manifest (blocking; runs on the loader thread)."""
 

@@ -204,6 +204,8 @@ class ModelStore:
         if fmt == "onnx" and tokenizer is None:
             raise ModelStoreError("an ONNX model needs --tokenizer PATH (its tokenizer.json)", param="tokenizer")
         self._check_classifier(fmt, kind, labels)
+        if kind == "rerank" and fmt != "onnx":
+            raise ModelStoreError("a rerank model must be an ONNX cross-encoder (with --tokenizer)", param="kind")
         if context_length is not None and fmt != "onnx":
             raise ModelStoreError("--context-length is for ONNX models (a GGUF file states its own)",
                                   param="context_length")
@@ -229,6 +231,12 @@ class ModelStore:
                         raise ModelStoreError(
                             f"{source.name} has {outputs} output columns but {len(labels or [])} labels were given",
                             param="labels",
+                        )
+                elif kind == "rerank":
+                    if outputs is not None and outputs not in (1, 2):
+                        raise ModelStoreError(
+                            f"{source.name} has {outputs} output columns; a cross-encoder (--kind rerank) has 1 or 2",
+                            param="kind",
                         )
                 else:
                     embedding_dim = outputs

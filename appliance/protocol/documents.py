@@ -25,6 +25,8 @@ class SearchRequest(msgspec.Struct, forbid_unknown_fields=True):
     top_k: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5
     mode: Literal["hybrid", "bm25", "vector"] = "hybrid"
     filter: SearchFilter | None = None
+    rerank: bool = False
+    """Reorder the best candidates with the cross-encoder retrieval.rerank_model; scores become 0..1."""
 
 
 class SearchHit(msgspec.Struct):
@@ -56,3 +58,5 @@ class AskRequest(msgspec.Struct, forbid_unknown_fields=True):
     stream: bool = False
     model: str | None = None
     max_tokens: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 256
+    rerank: bool = False
+    """Choose the sources after reordering the candidates with retrieval.rerank_model."""

@@ -211,8 +211,11 @@ class AskService:
         max_tokens: int,
         policy: RequestPolicy = OPEN_POLICY,
         quarantined: list[dict[str, str]] | None = None,
+        rerank: bool = False,
     ) -> list[Source]:
-        hits = await self._documents.search(tenant, collection, question, top_k=top_k * 3, mode="hybrid", flt=None)
+        hits = await self._documents.search(
+            tenant, collection, question, top_k=top_k * 3, mode="hybrid", flt=None, rerank=rerank
+        )
         # Injected instructions in a document must never reach the prompt: screen before choosing.
         kept = set(policy.screen_retrieved([h.text for h in hits]))
         if quarantined is not None:
@@ -243,6 +246,7 @@ class AskService:
         max_tokens: int,
         policy: RequestPolicy = OPEN_POLICY,
         quarantined: list[dict[str, str]] | None = None,
+        rerank: bool = False,
     ) -> tuple[Manifest, list[Source], Generation | None]:
         if not question.strip():
             raise InvalidRequest("The question is empty.", param="question")
@@ -251,7 +255,7 @@ class AskService:
         [question] = policy.screen_input([question])
         sources = await self.retrieve(
             tenant, collection, question, top_k, manifest=manifest, max_tokens=max_tokens, policy=policy,
-            quarantined=quarantined,
+            quarantined=quarantined, rerank=rerank,
         )
         if not sources:
             return manifest, sources, None
@@ -264,12 +268,12 @@ class AskService:
 
     async def ask(
         self, tenant: str, collection: str, question: str, *, top_k: int, model: str | None, max_tokens: int,
-        policy: RequestPolicy = OPEN_POLICY,
+        policy: RequestPolicy = OPEN_POLICY, rerank: bool = False,
     ) -> Answer:
         quarantined: list[dict[str, str]] = []
         manifest, sources, generation = await self.start(
             tenant, collection, question, top_k=top_k, model=model, max_tokens=max_tokens, policy=policy,
-            quarantined=quarantined,
+            quarantined=quarantined, rerank=rerank,
         )
         if generation is None:
             return Answer(NO_ANSWER, [], [], False, manifest.id, {"prompt_tokens": 0, "completion_tokens": 0}, quarantined)
@@ -280,12 +284,12 @@ class AskService:
 
     async def stream(
         self, tenant: str, collection: str, question: str, *, top_k: int, model: str | None, max_tokens: int,
-        policy: RequestPolicy = OPEN_POLICY,
+        policy: RequestPolicy = OPEN_POLICY, rerank: bool = False,
     ) -> AsyncIterator[dict[str, Any]]:
         quarantined: list[dict[str, str]] = []
         manifest, sources, generation = await self.start(
             tenant, collection, question, top_k=top_k, model=model, max_tokens=max_tokens, policy=policy,
-            quarantined=quarantined,
+            quarantined=quarantined, rerank=rerank,
         )
 
         async def events() -> AsyncIterator[dict[str, Any]]:

@@ -22,10 +22,13 @@ from appliance.modelstore.manifest import Manifest
 from appliance.retrieval.chunking import Chunker
 from appliance.retrieval.collection import Collection, DocumentInput, Hit, IngestResult, SearchFilter
 from appliance.retrieval.parsing import DocumentError, Section, parse
+from appliance.services.rerank import RerankService
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _DOC_ID = re.compile(r"^[^\x00-\x1f/\\]{1,200}$")
+RERANK_CANDIDATES = 20
+"""Fused hits a reranked search hands the cross-encoder (at least; top_k when it asks for more)."""
 
 
 class FileResult(msgspec.Struct):
@@ -58,11 +61,14 @@ class DocumentService:
         registry: ModelRegistry,
         *,
         embedding_model: str,
+        reranker: RerankService | None = None,
         on_search: Callable[[str, float], None] | None = None,
     ) -> None:
+        """`reranker`: serves searches that ask for `rerank` (with retrieval.rerank_model); None refuses them."""
         self._root = root
         self._registry = registry
         self._embedding_name = embedding_model
+        self._reranker = reranker or RerankService(registry)
         self._on_search = on_search
         """Told each search's mode and seconds (the retrieval latency metric)."""
         self._open: dict[tuple[str, str], Collection] = {}
@@ -219,19 +225,27 @@ class DocumentService:
             raise DocumentNotFound(f"Document '{doc_id}' is not in collection '{name}'.", param="id")
 
     async def search(
-        self, tenant: str, name: str, query: str, *, top_k: int, mode: str, flt: SearchFilter | None
+        self, tenant: str, name: str, query: str, *, top_k: int, mode: str, flt: SearchFilter | None,
+        rerank: bool = False,
     ) -> list[Hit]:
+        """`rerank`: the cross-encoder reorders the best RERANK_CANDIDATES hits, and each hit's score becomes
+        its relevance_score (0..1). Like the query's embedding, it is part of the search, not metered apart."""
         if not query.strip():
             raise InvalidRequest("The query is empty.", param="query")
+        reranker = self._reranker.default() if rerank else None  # refused before any work
         col, manifest = await self._collection(tenant, name)
         async with self._registry.use(manifest) as engine:
             embed = self.embed_fn(engine)
             started = time.perf_counter()
             hits = await asyncio.to_thread(
-                col.search, query, top_k=top_k, mode=mode, query_vector=lambda: embed([_clip(engine, query)])[0], flt=flt
+                col.search, query, top_k=max(top_k, RERANK_CANDIDATES) if rerank else top_k, mode=mode,
+                query_vector=lambda: embed([_clip(engine, query)])[0], flt=flt,
             )
+        if reranker is not None and hits:
+            ranking = await self._reranker.rerank(reranker, query, [h.text for h in hits], top_n=top_k)
+            hits = [msgspec.structs.replace(hits[r.index], score=round(r.relevance_score, 6)) for r in ranking.results]
         if self._on_search is not None:
-            self._on_search(mode, time.perf_counter() - started)
+            self._on_search(f"{mode}+rerank" if rerank else mode, time.perf_counter() - started)
         return hits
 
     async def resume(self) -> None:
