@@ -7,11 +7,12 @@ import time
 import msgspec
 from litestar import Controller, Request, Response, delete, get, patch, post
 
+from appliance.api.openapi import KeyInfo, NewKey, ObjectList, TenantInfo, UsageQuery, UsageReport
 from appliance.errors import InvalidRequest, PermissionDenied
 from appliance.observability.metrics import CONTENT_TYPE
 from appliance.policy.gateway import Gateway, RequestContext
-from appliance.policy.metering import parse_time
-from appliance.policy.tenancy import ApiKey, TenantUpdate
+from appliance.policy.metering import VerifyResult, parse_time
+from appliance.policy.tenancy import ApiKey, Tenant, TenantUpdate
 from appliance.protocol.admin import CreateKey, CreateTenant
 from appliance.protocol.openai import decode_request
 
@@ -32,36 +33,36 @@ def _key_out(key: ApiKey) -> dict[str, object]:
 class AdminController(Controller):
     path = "/v1/admin"
 
-    @get("/tenants")
+    @get("/tenants", opt={"response": ObjectList[Tenant], "summary": "List tenants"})
     async def list_tenants(self, gateway: Gateway, ctx: RequestContext) -> Response[bytes]:
         requires_admin(ctx)
         return _json({"object": "list", "data": gateway.tenants.tenants()})
 
-    @post("/tenants", status_code=201)
+    @post("/tenants", status_code=201, opt={"request": CreateTenant, "response": Tenant, "summary": "Create a tenant"})
     async def create_tenant(self, request: Request, gateway: Gateway, ctx: RequestContext) -> Response[bytes]:
         requires_admin(ctx)
         body: CreateTenant = decode_request(await request.body(), CreateTenant)
         fields = {k: v for k, v in msgspec.structs.asdict(body).items() if k != "name" and v is not None}
         return _json(gateway.tenants.create_tenant(body.name, **fields), 201)
 
-    @get("/tenants/{name:str}")
+    @get("/tenants/{name:str}", opt={"response": TenantInfo, "summary": "A tenant and its remaining budget"})
     async def get_tenant(self, name: str, gateway: Gateway, ctx: RequestContext) -> Response[bytes]:
         requires_admin(ctx)
         tenant = gateway.tenants.tenant(name)
         return _json({**msgspec.to_builtins(tenant), "budget_remaining": gateway.budgets.remaining(tenant)})
 
-    @patch("/tenants/{name:str}")
+    @patch("/tenants/{name:str}", opt={"request": TenantUpdate, "response": Tenant, "summary": "Change a tenant"})
     async def update_tenant(self, name: str, request: Request, gateway: Gateway, ctx: RequestContext) -> Response[bytes]:
         requires_admin(ctx)
         update: TenantUpdate = decode_request(await request.body(), TenantUpdate)
         return _json(gateway.tenants.update_tenant(name, update))
 
-    @get("/keys")
+    @get("/keys", opt={"response": ObjectList[KeyInfo], "summary": "List keys"})
     async def list_keys(self, gateway: Gateway, ctx: RequestContext, tenant: str | None = None) -> Response[bytes]:
         requires_admin(ctx)
         return _json({"object": "list", "data": [_key_out(k) for k in gateway.tenants.keys(tenant)]})
 
-    @post("/keys", status_code=201)
+    @post("/keys", status_code=201, opt={"request": CreateKey, "response": NewKey, "summary": "Create a key (shown once)"})
     async def create_key(self, request: Request, gateway: Gateway, ctx: RequestContext) -> Response[bytes]:
         requires_admin(ctx)
         body: CreateKey = decode_request(await request.body(), CreateKey)
@@ -76,18 +77,18 @@ class AdminController(Controller):
         # The only time the full key is ever shown.
         return _json({**_key_out(key), "key": secret}, 201)
 
-    @delete("/keys/{key_id:str}", status_code=200)
+    @delete("/keys/{key_id:str}", status_code=200, opt={"response": KeyInfo, "summary": "Revoke a key"})
     async def revoke_key(self, key_id: str, gateway: Gateway, ctx: RequestContext) -> Response[bytes]:
         requires_admin(ctx)
         return _json(_key_out(gateway.tenants.revoke_key(key_id)))
 
-    @get("/usage/verify")
+    @get("/usage/verify", opt={"response": VerifyResult, "summary": "Check the usage hash chain"})
     async def verify_usage(self, gateway: Gateway, ctx: RequestContext) -> Response[bytes]:
         requires_admin(ctx)
         return _json(gateway.meter.verify())
 
 
-@get("/v1/usage")
+@get("/v1/usage", opt={"query": UsageQuery, "response": UsageReport, "summary": "Usage totals with cost"})
 async def usage_report(request: Request, gateway: Gateway, ctx: RequestContext) -> Response[bytes]:
     """Totals per model, key, day, tenant or route; a user key sees its own tenant, an admin all or one."""
     assert ctx.principal is not None
@@ -103,6 +104,6 @@ async def usage_report(request: Request, gateway: Gateway, ctx: RequestContext) 
     return _json({"object": "list", "group_by": group_by, "from": since, "to": until, "data": rows})
 
 
-@get("/metrics", sync_to_thread=False)
+@get("/metrics", sync_to_thread=False, opt={"response": str, "media_type": "text/plain", "summary": "Prometheus metrics"})
 def metrics(gateway: Gateway) -> Response[bytes]:
     return Response(gateway.metrics.render(), media_type=CONTENT_TYPE)

@@ -21,6 +21,7 @@ from appliance.api.documents import DocumentsController
 from appliance.api.gateway import context_of, gateway_middleware
 from appliance.api.openai import OpenAIController
 from appliance.api.rerank import rerank
+from appliance.api.openapi import HealthReport, VersionInfo, openapi_handlers
 from appliance.engines.memory import estimate_models, max_memory_bytes
 from appliance.engines.registry import ModelRegistry
 from appliance.errors import ApplianceError
@@ -46,7 +47,10 @@ def _package_version(name: str) -> str | None:
         return None
 
 
-@get("/health", sync_to_thread=False)
+_HEALTH = {"response": HealthReport, "responses": {503: HealthReport}, "summary": "Can the server serve?"}
+
+
+@get("/health", sync_to_thread=False, opt=_HEALTH)
 def health(registry: ModelRegistry, cluster: Cluster) -> Response[dict[str, object]]:
     status = registry.health()
     models = registry.status()
@@ -74,14 +78,14 @@ _PAGE_HEADERS = {
 def _page_handler() -> Any:
     page = (resources.files("appliance") / "web" / "index.html").read_bytes()
 
-    @get("/", sync_to_thread=False, include_in_schema=False)
+    @get("/", sync_to_thread=False, opt={"response": str, "media_type": "text/html", "summary": "Document Q&A page"})
     def index() -> Response[bytes]:
         return Response(page, media_type=MediaType.HTML, headers=_PAGE_HEADERS)  # Litestar adds the charset
 
     return index
 
 
-@get("/version", sync_to_thread=False)
+@get("/version", sync_to_thread=False, opt={"response": VersionInfo, "summary": "Versions of the appliance and its engines"})
 def version() -> dict[str, object]:
     return {
         "version": __version__,
@@ -168,7 +172,7 @@ def create_app(settings: Settings, registry: ModelRegistry) -> Litestar:
     return Litestar(
         route_handlers=[
             _page_handler(), health, version, metrics, usage_report,
-            OpenAIController, rerank, DocumentsController, AdminController, cluster_state,
+            OpenAIController, rerank, DocumentsController, AdminController, cluster_state, *openapi_handlers(_PAGE_HEADERS),
         ],
         middleware=[gateway_middleware(gateway, peer_auth=cluster.verifier)],
         dependencies={

@@ -16,13 +16,17 @@ from appliance.peering.auth import CLUSTER_HEADERS
 from appliance.peering.cluster import STATE_PATH, Cluster
 from appliance.peering.forward import forward
 from appliance.policy.gateway import RequestContext
+from appliance.protocol.cluster import NodeState
 
 log = logging.getLogger(__name__)
 SERVED_BY = "x-appliance-served-by"
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-@get(STATE_PATH)
+_STATE = {"response": NodeState, "security": [{"bearer": []}], "summary": "This node's state, for peers (cluster signature) and admin keys"}
+
+
+@get(STATE_PATH, opt=_STATE)
 async def cluster_state(request: Request, cluster: Cluster, ctx: RequestContext) -> Response[bytes]:
     """This node's name, health, models and load. For peers (cluster signature) and admins.
 

@@ -13,8 +13,11 @@ from litestar.datastructures import UploadFile
 from appliance.errors import InvalidRequest
 from appliance.api.errors import error_body
 from appliance.errors import ApplianceError
+from appliance.api.openapi import (
+    AskEvent, CollectionDeleted, CollectionInfo, DocumentDeleted, DocumentInfo, IngestReport, ObjectList,
+)
 from appliance.protocol.documents import AskRequest, CreateCollection, DocumentIn, SearchHit, SearchRequest, SearchResponse
-from appliance.services.ask import AskService
+from appliance.services.ask import Answer, AskService
 from appliance.protocol.openai import decode_request
 from appliance.policy.gateway import RequestContext
 from appliance.services.documents import DocumentService
@@ -29,21 +32,24 @@ def _json(obj: object, status: int = 200) -> Response[bytes]:
 class DocumentsController(Controller):
     path = "/v1/collections"
 
-    @post("/", status_code=201)
+    @post("/", status_code=201, opt={"request": CreateCollection, "response": CollectionInfo, "summary": "Create a collection"})
     async def create_collection(self, request: Request, document_service: DocumentService, ctx: RequestContext) -> Response[bytes]:
         body: CreateCollection = decode_request(await request.body(), CreateCollection)
         return _json(await document_service.create(ctx.tenant.name, body.name), 201)
 
-    @get("/")
+    @get("/", opt={"response": ObjectList[CollectionInfo], "summary": "List collections"})
     async def list_collections(self, document_service: DocumentService, ctx: RequestContext) -> Response[bytes]:
         return _json({"object": "list", "data": document_service.list(ctx.tenant.name)})
 
-    @delete("/{name:str}", status_code=200)
+    @delete("/{name:str}", status_code=200, opt={"response": CollectionDeleted, "summary": "Delete a collection"})
     async def delete_collection(self, name: str, document_service: DocumentService, ctx: RequestContext) -> Response[bytes]:
         await document_service.delete(ctx.tenant.name, name)
         return _json({"name": name, "deleted": True})
 
-    @post("/{name:str}/documents", status_code=200, request_max_body_size=MAX_UPLOAD_BYTES)
+    @post(
+        "/{name:str}/documents", status_code=200, request_max_body_size=MAX_UPLOAD_BYTES,
+        opt={"request": DocumentIn, "uploads": True, "response": IngestReport, "summary": "Add documents (text or files)"},
+    )
     async def add_documents(self, name: str, request: Request, document_service: DocumentService, ctx: RequestContext) -> Response[bytes]:
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
@@ -62,16 +68,16 @@ class DocumentsController(Controller):
         counts = {s: sum(1 for r in results if r.status == s) for s in ("ingested", "unchanged", "failed")}
         return _json({"collection": name, "results": results, **counts})
 
-    @get("/{name:str}/documents")
+    @get("/{name:str}/documents", opt={"response": ObjectList[DocumentInfo], "summary": "List documents"})
     async def list_documents(self, name: str, document_service: DocumentService, ctx: RequestContext) -> Response[bytes]:
         return _json({"object": "list", "data": await document_service.documents(ctx.tenant.name, name)})
 
-    @delete("/{name:str}/documents/{doc_id:str}", status_code=200)
+    @delete("/{name:str}/documents/{doc_id:str}", status_code=200, opt={"response": DocumentDeleted, "summary": "Delete a document"})
     async def delete_document(self, name: str, doc_id: str, document_service: DocumentService, ctx: RequestContext) -> Response[bytes]:
         await document_service.delete_document(ctx.tenant.name, name, doc_id)
         return _json({"id": doc_id, "deleted": True})
 
-    @post("/{name:str}/search", status_code=200)
+    @post("/{name:str}/search", status_code=200, opt={"request": SearchRequest, "response": SearchResponse, "summary": "Search a collection"})
     async def search(self, name: str, request: Request, document_service: DocumentService, ctx: RequestContext) -> Response[bytes]:
         body: SearchRequest = decode_request(await request.body(), SearchRequest)
         f = body.filter
@@ -87,7 +93,10 @@ class DocumentsController(Controller):
         ]
         return _json(SearchResponse(body.query, body.mode, data))
 
-    @post("/{name:str}/ask", status_code=200)
+    @post(
+        "/{name:str}/ask", status_code=200,
+        opt={"request": AskRequest, "response": Answer, "stream": AskEvent, "summary": "Answer from a collection, with citations"},
+    )
     async def ask(self, name: str, request: Request, ask_service: AskService, ctx: RequestContext) -> Response[bytes] | Stream:
         body: AskRequest = decode_request(await request.body(), AskRequest)
         args = dict(top_k=body.top_k, model=body.model, max_tokens=body.max_tokens, policy=ctx, rerank=body.rerank)

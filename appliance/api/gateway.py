@@ -28,8 +28,9 @@ from appliance.types import Principal
 log = logging.getLogger("appliance.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
 # The cluster state route checks the cluster signature (or an admin key) itself: peers probe it every
-# few seconds, and those probes are neither rate-limited nor metered.
-PUBLIC_ROUTES = frozenset({"/health", "/", "/v1/cluster/state"})
+# few seconds, and those probes are neither rate-limited nor metered. The API description and its docs
+# page are the same on every appliance of a version and hold no data.
+PUBLIC_ROUTES = frozenset({"/health", "/", "/v1/cluster/state", "/openapi.json", "/docs"})
 METRICS_ROUTE = "/metrics"
 _LOOPBACK = ("127.", "::1", "localhost")
 
