@@ -406,14 +406,16 @@ def models_install_defaults(ctx: click.Context, source: Path | None) -> None:
 
 
 def _document_service(ctx: click.Context) -> Any:
-    """A DocumentService over the data directory with just the embedding model loaded."""
+    """A DocumentService over the data directory with the embedding model (and rerank model) registered."""
     from appliance.services.documents import DocumentService
+    from appliance.services.rerank import RerankService
 
     settings = _data_settings(ctx)
     _setup_logging("warning")
-    registry, _ = build_registry(settings, keep=lambda m: m.kind == "embedding", load_timeout_s=600)
+    registry, _ = build_registry(settings, keep=lambda m: m.kind in ("embedding", "rerank"), load_timeout_s=600)
     return DocumentService(
-        settings.data_dir / "collections", registry, embedding_model=settings.retrieval.embedding_model
+        settings.data_dir / "collections", registry, embedding_model=settings.retrieval.embedding_model,
+        reranker=RerankService(registry, default_model=settings.retrieval.rerank_model),
     ), registry
 
 
@@ -633,19 +635,22 @@ def eval_guardrails(
 @eval_group.command("retrieval")
 @click.option("--dataset", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="SQuAD-format JSON.")
 @click.option("--limit", type=int, help="Evaluate only the first N questions.")
+@click.option("--rerank", is_flag=True, help="Add a hybrid+rerank row: retrieval.rerank_model reorders hybrid's best 20.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def eval_retrieval(ctx: click.Context, dataset: Path, limit: int | None, as_json: bool) -> None:
+def eval_retrieval(ctx: click.Context, dataset: Path, limit: int | None, rerank: bool, as_json: bool) -> None:
     """Recall@1/5/10 and MRR@10 of bm25, vector and hybrid search, one document per paragraph."""
     from appliance.retrieval.evaluate import evaluate, load_squad
 
     async def work(service: Any) -> dict[str, dict[str, float]]:
         manifest, engine = await service.embedder()
+        scorer = await service.reranker_engine() if rerank else None
         n = len(load_squad(dataset, limit)[1])
         with _bar(n, "questions") as bar:
             return await asyncio.to_thread(
                 evaluate, dataset, service.embed_fn(engine), service.chunker_for(engine),
                 embedding_model=manifest.id, ndim=manifest.embedding_dim or 384, limit=limit, progress=bar.update,
+                rerank=scorer.score if scorer is not None else None,
             )
 
     import asyncio
@@ -654,9 +659,9 @@ def eval_retrieval(ctx: click.Context, dataset: Path, limit: int | None, as_json
     if as_json:
         click.echo(json.dumps(scores, indent=2))
         return
-    click.echo(f"{'mode':<8} {'R@1':>7} {'R@5':>7} {'R@10':>7} {'MRR@10':>7}")
+    click.echo(f"{'mode':<14} {'R@1':>7} {'R@5':>7} {'R@10':>7} {'MRR@10':>7}")
     for mode, m in scores.items():
-        click.echo(f"{mode:<8} {m['recall@1']:>7.3f} {m['recall@5']:>7.3f} {m['recall@10']:>7.3f} {m['mrr@10']:>7.3f}")
+        click.echo(f"{mode:<14} {m['recall@1']:>7.3f} {m['recall@5']:>7.3f} {m['recall@10']:>7.3f} {m['mrr@10']:>7.3f}")
 
 
 @eval_group.command("answers")

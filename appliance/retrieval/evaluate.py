@@ -14,7 +14,10 @@ from appliance.retrieval.collection import Collection, DocumentInput
 from appliance.retrieval.parsing import Section
 
 Embed = Callable[[list[str]], np.ndarray]
+Rerank = Callable[[str, list[str]], list[float]]
+"""(query, documents) -> one relevance logit per document: a cross-encoder's `score`."""
 MODES = ("bm25", "vector", "hybrid")
+RERANKED = "hybrid+rerank"
 
 
 def load_squad(path: Path, limit: int | None = None) -> tuple[list[DocumentInput], list[tuple[str, str]]]:
@@ -39,25 +42,36 @@ def evaluate(
     ndim: int,
     limit: int | None = None,
     progress: Callable[[int], None] | None = None,
+    rerank: Rerank | None = None,
+    rerank_candidates: int = 20,
 ) -> dict[str, dict[str, float]]:
+    """Ranks of the gold paragraph per mode; with `rerank`, also the hybrid search's best
+    `rerank_candidates` chunks reordered by the cross-encoder (the "hybrid+rerank" row)."""
     docs, questions = load_squad(dataset, limit)
     with tempfile.TemporaryDirectory(prefix="appliance-eval-") as tmp:
         col = Collection(Path(tmp) / "eval", embedding_model=embedding_model, ndim=ndim, chunker=chunker)
         col.ingest(docs, embed)
         vectors = embed([q for q, _ in questions])
-        ranks: dict[str, list[int | None]] = {m: [] for m in MODES}
+        ranks: dict[str, list[int | None]] = {m: [] for m in (*MODES, *([RERANKED] if rerank else []))}
         for (question, gold), vec in zip(questions, vectors):
             for mode in MODES:
                 hits = col.search(question, top_k=30, mode=mode, query_vector=vec, snippets=False)
-                seen: list[str] = []
-                for h in hits:
-                    if h.document_id not in seen:
-                        seen.append(h.document_id)
-                ranks[mode].append(seen.index(gold) + 1 if gold in seen else None)
+                ranks[mode].append(_rank([h.document_id for h in hits], gold))
+                if mode == "hybrid" and rerank is not None:
+                    pool = hits[:rerank_candidates]
+                    logits = rerank(question, [h.text for h in pool])
+                    order = sorted(range(len(pool)), key=lambda i: -logits[i])
+                    ranks[RERANKED].append(_rank([pool[i].document_id for i in order], gold))
             if progress:
                 progress(1)
         col.close()
     return {mode: _metrics(r) for mode, r in ranks.items()}
+
+
+def _rank(document_ids: list[str], gold: str) -> int | None:
+    """1-based position of the gold document among the distinct documents of the hits."""
+    seen = list(dict.fromkeys(document_ids))
+    return seen.index(gold) + 1 if gold in seen else None
 
 
 def _metrics(ranks: list[int | None]) -> dict[str, float]:

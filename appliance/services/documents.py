@@ -85,6 +85,10 @@ class DocumentService:
         manifest = self._registry.resolve(self._embedding_name, kinds=("embedding",))
         return manifest, await self._registry.engine(manifest)
 
+    async def reranker_engine(self) -> Any:
+        """The engine of retrieval.rerank_model, unleased: for tools that load nothing else (CLI evaluation)."""
+        return await self._registry.engine(self._reranker.default())
+
     @staticmethod
     def chunker_for(engine: Any) -> Chunker:
         return Chunker(lambda texts: engine.count_tokens(texts, special=False), max_tokens=engine.max_length)
