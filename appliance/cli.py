@@ -309,6 +309,7 @@ def models_import(ctx: click.Context, path: Path, **opts: Any) -> None:
     """Register a model file (GGUF, or ONNX with --tokenizer), hashing and checking it first.
 
     An ONNX prompt-injection classifier: --kind classifier --tokenizer tokenizer.json --label SAFE --label INJECTION.
+    An ONNX cross-encoder for /v1/rerank: --kind rerank --tokenizer tokenizer.json.
     """
     store = _store(ctx)
     template = opts.pop("chat_template")
