@@ -24,6 +24,21 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     seed: int | None = None
 
 
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_CLOSE = "</tool_call>"
+
+
+class ToolGrammar(msgspec.Struct, frozen=True, kw_only=True):
+    """What tool calls the output may hold: each is TOOL_CALL_OPEN, a JSON object matching
+    `call_schema` ({"name", "arguments"}), TOOL_CALL_CLOSE."""
+
+    call_schema: str
+    required: bool
+    """True: the output is only calls; False ("auto"): calls, or text that does not start with one."""
+    parallel: bool
+    """More than one call allowed."""
+
+
 class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True):
     prompt: str
     max_tokens: int | None
@@ -32,6 +47,8 @@ class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True):
     sampling: SamplingParams = SamplingParams()
     json_schema: str | None = None
     """JSON schema the output must follow (response_format); "{}" means any JSON object."""
+    tools: ToolGrammar | None = None
+    """Tool calls the output may (or must) make; exclusive with json_schema."""
     priority: int = PRIORITY_INTERACTIVE
     """Lower runs first; equal priorities keep arrival order."""
 

@@ -25,9 +25,13 @@ from appliance.protocol.responses import (
     ChatCompletionChunk,
     ChunkChoice,
     Delta,
+    FunctionCallOut,
+    FunctionDelta,
     ModelList,
     TextChoice,
     TextCompletion,
+    ToolCallDelta,
+    ToolCallOut,
     embedding_list,
     model_card,
     new_id,
@@ -38,6 +42,7 @@ from appliance.services.ask import AskService
 from appliance.services.embeddings import EmbeddingService
 from appliance.types import Usage
 from appliance.services.generation import Generation, GenerationService
+from appliance.services.tools import ToolCallStream, split_calls
 
 log = logging.getLogger(__name__)
 _encode = msgspec.json.encode
@@ -74,12 +79,23 @@ async def _chat_events(generation: Generation, include_usage: bool, ctx: Request
         return _event(ChatCompletionChunk(cid, created, model, [ChunkChoice(0, delta, finish)], **extra))
 
     yield chunk(Delta(role="assistant", content=""))
+    calls = ToolCallStream() if generation.tools_offered else None
+    sent_calls = 0
     async for piece in generation:
-        if piece.text:
-            yield chunk(Delta(content=piece.text))
+        text, done = (piece.text, []) if calls is None else calls.feed(piece.text)
+        if calls is not None and piece.finish_reason is not None:
+            text += calls.finish()
+        if text:
+            yield chunk(Delta(content=text))
+        for call in done:  # an answer is text or calls, never both: no text follows a call
+            # OpenAI's shape: index, id, type and name, then the arguments (in one piece here)
+            delta = ToolCallDelta(sent_calls, call.id, "function", FunctionDelta(call.name, call.arguments))
+            sent_calls += 1
+            yield chunk(Delta(tool_calls=[delta]))
         if piece.finish_reason is not None:
+            finish = "tool_calls" if calls is not None and calls.calls and piece.finish_reason == "stop" else piece.finish_reason
             # The usage record is written by now: the guardrail actions are final.
-            yield chunk(Delta(), piece.finish_reason, **_guardrail_fields(ctx))
+            yield chunk(Delta(), finish, **_guardrail_fields(ctx))
             if include_usage and piece.usage is not None:
                 yield _event(ChatCompletionChunk(cid, created, model, [], usage=usage_out(piece.usage)))
 
@@ -136,6 +152,17 @@ async def _grounded_events(events: AsyncIterator[dict], ctx: RequestContext) -> 
         yield b"data: [DONE]\n\n"
     except ApplianceError as exc:
         yield _event(error_body(exc))
+
+
+def _assistant_message(text: str, finish: str, tools_offered: bool) -> tuple[AssistantMessage, str]:
+    """The message and finish reason of a whole answer; an answer that is tool calls becomes `tool_calls`."""
+    if not tools_offered:
+        return AssistantMessage(text), finish
+    content, calls, complete = split_calls(text)
+    if not calls:
+        return AssistantMessage(text), finish
+    out = [ToolCallOut(c.id, FunctionCallOut(c.name, c.arguments)) for c in calls]
+    return AssistantMessage(content, tool_calls=out), "tool_calls" if complete and finish == "stop" else finish
 
 
 def _guardrail_fields(ctx: RequestContext) -> dict[str, Any]:
@@ -201,7 +228,7 @@ class OpenAIController(Controller):
             events = _chat_events(generation, body.include_usage, ctx)
             return Stream(_sse(events, generation), media_type="text/event-stream", headers={**_SSE_HEADERS, **headers})
         text, finish, usage = await generation.collect()
-        choice = ChatChoice(0, AssistantMessage(text), finish)
+        choice = ChatChoice(0, *_assistant_message(text, finish, generation.tools_offered))
         return _json(
             ChatCompletion(
                 new_id("chatcmpl"), now(), generation.manifest.id, [choice], usage_out(usage), **_guardrail_fields(ctx)

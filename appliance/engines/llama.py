@@ -17,7 +17,7 @@ import llama_cpp
 from llama_cpp import _ggml
 
 from appliance.errors import EngineError, InvalidRequest
-from appliance.types import SamplingParams
+from appliance.types import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolGrammar, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +290,11 @@ class LlamaBatchContext:
         except Exception as exc:  # the converter raises plain exceptions on unsupported schemas
             raise InvalidRequest(f"Unsupported JSON schema: {exc}", param="response_format") from None
 
+    def compile_tools(self, tools: ToolGrammar) -> str:
+        """GBNF for tool calls: TOOL_CALL_OPEN, a JSON call object, TOOL_CALL_CLOSE (repeated when parallel);
+        with required=False, free text that does not start with '<' is the other choice."""
+        return tools_gbnf(tools)
+
     def sample(self, sampler: Sampler, batch_index: int) -> int:
         return sampler.sample(self._ctx, batch_index)
 
@@ -339,3 +344,30 @@ class LlamaTokenizer:
         if self._model:
             llama_cpp.llama_model_free(self._model)
             self._model = None
+
+
+def tools_gbnf(tools: ToolGrammar) -> str:
+    """The tool-call grammar (see LlamaBatchContext.compile_tools). Raises InvalidRequest (param
+    `tools`) when a function's parameters cannot be turned into a grammar."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        call = json_schema_to_gbnf(tools.call_schema)
+    except Exception as exc:  # the converter raises plain exceptions on unsupported schemas
+        raise InvalidRequest(f"A tool's parameters cannot be turned into a grammar: {exc}", param="tools") from None
+    lines = [
+        ("tc-call ::= " + line[len("root ::= "):]) if line.startswith("root ::= ") else line
+        for line in call.splitlines()
+    ]
+    one = f'"{_gbnf_literal(TOOL_CALL_OPEN)}" tc-ws tc-call tc-ws "{_gbnf_literal(TOOL_CALL_CLOSE)}"'
+    calls = f"{one} (tc-ws {one})*" if tools.parallel else one
+    root = "tc-calls" if tools.required else "tc-calls | tc-text"
+    rules = [f"root ::= {root}", f"tc-calls ::= {calls} tc-ws", "tc-ws ::= [ \\n]?"]
+    if not tools.required:
+        # text may not open with '<', so a call is the only way to start with the opener
+        rules.append("tc-text ::= [^<] [^\\x00]*")
+    return "\n".join([*rules, *lines]) + "\n"
+
+
+def _gbnf_literal(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')

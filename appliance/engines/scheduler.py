@@ -33,7 +33,7 @@ from appliance.errors import (
     RequestTimeout,
     ServerOverloaded,
 )
-from appliance.types import Chunk, GenerationRequest, SamplingParams, Usage
+from appliance.types import Chunk, GenerationRequest, SamplingParams, ToolGrammar, Usage
 
 log = logging.getLogger(__name__)
 Emit = Callable[[Chunk | ApplianceError], None]
@@ -53,6 +53,7 @@ class BatchContext(Protocol):
     def is_eog(self, token: int) -> bool: ...
     def sampler(self, params: SamplingParams, seed: int, grammar: str | None) -> Any: ...
     def compile_schema(self, schema: str) -> str: ...
+    def compile_tools(self, tools: ToolGrammar) -> str: ...
     def sample(self, sampler: Any, batch_index: int) -> int: ...
     def decode(self, entries: list[tuple[int, int, int, bool]]) -> None: ...
     def seq_rm(self, seq: int, p0: int, p1: int = -1) -> bool: ...
@@ -172,6 +173,8 @@ class BatchScheduler:
         seq = _Sequence(request, prompt, emit, cancel)
         if request.json_schema is not None:
             seq.grammar = self.ctx.compile_schema(request.json_schema)
+        elif request.tools is not None:
+            seq.grammar = self.ctx.compile_tools(request.tools)
         with self._lock:
             if len(self._waiting) >= self._max_queue:
                 self.stats.rejected["queue_full"] = self.stats.rejected.get("queue_full", 0) + 1

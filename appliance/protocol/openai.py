@@ -13,7 +13,7 @@ import msgspec
 
 from appliance.errors import InvalidRequest
 from appliance.modelstore.manifest import Sampling
-from appliance.types import PRIORITY_BATCH, PRIORITY_INTERACTIVE, SamplingParams
+from appliance.types import PRIORITY_BATCH, PRIORITY_INTERACTIVE, SamplingParams, ToolGrammar
 
 Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
 TopP = Annotated[float, msgspec.Meta(gt=0, le=1)]
@@ -35,10 +35,52 @@ class ImagePart(msgspec.Struct, tag_field="type", tag="image_url"):
     image_url: Any = None
 
 
+FunctionName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+MAX_TOOLS = 128
+
+
+class FunctionDef(msgspec.Struct, kw_only=True):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    """JSON schema of the arguments object; the call's arguments are generated under a grammar built from it."""
+    strict: bool | None = None
+
+
+class ToolDef(msgspec.Struct, kw_only=True):
+    function: FunctionDef
+    type: Literal["function"] = "function"
+
+
+class NamedFunction(msgspec.Struct):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct, kw_only=True):
+    function: NamedFunction
+    type: Literal["function"] = "function"
+
+
+class FunctionCallIn(msgspec.Struct):
+    name: str
+    arguments: str = "{}"
+    """The call's arguments as a JSON text (OpenAI's shape)."""
+
+
+class ToolCallIn(msgspec.Struct, kw_only=True):
+    id: str
+    function: FunctionCallIn
+    type: Literal["function"] = "function"
+
+
 class ChatMessage(msgspec.Struct):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart | ImagePart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    """An assistant turn's calls, sent back in the history."""
+    tool_call_id: str | None = None
+    """A tool turn: the call it answers."""
 
     def text(self, index: int) -> str:
         if self.content is None:
@@ -122,7 +164,9 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
     max_completion_tokens: MaxTokens | None = None
     response_format: ResponseFormat | None = None
-    tools: Any = None
+    tools: Annotated[list[ToolDef], msgspec.Meta(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     collection: str | None = None
     """Appliance extension: answer from this document collection, with citations."""
     collection_top_k: Annotated[int, msgspec.Meta(ge=1, le=20)] = 5
@@ -138,8 +182,62 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
         rf = self.response_format
         if rf is not None and rf.type == "json_schema" and rf.json_schema is None:
             raise InvalidRequest("response_format json_schema needs a json_schema object.", param="response_format")
-        if self.tools:
-            raise InvalidRequest("Tool calling is not supported by this server.", param="tools")
+        if self.tool_choice is not None and not self.tools:
+            raise InvalidRequest("tool_choice is only allowed when tools are given.", param="tool_choice")
+        if not self.tools:
+            return
+        names = [t.function.name for t in self.tools]
+        if len(set(names)) != len(names):
+            raise InvalidRequest("Each tool needs a different function name.", param="tools")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise InvalidRequest(
+                f"tool_choice names the function '{choice.function.name}', which is not among the tools.",
+                param="tool_choice",
+            )
+        if rf is not None and rf.type != "text" and self.tool_choice != "none":
+            raise InvalidRequest("tools cannot be combined with a JSON response_format.", param="response_format")
+        if self.collection is not None:
+            raise InvalidRequest("tools cannot be combined with a grounded chat (collection).", param="tools")
+        for i, t in enumerate(self.tools):
+            params = t.function.parameters
+            if params is not None and params.get("type", "object") != "object":
+                raise InvalidRequest(
+                    "A function's parameters must be a JSON schema of type object.",
+                    param=f"tools[{i}].function.parameters",
+                )
+
+    def active_tools(self) -> list[ToolDef]:
+        """The tools the model may call for this request (none with tool_choice "none")."""
+        if not self.tools or self.tool_choice == "none":
+            return []
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [t for t in self.tools if t.function.name == self.tool_choice.function.name]
+        return list(self.tools)
+
+    def tool_grammar(self) -> ToolGrammar | None:
+        """The engine-side constraint: each call's arguments follow its function's parameters schema."""
+        tools = self.active_tools()
+        if not tools:
+            return None
+        alternatives = [
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"const": t.function.name},
+                    "arguments": t.function.parameters or {"type": "object"},
+                },
+                "required": ["name", "arguments"],
+            }
+            for t in tools
+        ]
+        schema = alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives}
+        named = isinstance(self.tool_choice, NamedToolChoice)
+        return ToolGrammar(
+            call_schema=msgspec.json.encode(schema).decode(),
+            required=named or self.tool_choice == "required",
+            parallel=self.parallel_tool_calls and not named,
+        )
 
     def json_schema(self) -> str | None:
         rf = self.response_format

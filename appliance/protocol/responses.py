@@ -21,9 +21,22 @@ def usage_out(usage: Usage) -> UsageOut:
     return UsageOut(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
 
 
+class FunctionCallOut(msgspec.Struct):
+    name: str
+    arguments: str
+    """JSON text of the arguments object."""
+
+
+class ToolCallOut(msgspec.Struct):
+    id: str
+    function: FunctionCallOut
+    type: str = "function"
+
+
 class AssistantMessage(msgspec.Struct):
-    content: str
+    content: str | None
     role: str = "assistant"
+    tool_calls: list[ToolCallOut] | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChatChoice(msgspec.Struct):
@@ -52,9 +65,22 @@ class ChatCompletion(msgspec.Struct):
     """Appliance extension: {placeholder: original} of masked input, when the tenant asks for a reversible mask."""
 
 
+class FunctionDelta(msgspec.Struct, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(msgspec.Struct, omit_defaults=True):
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: FunctionDelta | None = None
+
+
 class Delta(msgspec.Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(msgspec.Struct):

@@ -42,7 +42,9 @@ def deterministic(request: GenerationRequest) -> bool:
 
 def scope_of(tenant: str, model_id: str, request: GenerationRequest) -> str:
     """Everything but the prompt that decides the output."""
-    params = msgspec.json.encode([tenant, model_id, request.max_tokens, request.stop, request.sampling, request.json_schema])
+    params = msgspec.json.encode(
+        [tenant, model_id, request.max_tokens, request.stop, request.sampling, request.json_schema, request.tools]
+    )
     return hashlib.sha256(params).hexdigest()
 
 

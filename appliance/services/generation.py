@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import jinja2
 import msgspec
@@ -18,7 +19,8 @@ from appliance.modelstore.manifest import Manifest
 from appliance.protocol.openai import ChatCompletionRequest, CompletionRequest
 from appliance.services.cache import CachedAnswer, ResponseCache, deterministic, scope_of
 from appliance.services.policy import OPEN_POLICY, OutputFilter, RequestPolicy
-from appliance.types import Chunk, GenerationRequest, SamplingParams, Usage
+from appliance.services.tools import fallback_preamble, history, template_knows_tools, template_tools
+from appliance.types import Chunk, GenerationRequest, SamplingParams, ToolGrammar, Usage
 
 log = logging.getLogger(__name__)
 _END = object()
@@ -35,6 +37,8 @@ class Generation:
         self._output_filter: OutputFilter | None = None
         self.cached = False
         """True when the answer came from the response cache (no engine ran)."""
+        self.tools_offered = False
+        """True when the output may hold tool calls (services/tools.py parses them)."""
 
     def filter_output(self, output_filter: OutputFilter) -> None:
         """Pass every chunk's text through `output_filter` (PII masking) before anyone sees it."""
@@ -96,23 +100,31 @@ class GenerationService:
     def render_chat(
         self, manifest: Manifest, request: ChatCompletionRequest, policy: RequestPolicy = OPEN_POLICY
     ) -> str:
-        messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(request.messages)]
+        texts = [m.text(i) for i, m in enumerate(request.messages)]
         # The user's turns are instructions (injection is checked there); the rest is screened for PII only.
         for instructions, indices in (
-            (True, [i for i, m in enumerate(messages) if m["role"] == "user"]),
-            (False, [i for i, m in enumerate(messages) if m["role"] != "user"]),
+            (True, [i for i, m in enumerate(request.messages) if m.role == "user"]),
+            (False, [i for i, m in enumerate(request.messages) if m.role != "user"]),
         ):
-            screened = policy.screen_input([messages[i]["content"] for i in indices], instructions=instructions)
+            screened = policy.screen_input([texts[i] for i in indices], instructions=instructions)
             for i, text in zip(indices, screened, strict=True):
-                messages[i]["content"] = text
-        return self._render(manifest, messages)
+                texts[i] = text
+        tools = request.active_tools()
+        if not tools and not any(m.tool_calls or m.role == "tool" for m in request.messages):
+            return self._render(manifest, [{"role": m.role, "content": t} for m, t in zip(request.messages, texts)])
+        native = template_knows_tools(self._templates, manifest.chat_template or "")
+        messages = history(request.messages, texts, fallback=not native)
+        if tools and not native:
+            messages.insert(0, {"role": "system", "content": fallback_preamble(request, tools)})
+        return self._render(manifest, messages, tools=template_tools(tools) if native and tools else None)
 
-    def _render(self, manifest: Manifest, messages: list[dict[str, str]]) -> str:
+    def _render(self, manifest: Manifest, messages: list[dict[str, Any]], tools: list[Any] | None = None) -> str:
         # A trailing assistant message is a prefill: continue it rather than open a new turn.
         add_generation_prompt = messages[-1]["role"] != "assistant"
+        extra = {"tools": tools} if tools else {}
         try:
             template = self._templates.from_string(manifest.chat_template or "")
-            prompt = template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+            prompt = template.render(messages=messages, add_generation_prompt=add_generation_prompt, **extra)
         except jinja2.TemplateError as exc:
             log.error("chat template of %s failed: %s", manifest.id, exc)
             raise EngineError(f"the chat template of model {manifest.id} failed to render") from None
@@ -131,9 +143,13 @@ class GenerationService:
         manifest = self._registry.resolve(request.model, kinds=("chat",))
         policy.allow_model(manifest)
         prompt = self.render_chat(manifest, request, policy)
-        return await self._start(
-            manifest, prompt, request.token_limit, request, policy, cache_scope, json_schema=request.json_schema()
+        tools = request.tool_grammar()
+        generation = await self._start(
+            manifest, prompt, request.token_limit, request, policy, cache_scope,
+            json_schema=request.json_schema() if tools is None else None, tools=tools,
         )
+        generation.tools_offered = tools is not None
+        return generation
 
     async def complete(
         self, request: CompletionRequest, policy: RequestPolicy = OPEN_POLICY, *, cache_scope: str | None = None
@@ -176,6 +192,7 @@ class GenerationService:
         policy: RequestPolicy,
         cache_scope: str | None,
         json_schema: str | None = None,
+        tools: ToolGrammar | None = None,
     ) -> Generation:
         generation = GenerationRequest(
             prompt=prompt,
@@ -183,6 +200,7 @@ class GenerationService:
             stop=(*request.stop_list(), *manifest.stop),
             sampling=request.sampling(manifest.sampling),
             json_schema=json_schema,
+            tools=tools,
             priority=request.priority_level,
         )
         try:

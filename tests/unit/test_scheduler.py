@@ -53,6 +53,9 @@ class FakeBatchContext:
     def compile_schema(self, schema: str) -> str:
         return "root ::= any"
 
+    def compile_tools(self, tools: object) -> str:
+        return "root ::= tools"
+
     def sampler(self, params: SamplingParams, seed: int, grammar: str | None) -> ScriptSampler:
         s = ScriptSampler(self._reply_for)
         self.samplers.append(s)
