@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import inspect
 from importlib import resources
-from typing import Any, Generic, Literal, NamedTuple, TypeVar
+from types import UnionType
+from typing import Any, Generic, Literal, NamedTuple, TypeVar, Union, get_args, get_origin
 
 import msgspec
 from litestar import Litestar, MediaType, Request, Response, get
@@ -239,8 +240,13 @@ def describe(app: Litestar, *, title: str = "Appliance API", version: str = "1")
             raise ValueError(f"{op.method.upper()} {op.path}: unknown opt keys {sorted(unknown)}")
         types.extend(_declared_types(op))
     unique = list(dict.fromkeys(types))
-    schemas, components = msgspec.json.schema_components(unique, ref_template=_SCHEMA_REF)
-    schema_of = dict(zip(unique, schemas))
+    split = {t: _members(t) for t in unique}
+    plain = list(dict.fromkeys(m for members in split.values() for m in members))
+    schemas, components = msgspec.json.schema_components(plain, ref_template=_SCHEMA_REF)
+    schema_of = dict(zip(plain, schemas))
+    for t, members in split.items():
+        if members != [t]:
+            schema_of[t] = {"anyOf": [schema_of[m] for m in members]}
     paths: dict[str, dict[str, Any]] = {}
     names: set[str] = set()
     for op in ops:
@@ -278,6 +284,17 @@ def describe(app: Litestar, *, title: str = "Appliance API", version: str = "1")
         },
         "security": [{"bearer": []}],
     }
+
+
+def _members(type_: Any) -> list[Any]:
+    """A union msgspec cannot describe as one type (untagged Structs: OllamaError | ErrorBody), as its members."""
+    if get_origin(type_) not in (Union, UnionType):
+        return [type_]
+    try:
+        msgspec.json.schema(type_)
+    except TypeError:
+        return list(get_args(type_))
+    return [type_]
 
 
 def _declared_types(op: _Operation) -> list[Any]:
