@@ -406,6 +406,31 @@ class ModelRegistry:
         lease.release()
         return lease.engine
 
+    def unload(self, manifest: Manifest) -> bool:
+        """Unload an idle model now (Ollama's keep_alive); its next request loads it again.
+
+        False, and nothing changes, when it is not loaded or is in use (a lease or a waiting request).
+        The loader thread closes the engine, so a load queued after this one finds the memory freed.
+        """
+        slot = self._slots[manifest.id]
+        with self._lock:
+            if not slot.idle:
+                return False
+            engine, slot.engine, slot.state, slot.future = slot.engine, None, "unloaded", None
+            slot.unloads += 1
+            self._notify()
+        log.info("model %s: unloading (keep_alive)", manifest.id)
+
+        def close() -> None:
+            self._close_engine(manifest.id, engine)
+            release_freed_memory()
+
+        try:
+            self._loader.submit(close)
+        except RuntimeError:  # the registry is closing: its loader takes no more work
+            self._close_engine(manifest.id, engine)
+        return True
+
     # -- status --------------------------------------------------------------------------------
 
     def status(self) -> dict[str, dict[str, Any]]:

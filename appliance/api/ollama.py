@@ -1,0 +1,485 @@
+"""Ollama's API on the appliance's port (/api/*). Thin: decode, convert once to the OpenAI request the
+services take, call the service, write Ollama's shapes (NDJSON when streaming, the default).
+
+The routes sit behind the same gateway as /v1 (keys, tenants, limits, budgets, metering by route),
+and their errors are Ollama's `{"error": "..."}` with the status the error tree gives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import msgspec
+from litestar import Controller, Request, Response, delete, get, post
+from litestar.di import Provide
+from litestar.exceptions import HTTPException
+from litestar.response import Stream
+
+from appliance import __version__
+from appliance.api.errors import ErrorBody
+from appliance.engines.registry import ModelRegistry
+from appliance.errors import ApplianceError, EngineError, InvalidRequest, ModelNotFound
+from appliance.modelstore.manifest import Manifest, ModelKind
+from appliance.policy.gateway import RequestContext
+from appliance.protocol.ollama import (
+    OLLAMA_API_VERSION,
+    ChatRequest,
+    ChatResponse,
+    CopyRequest,
+    Counters,
+    CreateRequest,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    EmbedRequest,
+    EmbedResponse,
+    GenerateRequest,
+    GenerateResponse,
+    ModelRequest,
+    OllamaError,
+    OutMessage,
+    PsResponse,
+    ShowResponse,
+    StatusResponse,
+    TagsResponse,
+    VersionResponse,
+    created_at,
+    listed_model,
+    lookup_names,
+    not_found_message,
+    running_model,
+    show_response,
+)
+from appliance.protocol.openai import decode_request
+from appliance.services.embeddings import EmbeddingService
+from appliance.services.generation import Generation, GenerationService
+from appliance.types import Chunk
+
+log = logging.getLogger(__name__)
+_encode = msgspec.json.encode
+NDJSON = "application/x-ndjson"
+BUSY_RETRY_S = 1.0
+"""A keep_alive that expires while the model is in use tries again this much later."""
+_ERRORS: dict[int, Any] = {
+    status: OllamaError for status in (400, 404, 413, 500, 503, 504)
+} | {429: OllamaError | ErrorBody}  # the gateway's own limits answer 429 in OpenAI's shape
+_OFFLINE = "this appliance does not reach any model registry"
+
+
+# -- errors: Ollama's shape ------------------------------------------------------------------------
+
+
+def _error_line(message: str) -> bytes:
+    return _encode(OllamaError(message)) + b"\n"
+
+
+def _error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response[bytes]:
+    return Response(_encode(OllamaError(message)), status_code=status, media_type="application/json", headers=headers)
+
+
+def handle_ollama_error(_: Request, exc: ApplianceError) -> Response[bytes]:
+    if exc.status >= 500:
+        log.error("%s: %s", type(exc).__name__, exc.message, exc_info=exc.__cause__ is not None)
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+    return _error_response(exc.status, exc.message, headers)
+
+
+def handle_ollama_http_exception(_: Request, exc: HTTPException) -> Response[bytes]:
+    message = "The request body is larger than this server accepts." if exc.status_code == 413 else exc.detail
+    return _error_response(exc.status_code, message or "error")
+
+
+def handle_ollama_unexpected(_: Request, exc: Exception) -> Response[bytes]:
+    log.exception("unhandled error", exc_info=exc)
+    return _error_response(500, "The server had an internal error.")
+
+
+# -- keep_alive ------------------------------------------------------------------------------------
+
+
+class KeepAlive:
+    """Honours keep_alive: a model is unloaded that long after a request that asked for it.
+
+    Only a request that sends keep_alive sets a deadline (the appliance keeps models loaded by
+    default); a later one replaces it, a negative one removes it. A deadline that finds the model
+    in use (by any route) tries again shortly, so a running request is never cut.
+    """
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self._registry = registry
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._deadlines: dict[str, float] = {}
+
+    def after_request(self, manifest: Manifest, seconds: float | None) -> None:
+        if seconds is None:
+            return
+        self._cancel(manifest.id)
+        if math.isinf(seconds):
+            return
+        if seconds <= 0:
+            self._expire(manifest)
+        else:
+            self._arm(manifest, seconds)
+
+    def expires_at(self, model_id: str) -> float | None:
+        """Unix time of the model's unload deadline; None: none is set."""
+        return self._deadlines.get(model_id)
+
+    def _arm(self, manifest: Manifest, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._timers[manifest.id] = loop.call_later(seconds, self._expire, manifest)
+        self._deadlines[manifest.id] = time.time() + seconds
+
+    def _cancel(self, model_id: str) -> None:
+        timer = self._timers.pop(model_id, None)
+        if timer is not None:
+            timer.cancel()
+        self._deadlines.pop(model_id, None)
+
+    def _expire(self, manifest: Manifest) -> None:
+        self._cancel(manifest.id)
+        if not self._registry.unload(manifest) and self._registry.status()[manifest.id]["state"] == "ready":
+            self._arm(manifest, BUSY_RETRY_S)  # in use: unload once it is idle
+
+
+def provide_keep_alive(request: Request, registry: ModelRegistry) -> KeepAlive:
+    """One KeepAlive per app, kept in its state beside the settings."""
+    state = request.app.state
+    keep_alive = state.get("ollama_keep_alive")
+    if keep_alive is None:
+        keep_alive = state["ollama_keep_alive"] = KeepAlive(registry)
+    return keep_alive
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _json(obj: object, headers: dict[str, str] | None = None) -> Response[bytes]:
+    return Response(_encode(obj), status_code=200, media_type="application/json", headers=headers)
+
+
+def _resolve(registry: ModelRegistry, ctx: RequestContext, name: str, kinds: tuple[ModelKind, ...] | None) -> Manifest:
+    """The model an Ollama name means (`gemma3:latest` is `gemma3`); 404 in Ollama's words otherwise.
+
+    A model the tenant may not use is not found either, before its kind is checked.
+    """
+    for candidate in lookup_names(name):
+        try:
+            manifest = registry.resolve(candidate)
+            ctx.allow_model(manifest)
+        except ModelNotFound:
+            continue
+        if kinds is not None:
+            registry.resolve(manifest.id, kinds=kinds)  # UnsupportedForModel (400) names what it needs
+        return manifest
+    raise ModelNotFound(not_found_message(name), param="model")
+
+
+def _cache_scope(request: Request, ctx: RequestContext) -> str | None:
+    directives = request.headers.get("cache-control", "").lower()
+    if "no-cache" in directives or "no-store" in directives:
+        return None
+    return ctx.tenant.name
+
+
+def _guardrail_fields(ctx: RequestContext) -> dict[str, Any]:
+    """Response extensions for what the guardrails did; absent when they did nothing."""
+    fields: dict[str, Any] = {}
+    if actions := ctx.guardrail_actions():
+        fields["guardrails"] = [msgspec.to_builtins(a) for a in actions]
+    if ctx.pii_map:
+        fields["pii_map"] = ctx.pii_map
+    return fields
+
+
+def _ns(seconds: float) -> int:
+    return max(1, round(seconds * 1e9))
+
+
+class _Run:
+    """A started generation and its clock: Ollama's counters are measured, not estimated."""
+
+    def __init__(self, generation: Generation, ctx: RequestContext, load_s: float, prompt_s: float) -> None:
+        self.generation = generation
+        self.ctx = ctx
+        self.load_s = load_s
+        self.prompt_s = prompt_s
+        self.first_at = time.monotonic()
+        """The first chunk is computed when the service returns: prefill ends here."""
+
+    def counters(self, chunk: Chunk) -> Counters:
+        now = time.monotonic()
+        usage = chunk.usage
+        return Counters(
+            total_duration=_ns(now - self.ctx.started),
+            load_duration=_ns(self.load_s),
+            prompt_eval_count=usage.prompt_tokens if usage else 0,
+            prompt_eval_duration=_ns(self.prompt_s),
+            eval_count=usage.completion_tokens if usage else 0,
+            eval_duration=_ns(now - self.first_at),
+        )
+
+    def headers(self) -> dict[str, str]:
+        if self.generation.cached:
+            self.ctx.served_from_cache()
+        return {"X-Cache": "hit" if self.generation.cached else "miss"}
+
+
+async def _start(
+    registry: ModelRegistry, manifest: Manifest, ctx: RequestContext, start: Callable[[], Awaitable[Generation]]
+) -> _Run:
+    """Load the model (timed apart: load_duration), then start the generation (prompt_eval_duration)."""
+    began = time.monotonic()
+    lease = await registry.acquire(manifest)
+    loaded = time.monotonic()
+    try:
+        generation = await start()
+    finally:
+        lease.release()  # the generation holds its own lease until it ends
+    return _Run(generation, ctx, loaded - began, time.monotonic() - loaded)
+
+
+class _Shape:
+    """How one answer's objects look: /api/generate's `response` or /api/chat's `message`."""
+
+    def __init__(self, model: str, chat: bool) -> None:
+        self.model = model
+        self.chat = chat
+
+    def part(self, text: str, **final: Any) -> GenerateResponse | ChatResponse:
+        done = bool(final)
+        if self.chat:
+            return ChatResponse(model=self.model, created_at=created_at(), message=OutMessage(text), done=done, **final)
+        return GenerateResponse(model=self.model, created_at=created_at(), response=text, done=done, **final)
+
+    def final(self, text: str, reason: str, counters: Counters | None, ctx: RequestContext | None) -> Any:
+        extra = msgspec.structs.asdict(counters) if counters is not None else {}
+        return self.part(text, done_reason=reason, **extra, **(_guardrail_fields(ctx) if ctx else {}))
+
+
+async def _answer(run: _Run, shape: _Shape, stream: bool, after: Callable[[], None]) -> Response[bytes] | Stream:
+    headers = run.headers()
+    if stream:
+        return Stream(_ndjson(run, shape, after), media_type=NDJSON, headers=headers)
+    try:
+        text, finish, usage = await run.generation.collect()
+    finally:
+        after()
+    return _json(shape.final(text, finish, run.counters(Chunk(text="", usage=usage)), run.ctx), headers)
+
+
+async def _ndjson(run: _Run, shape: _Shape, after: Callable[[], None]) -> AsyncIterator[bytes]:
+    """One JSON object per line; a failure mid-stream ends it with an `{"error": ...}` line."""
+    try:
+        async for chunk in run.generation:
+            if chunk.text:
+                yield _encode(shape.part(chunk.text)) + b"\n"
+            if chunk.finish_reason is not None:
+                # The usage record is written by now: the guardrail actions are final.
+                yield _encode(shape.final("", chunk.finish_reason, run.counters(chunk), run.ctx)) + b"\n"
+    except ApplianceError as exc:
+        yield _error_line(exc.message)
+    except Exception:
+        log.exception("stream failed")
+        yield _error_line(EngineError("The stream failed inside the server.").message)
+    finally:
+        await run.generation.aclose()
+        after()
+
+
+async def _load_only(
+    registry: ModelRegistry, keep_alive: KeepAlive, manifest: Manifest, seconds: float | None, shape: _Shape
+) -> Response[bytes]:
+    """No prompt: load the model (or unload it with keep_alive 0), as Ollama does."""
+    if seconds == 0:
+        keep_alive.after_request(manifest, 0)
+        return _json(shape.final("", "unload", None, None))
+    async with registry.use(manifest):
+        pass
+    keep_alive.after_request(manifest, seconds)
+    return _json(shape.final("", "load", None, None))
+
+
+_GENERATE_OPT = {
+    "request": GenerateRequest, "response": GenerateResponse, "ndjson": GenerateResponse, "responses": _ERRORS,
+    "summary": "Ollama: generate a completion (NDJSON unless stream is false)", "tag": "Ollama",
+}
+_CHAT_OPT = {
+    "request": ChatRequest, "response": ChatResponse, "ndjson": ChatResponse, "responses": _ERRORS,
+    "summary": "Ollama: chat (NDJSON unless stream is false)", "tag": "Ollama",
+}
+
+
+def _opt(summary: str, request: Any = None, response: Any = None) -> dict[str, Any]:
+    opt: dict[str, Any] = {"summary": f"Ollama: {summary}", "tag": "Ollama", "responses": _ERRORS}
+    if request is not None:
+        opt["request"] = request
+    if response is not None:
+        opt["response"] = response
+    return opt
+
+
+class OllamaController(Controller):
+    path = "/api"
+    dependencies = {"keep_alive": Provide(provide_keep_alive, sync_to_thread=False)}
+    exception_handlers = {
+        ApplianceError: handle_ollama_error,
+        HTTPException: handle_ollama_http_exception,
+        Exception: handle_ollama_unexpected,
+    }
+
+    @get("/version", opt=_opt("the Ollama API version these routes follow", None, VersionResponse))
+    async def ollama_version(self) -> Response[bytes]:
+        return _json(VersionResponse(OLLAMA_API_VERSION, __version__))
+
+    @get("/tags", opt=_opt("list the models", None, TagsResponse))
+    async def ollama_tags(self, registry: ModelRegistry, ctx: RequestContext) -> Response[bytes]:
+        allowed = ctx.tenant.allowed_models
+        models = [listed_model(m) for m in registry.manifests() if allowed is None or m.id in allowed]
+        return _json(TagsResponse(models))
+
+    @get("/ps", opt=_opt("list the loaded models", None, PsResponse))
+    async def ollama_ps(self, registry: ModelRegistry, ctx: RequestContext, keep_alive: KeepAlive) -> Response[bytes]:
+        allowed = ctx.tenant.allowed_models
+        status = registry.status()
+        running = [
+            running_model(m, status[m.id], registry.context_window(m), keep_alive.expires_at(m.id))
+            for m in registry.manifests()
+            if status[m.id]["state"] == "ready" and (allowed is None or m.id in allowed)
+        ]
+        return _json(PsResponse(running))
+
+    @post("/show", status_code=200, opt=_opt("show a model", ModelRequest, ShowResponse))
+    async def ollama_show(self, request: Request, registry: ModelRegistry, ctx: RequestContext) -> Response[bytes]:
+        body: ModelRequest = decode_request(await request.body(), ModelRequest)
+        manifest = _resolve(registry, ctx, body.model_name, None)
+        return _json(show_response(manifest, registry.context_window(manifest)))
+
+    @post("/generate", status_code=200, opt=_GENERATE_OPT)
+    async def ollama_generate(
+        self, request: Request, registry: ModelRegistry, generation_service: GenerationService, ctx: RequestContext,
+        keep_alive: KeepAlive,
+    ) -> Response[bytes] | Stream:
+        body: GenerateRequest = decode_request(await request.body(), GenerateRequest)
+        body.check()
+        manifest = _resolve(registry, ctx, body.model, ("chat", "completion"))
+        seconds, shape = body.keep_alive_s(), _Shape(body.model, chat=False)
+        if not body.prompt and not body.system:
+            return await _load_only(registry, keep_alive, manifest, seconds, shape)
+        window, scope = registry.context_window(manifest), _cache_scope(request, ctx)
+        if body.uses_template(manifest):
+            chat = body.chat_completion(manifest, window)
+            start = lambda: generation_service.chat(chat, ctx, cache_scope=scope)  # noqa: E731
+        else:
+            completion = body.completion(manifest, window)
+            start = lambda: generation_service.complete(completion, ctx, cache_scope=scope)  # noqa: E731
+        run = await _start(registry, manifest, ctx, start)
+        return await _answer(run, shape, body.stream, lambda: keep_alive.after_request(manifest, seconds))
+
+    @post("/chat", status_code=200, opt=_CHAT_OPT)
+    async def ollama_chat(
+        self, request: Request, registry: ModelRegistry, generation_service: GenerationService, ctx: RequestContext,
+        keep_alive: KeepAlive,
+    ) -> Response[bytes] | Stream:
+        body: ChatRequest = decode_request(await request.body(), ChatRequest)
+        body.check()
+        manifest = _resolve(registry, ctx, body.model, ("chat",))
+        seconds, shape = body.keep_alive_s(), _Shape(body.model, chat=True)
+        if not body.messages:
+            return await _load_only(registry, keep_alive, manifest, seconds, shape)
+        chat = body.chat_completion(manifest, registry.context_window(manifest))
+        scope = _cache_scope(request, ctx)
+        run = await _start(registry, manifest, ctx, lambda: generation_service.chat(chat, ctx, cache_scope=scope))
+        return await _answer(run, shape, body.stream, lambda: keep_alive.after_request(manifest, seconds))
+
+    @post("/embed", status_code=200, opt=_opt("embed one input or a list", EmbedRequest, EmbedResponse))
+    async def ollama_embed(
+        self, request: Request, registry: ModelRegistry, embedding_service: EmbeddingService, ctx: RequestContext,
+        keep_alive: KeepAlive,
+    ) -> Response[bytes]:
+        body: EmbedRequest = decode_request(await request.body(), EmbedRequest)
+        seconds = body.keep_alive_s()
+        manifest = _resolve(registry, ctx, body.model, ("embedding",))
+        began = time.monotonic()
+        async with registry.use(manifest):  # loads it (load_duration), and holds it for the service
+            loaded = time.monotonic()
+            vectors, tokens = [], 0
+            if body.texts():
+                _, result = await embedding_service.embed(body.embedding_request(manifest), ctx)
+                ctx.embedding_tokens = tokens = result.prompt_tokens
+                vectors = result.vectors
+        keep_alive.after_request(manifest, seconds)
+        return _json(EmbedResponse(
+            model=body.model, embeddings=vectors, total_duration=_ns(time.monotonic() - ctx.started),
+            load_duration=_ns(loaded - began), prompt_eval_count=tokens,
+        ))
+
+    @post("/embeddings", status_code=200, opt=_opt("embed one prompt (older route)", EmbeddingsRequest, EmbeddingsResponse))
+    async def ollama_embeddings(
+        self, request: Request, registry: ModelRegistry, embedding_service: EmbeddingService, ctx: RequestContext,
+        keep_alive: KeepAlive,
+    ) -> Response[bytes]:
+        body: EmbeddingsRequest = decode_request(await request.body(), EmbeddingsRequest)
+        seconds = body.keep_alive_s()
+        manifest = _resolve(registry, ctx, body.model, ("embedding",))
+        vector: list[float] = []
+        async with registry.use(manifest):
+            if body.prompt:
+                _, result = await embedding_service.embed(body.embedding_request(manifest), ctx)
+                ctx.embedding_tokens = result.prompt_tokens
+                vector = result.vectors[0]
+        keep_alive.after_request(manifest, seconds)
+        return _json(EmbeddingsResponse(vector))
+
+    # -- model management: offline, from the command line --------------------------------------
+
+    @post("/pull", status_code=200, opt=_opt("pull: success for a model already here", ModelRequest, StatusResponse))
+    async def ollama_pull(self, request: Request, registry: ModelRegistry, ctx: RequestContext) -> Response[bytes]:
+        body: ModelRequest = decode_request(await request.body(), ModelRequest)
+        try:
+            _resolve(registry, ctx, body.model_name, None)
+        except ModelNotFound:
+            raise ModelNotFound(
+                f'model "{body.model_name}" is not here and {_OFFLINE}: copy its GGUF file to this machine and run '
+                f"`appliance models import <file.gguf> --id {lookup_names(body.model_name)[-1]}`.",
+                param="model",
+            ) from None
+        status = _encode(StatusResponse("success"))
+        return Response(status + (b"\n" if body.stream else b""), media_type=NDJSON if body.stream else "application/json")
+
+    @post("/push", status_code=200, opt=_opt("push: refused (offline)", ModelRequest, None))
+    async def ollama_push(self) -> Response[bytes]:
+        raise InvalidRequest(f"Pushing models is not supported: {_OFFLINE}.", param="model")
+
+    @post("/create", status_code=200, opt=_opt("create: refused, import from the command line", CreateRequest, None))
+    async def ollama_create(self) -> Response[bytes]:
+        raise InvalidRequest(
+            "Creating models over the API is not supported: import a GGUF file with "
+            "`appliance models import <file.gguf> --id <name>` (--chat-template, --stop and --alias set "
+            "what a Modelfile would), then restart the server.",
+            param="model",
+        )
+
+    @post("/copy", status_code=200, opt=_opt("copy: refused, add an alias from the command line", CopyRequest, None))
+    async def ollama_copy(self, request: Request, registry: ModelRegistry, ctx: RequestContext) -> Response[bytes]:
+        body: CopyRequest = decode_request(await request.body(), CopyRequest)
+        manifest = _resolve(registry, ctx, body.source, None)
+        raise InvalidRequest(
+            f"Copying models is not supported: to give {manifest.id} another name, import its file again with "
+            f"`appliance models import <file> --id {manifest.id} --alias {body.destination}`.",
+            param="destination",
+        )
+
+    @delete("/delete", status_code=200, opt=_opt("delete: refused, remove from the command line", ModelRequest, None))
+    async def ollama_delete(self, request: Request, registry: ModelRegistry, ctx: RequestContext) -> Response[bytes]:
+        body: ModelRequest = decode_request(await request.body(), ModelRequest)
+        manifest = _resolve(registry, ctx, body.model_name, None)
+        raise InvalidRequest(
+            f"Deleting models over the API is not supported: stop the server and run "
+            f"`appliance models remove {manifest.id}`.",
+            param="model",
+        )
