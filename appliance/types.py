@@ -49,6 +49,10 @@ class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True):
     """JSON schema the output must follow (response_format); "{}" means any JSON object."""
     tools: ToolGrammar | None = None
     """Tool calls the output may (or must) make; exclusive with json_schema."""
+    n: int = 1
+    """Sequences to generate from the one prompt (its prefill is computed once and copied)."""
+    logprobs: int | None = None
+    """None: no log-probabilities; k: each token's, with the k most likely alternatives (0..20)."""
     priority: int = PRIORITY_INTERACTIVE
     """Lower runs first; equal priorities keep arrival order."""
 
@@ -62,14 +66,35 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
         return self.prompt_tokens + self.completion_tokens
 
 
+class TokenAlternative(msgspec.Struct, frozen=True, array_like=True):
+    token: bytes
+    """The token's text as UTF-8 bytes (a token can hold part of a character)."""
+    logprob: float
+
+
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+    """A generated token's log-probability under the model (log-softmax of its logits) and the most
+    likely alternatives at that position."""
+
+    token: bytes
+    logprob: float
+    top: tuple[TokenAlternative, ...] = ()
+
+
 class Chunk(msgspec.Struct, frozen=True, kw_only=True):
-    """A piece of generated text. The last chunk of a generation has finish_reason and usage."""
+    """A piece of generated text. A generation's last chunk has usage; with n > 1 sequences each
+    sequence's last chunk has its finish_reason, and only the very last one the usage of them all."""
 
     text: str
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     generated: int = 0
-    """Tokens generated so far, this chunk's included (0 when the engine does not count)."""
+    """Tokens generated so far, this chunk's included (0 when the engine does not count); with n > 1,
+    by all the sequences together."""
+    index: int = 0
+    """Which of the n sequences this chunk belongs to."""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """With GenerationRequest.logprobs: one entry per token generated since the previous chunk."""
 
 
 class Embeddings(msgspec.Struct, frozen=True, kw_only=True):

@@ -6,9 +6,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+import msgspec
+
 from appliance.errors import ContextLengthExceeded, EngineError
 from appliance.modelstore.manifest import Manifest, ModelFile
-from appliance.types import Chunk, Embeddings, GenerationRequest, Usage
+from appliance.types import Chunk, Embeddings, GenerationRequest, TokenAlternative, TokenLogprob, Usage
 
 GEMMA_TEMPLATE = (
     "{%- for m in messages -%}<{{ m.role }}>{{ m.content }}</{{ m.role }}>{%- endfor -%}"
@@ -62,6 +64,19 @@ class FakeChatEngine:
         self.closed.set()
 
     def _generate(self, request: GenerationRequest, cancel: threading.Event, prompt_tokens: int) -> Iterator[Chunk]:
+        """n > 1: the sequences one after another, the usage of all on the last one's final chunk."""
+        total = 0
+        for index in range(request.n):
+            for chunk in self._sequence(request, cancel, prompt_tokens):
+                if chunk.usage is not None:
+                    total += chunk.usage.completion_tokens
+                    last = index == request.n - 1
+                    chunk = msgspec.structs.replace(
+                        chunk, usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=total) if last else None
+                    )
+                yield msgspec.structs.replace(chunk, index=index)
+
+    def _sequence(self, request: GenerationRequest, cancel: threading.Event, prompt_tokens: int) -> Iterator[Chunk]:
         words = self.reply.split(" ")
         budget = request.max_tokens or len(words)
         sent = 0
@@ -75,7 +90,11 @@ class FakeChatEngine:
                 raise RuntimeError("the engine was closed while generating")
             time.sleep(self.delay_s)
             sent += 1
-            yield Chunk(text=word if i == 0 else " " + word)
+            text = word if i == 0 else " " + word
+            logprobs = () if request.logprobs is None else (
+                TokenLogprob(text.encode(), -0.5, tuple(TokenAlternative(f"alt{k}".encode(), -1.0 - k)
+                                                        for k in range(request.logprobs))),)
+            yield Chunk(text=text, logprobs=logprobs)
         finish = "length" if budget < len(words) else "stop"
         yield Chunk(text="", finish_reason=finish, usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=sent))
 

@@ -32,10 +32,12 @@ from appliance.protocol.responses import (
     TextCompletion,
     ToolCallDelta,
     ToolCallOut,
+    chat_logprobs,
     embedding_list,
     model_card,
     new_id,
     now,
+    text_logprobs,
     usage_out,
 )
 from appliance.services.ask import AskService
@@ -72,45 +74,55 @@ async def _sse(events: AsyncIterator[bytes], generation: Generation) -> AsyncIte
         await generation.aclose()
 
 
-async def _chat_events(generation: Generation, include_usage: bool, ctx: RequestContext) -> AsyncIterator[bytes]:
+async def _chat_events(
+    generation: Generation, n: int, logprobs: bool, include_usage: bool, ctx: RequestContext
+) -> AsyncIterator[bytes]:
     cid, created, model = new_id("chatcmpl"), now(), generation.manifest.id
 
-    def chunk(delta: Delta, finish: str | None = None, **extra: Any) -> bytes:
-        return _event(ChatCompletionChunk(cid, created, model, [ChunkChoice(0, delta, finish)], **extra))
+    def chunk(index: int, delta: Delta, finish: str | None = None, lp: Any = None, **extra: Any) -> bytes:
+        return _event(ChatCompletionChunk(cid, created, model, [ChunkChoice(index, delta, finish, lp)], **extra))
 
-    yield chunk(Delta(role="assistant", content=""))
-    calls = ToolCallStream() if generation.tools_offered else None
-    sent_calls = 0
+    for i in range(n):
+        yield chunk(i, Delta(role="assistant", content=""))
+    calls = {i: ToolCallStream() for i in range(n)} if generation.tools_offered else {}
+    sent = dict.fromkeys(range(n), 0)
     async for piece in generation:
-        text, done = (piece.text, []) if calls is None else calls.feed(piece.text)
-        if calls is not None and piece.finish_reason is not None:
-            text += calls.finish()
-        if text:
-            yield chunk(Delta(content=text))
+        i, stream = piece.index, calls.get(piece.index)
+        text, done = (piece.text, []) if stream is None else stream.feed(piece.text)
+        if stream is not None and piece.finish_reason is not None:
+            text += stream.finish()
+        lp = chat_logprobs(piece.logprobs) if logprobs and piece.logprobs else None
+        if text or lp is not None:
+            yield chunk(i, Delta(content=text) if text else Delta(), lp=lp)
         for call in done:  # an answer is text or calls, never both: no text follows a call
             # OpenAI's shape: index, id, type and name, then the arguments (in one piece here)
-            delta = ToolCallDelta(sent_calls, call.id, "function", FunctionDelta(call.name, call.arguments))
-            sent_calls += 1
-            yield chunk(Delta(tool_calls=[delta]))
+            yield chunk(i, Delta(tool_calls=[ToolCallDelta(sent[i], call.id, "function",
+                                                           FunctionDelta(call.name, call.arguments))]))
+            sent[i] += 1
         if piece.finish_reason is not None:
-            finish = "tool_calls" if calls is not None and calls.calls and piece.finish_reason == "stop" else piece.finish_reason
-            # The usage record is written by now: the guardrail actions are final.
-            yield chunk(Delta(), finish, **_guardrail_fields(ctx))
-            if include_usage and piece.usage is not None:
-                yield _event(ChatCompletionChunk(cid, created, model, [], usage=usage_out(piece.usage)))
+            finish = "tool_calls" if stream is not None and stream.calls and piece.finish_reason == "stop" else piece.finish_reason
+            # On the last chunk the usage record is written: the guardrail actions are final.
+            yield chunk(i, Delta(), finish, **(_guardrail_fields(ctx) if piece.usage is not None else {}))
+        if include_usage and piece.usage is not None:
+            yield _event(ChatCompletionChunk(cid, created, model, [], usage=usage_out(piece.usage)))
 
 
 async def _completion_events(
-    generation: Generation, include_usage: bool, echo: str, ctx: RequestContext
+    generation: Generation, n: int, logprobs: bool, include_usage: bool, echo: str, ctx: RequestContext
 ) -> AsyncIterator[bytes]:
     cid, created, model = new_id("cmpl"), now(), generation.manifest.id
+    offsets = dict.fromkeys(range(n), len(echo))
     if echo:
-        yield _event(TextCompletion(cid, created, model, [TextChoice(0, echo, None)]))
+        for i in range(n):
+            yield _event(TextCompletion(cid, created, model, [TextChoice(i, echo, None)]))
     async for piece in generation:
-        if piece.text or piece.finish_reason is not None:
-            extra = _guardrail_fields(ctx) if piece.finish_reason is not None else {}
-            yield _event(TextCompletion(cid, created, model, [TextChoice(0, piece.text, piece.finish_reason)], **extra))
-        if piece.finish_reason is not None and include_usage and piece.usage is not None:
+        i = piece.index
+        if piece.text or piece.finish_reason is not None or piece.logprobs:
+            lp = text_logprobs(piece.logprobs, offsets[i]) if logprobs else None
+            offsets[i] += len(piece.text)
+            extra = _guardrail_fields(ctx) if piece.usage is not None else {}
+            yield _event(TextCompletion(cid, created, model, [TextChoice(i, piece.text, piece.finish_reason, lp)], **extra))
+        if piece.usage is not None and include_usage:
             yield _event(TextCompletion(cid, created, model, [], usage=usage_out(piece.usage)))
 
 
@@ -224,14 +236,19 @@ class OpenAIController(Controller):
             return forwarded
         generation = await generation_service.chat(body, ctx, cache_scope=_cache_scope(request, ctx))
         headers = _cache_headers(generation, ctx)
+        logprobs = body.logprob_count() is not None
         if body.stream:
-            events = _chat_events(generation, body.include_usage, ctx)
+            events = _chat_events(generation, body.n, logprobs, body.include_usage, ctx)
             return Stream(_sse(events, generation), media_type="text/event-stream", headers={**_SSE_HEADERS, **headers})
-        text, finish, usage = await generation.collect()
-        choice = ChatChoice(0, *_assistant_message(text, finish, generation.tools_offered))
+        results, usage = await generation.collect_all()
+        choices = [
+            ChatChoice(i, *_assistant_message(text, finish, generation.tools_offered),
+                       logprobs=chat_logprobs(lp) if logprobs else None)
+            for i, (text, finish, lp) in enumerate(results)
+        ]
         return _json(
             ChatCompletion(
-                new_id("chatcmpl"), now(), generation.manifest.id, [choice], usage_out(usage), **_guardrail_fields(ctx)
+                new_id("chatcmpl"), now(), generation.manifest.id, choices, usage_out(usage), **_guardrail_fields(ctx)
             ),
             headers,
         )
@@ -247,13 +264,17 @@ class OpenAIController(Controller):
         generation = await generation_service.complete(body, ctx, cache_scope=_cache_scope(request, ctx))
         headers = _cache_headers(generation, ctx)
         echo = body.prompt_text if body.echo else ""
+        logprobs = body.logprob_count() is not None
         if body.stream:
-            events = _completion_events(generation, body.include_usage, echo, ctx)
+            events = _completion_events(generation, body.n, logprobs, body.include_usage, echo, ctx)
             return Stream(_sse(events, generation), media_type="text/event-stream", headers={**_SSE_HEADERS, **headers})
-        text, finish, usage = await generation.collect()
-        choice = TextChoice(0, echo + text, finish)
+        results, usage = await generation.collect_all()
+        choices = [
+            TextChoice(i, echo + text, finish, text_logprobs(lp, len(echo)) if logprobs else None)
+            for i, (text, finish, lp) in enumerate(results)
+        ]
         completion = TextCompletion(
-            new_id("cmpl"), now(), generation.manifest.id, [choice], usage_out(usage), **_guardrail_fields(ctx)
+            new_id("cmpl"), now(), generation.manifest.id, choices, usage_out(usage), **_guardrail_fields(ctx)
         )
         return _json(completion, headers)
 

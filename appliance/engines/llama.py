@@ -14,10 +14,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import llama_cpp
+import numpy as np
 from llama_cpp import _ggml
 
 from appliance.errors import EngineError, InvalidRequest
-from appliance.types import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolGrammar, SamplingParams
+from appliance.types import (
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
+    SamplingParams,
+    TokenAlternative,
+    TokenLogprob,
+    ToolGrammar,
+)
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +184,7 @@ class Sampler:
             sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
             if not sampler:
                 self.close()
-                raise InvalidRequest("The response_format schema could not be compiled to a grammar.")
+                raise InvalidRequest("The output grammar (response_format or tools) could not be compiled.")
             add(sampler)
         if params.temperature <= 0:
             add(llama_cpp.llama_sampler_init_greedy())
@@ -316,6 +324,26 @@ class LlamaBatchContext:
 
     def seq_rm(self, seq: int, p0: int, p1: int = -1) -> bool:
         return bool(llama_cpp.llama_memory_seq_rm(self._mem, seq, p0, p1))
+
+    def seq_cp(self, src: int, dst: int) -> None:
+        """Give sequence `dst` a copy of `src`'s KV cells (n > 1: the prompt is computed once)."""
+        llama_cpp.llama_memory_seq_rm(self._mem, dst, -1, -1)
+        llama_cpp.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
+
+    def logprob(self, batch_index: int, token: int, top: int) -> TokenLogprob:
+        """`token`'s log-probability in one row of the last decode (log-softmax of the raw logits,
+        before temperature, penalties or grammar), and the `top` most likely tokens there."""
+        n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, batch_index), shape=(n_vocab,))
+        logits = logits.astype(np.float64)
+        peak = logits.max()
+        norm = peak + np.log(np.exp(logits - peak).sum())
+        best: list[TokenAlternative] = []
+        if top > 0:
+            ids = np.argpartition(-logits, top - 1)[:top]
+            ids = ids[np.argsort(-logits[ids], kind="stable")]
+            best = [TokenAlternative(self.piece(int(i)), float(logits[i] - norm)) for i in ids]
+        return TokenLogprob(self.piece(token), float(logits[token] - norm), tuple(best))
 
     def close(self) -> None:
         if self._ctx:

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import msgspec
+
 from appliance.engines.stops import StopMatcher
 from appliance.errors import (
     ApplianceError,
@@ -33,7 +35,7 @@ from appliance.errors import (
     RequestTimeout,
     ServerOverloaded,
 )
-from appliance.types import Chunk, GenerationRequest, SamplingParams, ToolGrammar, Usage
+from appliance.types import Chunk, GenerationRequest, SamplingParams, TokenLogprob, ToolGrammar, Usage
 
 log = logging.getLogger(__name__)
 Emit = Callable[[Chunk | ApplianceError], None]
@@ -57,6 +59,8 @@ class BatchContext(Protocol):
     def sample(self, sampler: Any, batch_index: int) -> int: ...
     def decode(self, entries: list[tuple[int, int, int, bool]]) -> None: ...
     def seq_rm(self, seq: int, p0: int, p1: int = -1) -> bool: ...
+    def seq_cp(self, src: int, dst: int) -> None: ...
+    def logprob(self, batch_index: int, token: int, top: int) -> TokenLogprob: ...
     def close(self) -> None: ...
 
 
@@ -95,8 +99,45 @@ class SchedulerStats:
         }
 
 
+class _Group:
+    """The n sequences of one request. Their chunks carry the sequence's index and, in `generated`, the
+    tokens of all of them; the last to finish reports the usage of all (the prompt once, the completions
+    summed), so metering settles once."""
+
+    def __init__(self, n: int, emit: Emit) -> None:
+        self.n = n
+        self.emit = emit
+        self.generated = 0
+        self.finished = 0
+        self.completion_tokens = 0
+
+    def emitter(self, index: int) -> Emit:
+        def emit(item: Chunk | ApplianceError) -> None:
+            if isinstance(item, ApplianceError):
+                self.emit(item)
+                return
+            usage = None
+            if item.usage is not None:
+                self.finished += 1
+                self.completion_tokens += item.usage.completion_tokens
+                if self.finished == self.n:
+                    usage = Usage(prompt_tokens=item.usage.prompt_tokens, completion_tokens=self.completion_tokens)
+            self.emit(msgspec.structs.replace(item, index=index, usage=usage, generated=self.generated))
+
+        return emit
+
+
 class _Sequence:
-    def __init__(self, request: GenerationRequest, prompt: list[int], emit: Emit, cancel: threading.Event) -> None:
+    def __init__(
+        self, request: GenerationRequest, prompt: list[int], emit: Emit, cancel: threading.Event,
+        index: int = 0, group: _Group | None = None,
+    ) -> None:
+        self.index = index
+        self.group = group
+        self.followers: list[_Sequence] = []
+        """The other sequences of an n > 1 request: placed with a copy of this one's prompt cells."""
+        self.logprobs: list[TokenLogprob] = []
+        """Of tokens generated but not yet emitted."""
         self.request = request
         self.prompt = prompt
         self.emit = emit
@@ -170,11 +211,20 @@ class BatchScheduler:
                 f"{len(prompt)} tokens.",
                 param="messages",
             )
-        seq = _Sequence(request, prompt, emit, cancel)
+        grammar = None
         if request.json_schema is not None:
-            seq.grammar = self.ctx.compile_schema(request.json_schema)
+            grammar = self.ctx.compile_schema(request.json_schema)
         elif request.tools is not None:
-            seq.grammar = self.ctx.compile_tools(request.tools)
+            grammar = self.ctx.compile_tools(request.tools)
+        if request.n > 1:
+            group = _Group(request.n, emit)
+            seqs = [_Sequence(request, prompt, group.emitter(i), cancel, i, group) for i in range(request.n)]
+            seq = seqs[0]
+            seq.followers = seqs[1:]
+        else:
+            seqs = [seq := _Sequence(request, prompt, emit, cancel)]
+        for one in seqs:
+            one.grammar = grammar
         with self._lock:
             if len(self._waiting) >= self._max_queue:
                 self.stats.rejected["queue_full"] = self.stats.rejected.get("queue_full", 0) + 1
@@ -272,11 +322,35 @@ class BatchScheduler:
         seq.slot = slot.index
         seq.n_past = keep
         seq.prefix_hit = keep
-        s = seq.request.sampling
-        seed = s.seed if s.seed is not None else random.getrandbits(32)
-        seq.sampler = self.ctx.sampler(s, seed, seq.grammar)
+        self._start_sampling(seq)
         self.stats.prompt_tokens += len(seq.prompt)
         self.stats.prefix_hit_tokens += keep
+
+    def _start_sampling(self, seq: _Sequence) -> None:
+        s = seq.request.sampling
+        # the i-th of n sequences draws from seed + i: a seeded n > 1 request is reproducible
+        seed = (s.seed + seq.index) % (1 << 32) if s.seed is not None else random.getrandbits(32)
+        seq.sampler = self.ctx.sampler(s, seed, seq.grammar)
+
+    def _fork(self, leader: _Sequence) -> None:
+        """The leader's prompt is in its cells and its logits are fresh: each follower gets a copy of the
+        cells and samples its first token from the same logits. A follower without a free slot waits
+        in the queue and computes the prompt itself (a cached prefix then serves it)."""
+        followers, leader.followers = leader.followers, []
+        for seq in followers:
+            free = [s for s in self._slots if s.seq is None]
+            if not free:
+                with self._lock:
+                    heapq.heappush(self._waiting, (seq.request.priority, next(self._arrivals), seq))
+                continue
+            slot = min(free, key=lambda s: s.last_used)
+            self.ctx.seq_cp(leader.slot, slot.index)
+            slot.tokens = list(leader.prompt)
+            slot.seq = seq
+            seq.slot = slot.index
+            seq.n_past = seq.prefix_hit = len(seq.prompt)
+            self._start_sampling(seq)
+            self._advance(seq, self.ctx.sample(seq.sampler, leader.batch_index), leader.batch_index)
 
     def _step(self) -> None:
         active = self._active()
@@ -325,9 +399,11 @@ class BatchScheduler:
             self._slots[seq.slot].tokens = seq.prompt[: seq.n_past]
         for seq in active:
             if seq.batch_index >= 0:
-                self._advance(seq, self.ctx.sample(seq.sampler, seq.batch_index))
+                if seq.followers:
+                    self._fork(seq)
+                self._advance(seq, self.ctx.sample(seq.sampler, seq.batch_index), seq.batch_index)
 
-    def _advance(self, seq: _Sequence, token: int) -> None:
+    def _advance(self, seq: _Sequence, token: int, batch_index: int) -> None:
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
             self.stats.ttft_s.append(seq.first_token_at - seq.submitted)
@@ -338,10 +414,15 @@ class BatchScheduler:
             self._finish(seq, reason="stop")
             return
         seq.generated += 1
+        if seq.group is not None:
+            seq.group.generated += 1
         self.stats.generated_tokens += 1
+        if seq.request.logprobs is not None:
+            seq.logprobs.append(self.ctx.logprob(batch_index, token, seq.request.logprobs))
         text, hit = seq.stops.feed(seq.decoder.decode(self.ctx.piece(token)))
         if text:
-            seq.emit(Chunk(text=text, generated=seq.generated))
+            seq.emit(Chunk(text=text, generated=seq.generated, logprobs=tuple(seq.logprobs)))
+            seq.logprobs.clear()
         if hit:
             self._finish(seq, reason="stop", stopped_by_text=True)
             return
@@ -381,7 +462,8 @@ class BatchScheduler:
                 tail += seq.stops.flush()
         self.stats.completed += 1
         usage = Usage(prompt_tokens=len(seq.prompt), completion_tokens=seq.generated)
-        seq.emit(Chunk(text=tail, finish_reason=reason, usage=usage, generated=seq.generated))  # type: ignore[arg-type]
+        seq.emit(Chunk(text=tail, finish_reason=reason, usage=usage, generated=seq.generated,  # type: ignore[arg-type]
+                       logprobs=tuple(seq.logprobs)))
 
     def _fail_all(self, exc: ApplianceError) -> None:
         for slot in self._slots:

@@ -127,7 +127,8 @@ class RequestContext:
         self.recorded = False
         self._policy: GuardrailPolicy | None = None
         self._mask_session: MaskSession | None = None
-        self._output_masker: StreamMasker | None = None
+        self._output_maskers: list[StreamMasker] = []
+        """One per output stream (n > 1 sequences each have one)."""
         self.pii_map: dict[str, str] | None = None
         """{placeholder: original} of masked input, only when the tenant's policy asks for a reversible mask."""
 
@@ -204,8 +205,10 @@ class RequestContext:
         return self.guardrail_policy.cap_max_tokens(requested)
 
     def output_filter(self) -> StreamMasker | None:
-        self._output_masker = self.gateway.guardrails.output_masker(self.guardrail_policy)
-        return self._output_masker
+        masker = self.gateway.guardrails.output_masker(self.guardrail_policy)
+        if masker is not None:
+            self._output_maskers.append(masker)
+        return masker
 
     def screen_retrieved(self, texts: list[str]) -> list[int]:
         self.retrieved_chunks += len(texts)
@@ -255,7 +258,7 @@ class RequestContext:
 
     def guardrail_actions(self) -> list[GuardrailAction]:
         """What the guardrails did so far, output masking of a finished generation included."""
-        done = self._output_masker.actions() if self._output_masker is not None else []
+        done = [a for masker in self._output_maskers for a in masker.actions()]
         return [*self.guardrails, *done]
 
     def _ttft_ms(self) -> float | None:
@@ -280,7 +283,7 @@ class RequestContext:
             return
         self.recorded = True
         self.guardrails = self.guardrail_actions()
-        self._output_masker = None
+        self._output_maskers = []
         outcome = outcome or self.outcome or ("ok" if status < 400 else "error")
         if status >= 400 and self.first_token_at is None:
             # Refused or failed before any output (queue full, timeout, engine error): nothing to bill.

@@ -113,14 +113,14 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     max_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    n: int = 1
+    n: Annotated[int, msgspec.Meta(ge=1, le=8)] = 1
+    """Choices from one prompt (computed once); at most MAX_N."""
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Stop = None
     seed: Seed | None = None
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
-    logprobs: Any = None
     user: str | None = None
     priority: Literal["interactive", "batch"] = "interactive"
     """Not in OpenAI's API: batch work waits behind interactive requests."""
@@ -148,10 +148,6 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
         )
 
     def check_common(self) -> None:
-        if self.n != 1:
-            raise InvalidRequest("Only n=1 is supported.", param="n")
-        if self.logprobs not in (None, False, 0):
-            raise InvalidRequest("logprobs are not supported.", param="logprobs")
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("stream_options is only allowed when stream is true.", param="stream_options")
 
@@ -163,6 +159,8 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
     messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
     max_completion_tokens: MaxTokens | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
     tools: Annotated[list[ToolDef], msgspec.Meta(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -177,8 +175,14 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
                 return self.messages[i].text(i)
         raise InvalidRequest("A grounded chat needs a user message.", param="messages")
 
+    def logprob_count(self) -> int | None:
+        """None: no logprobs; k: each token's logprob with its k most likely alternatives."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def check(self) -> None:
         self.check_common()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs: true.", param="top_logprobs")
         rf = self.response_format
         if rf is not None and rf.type == "json_schema" and rf.json_schema is None:
             raise InvalidRequest("response_format json_schema needs a json_schema object.", param="response_format")
@@ -258,6 +262,11 @@ class CompletionRequest(_SamplingFields, kw_only=True):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+    logprobs: Annotated[int, msgspec.Meta(ge=0, le=5)] | None = None
+    """The legacy endpoint's shape: how many alternatives to report per token (0..5)."""
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     def check(self) -> None:
         self.check_common()

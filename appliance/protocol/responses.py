@@ -12,7 +12,7 @@ import numpy as np
 
 from appliance.modelstore.manifest import Manifest
 from appliance.protocol.openai import EmbeddingUsage, UsageOut
-from appliance.types import Embeddings, Usage
+from appliance.types import Embeddings, TokenLogprob, Usage
 
 FINGERPRINT = "appliance-0.1"
 
@@ -39,11 +39,60 @@ class AssistantMessage(msgspec.Struct):
     tool_calls: list[ToolCallOut] | msgspec.UnsetType = msgspec.UNSET
 
 
+class TopLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobOut(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(msgspec.Struct):
+    content: list[TokenLogprobOut]
+
+
+class TextLogprobs(msgspec.Struct):
+    """The legacy completions shape."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
+
+
+def chat_logprobs(entries: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> ChoiceLogprobs:
+    return ChoiceLogprobs([
+        TokenLogprobOut(_text(e.token), e.logprob, list(e.token),
+                        [TopLogprob(_text(a.token), a.logprob, list(a.token)) for a in e.top])
+        for e in entries
+    ])
+
+
+def text_logprobs(entries: list[TokenLogprob] | tuple[TokenLogprob, ...], offset: int = 0) -> TextLogprobs:
+    tokens = [_text(e.token) for e in entries]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return TextLogprobs(
+        tokens, [e.logprob for e in entries], [{_text(a.token): a.logprob for a in e.top} for e in entries], offsets
+    )
+
+
 class ChatChoice(msgspec.Struct):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(msgspec.Struct):
@@ -87,7 +136,7 @@ class ChunkChoice(msgspec.Struct):
     index: int
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(msgspec.Struct):
@@ -108,7 +157,7 @@ class TextChoice(msgspec.Struct):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: TextLogprobs | None = None
 
 
 class TextCompletion(msgspec.Struct):

@@ -20,7 +20,7 @@ from appliance.protocol.openai import ChatCompletionRequest, CompletionRequest
 from appliance.services.cache import CachedAnswer, ResponseCache, deterministic, scope_of
 from appliance.services.policy import OPEN_POLICY, OutputFilter, RequestPolicy
 from appliance.services.tools import fallback_preamble, history, template_knows_tools, template_tools
-from appliance.types import Chunk, GenerationRequest, SamplingParams, ToolGrammar, Usage
+from appliance.types import Chunk, GenerationRequest, SamplingParams, TokenLogprob, ToolGrammar, Usage
 
 log = logging.getLogger(__name__)
 _END = object()
@@ -34,15 +34,17 @@ class Generation:
         self._first: Chunk | None = first
         self._rest = rest
         self._observers: list[Callable[[Chunk], None]] = []
-        self._output_filter: OutputFilter | None = None
+        self._make_filter: Callable[[], OutputFilter | None] | None = None
+        self._filters: dict[int, OutputFilter | None] = {}
         self.cached = False
         """True when the answer came from the response cache (no engine ran)."""
         self.tools_offered = False
         """True when the output may hold tool calls (services/tools.py parses them)."""
 
-    def filter_output(self, output_filter: OutputFilter) -> None:
-        """Pass every chunk's text through `output_filter` (PII masking) before anyone sees it."""
-        self._output_filter = output_filter
+    def filter_output(self, make_filter: Callable[[], OutputFilter | None]) -> None:
+        """Pass every chunk's text through a filter (PII masking) before anyone sees it: one filter per
+        sequence, from `make_filter`, since each holds back text of its own stream."""
+        self._make_filter = make_filter
 
     def observe(self, observer: Callable[[Chunk], None]) -> None:
         """Call `observer` with every chunk before it is handed on (metering counts tokens here)."""
@@ -56,13 +58,15 @@ class Generation:
             first, self._first = self._first, None
             first = self._notify(first)
             yield first
-            if first.finish_reason is not None:
+            if first.usage is not None:  # the last chunk (with n > 1: of the last sequence to finish)
                 return
         async for chunk in self._rest:
             yield self._notify(chunk)
 
     def _notify(self, chunk: Chunk) -> Chunk:
-        f = self._output_filter
+        if self._make_filter is not None and chunk.index not in self._filters:
+            self._filters[chunk.index] = self._make_filter()
+        f = self._filters.get(chunk.index)
         if f is not None:
             text = f.feed(chunk.text) + (f.flush() if chunk.finish_reason is not None else "")
             chunk = msgspec.structs.replace(chunk, text=text)
@@ -74,12 +78,22 @@ class Generation:
         await self._rest.aclose()  # type: ignore[attr-defined]
 
     async def collect(self) -> tuple[str, str, Usage]:
-        parts: list[str] = []
+        [(text, finish, _)], usage = await self.collect_all()
+        return text, finish, usage
+
+    async def collect_all(self) -> tuple[list[tuple[str, str, list[TokenLogprob]]], Usage]:
+        """Each sequence's (text, finish_reason, token logprobs), by index, and the usage of them all."""
+        parts: dict[int, list[str]] = {}
+        logprobs: dict[int, list[TokenLogprob]] = {}
+        finish: dict[int, str] = {}
         try:
             async for chunk in self:
-                parts.append(chunk.text)
-                if chunk.finish_reason is not None and chunk.usage is not None:
-                    return "".join(parts), chunk.finish_reason, chunk.usage
+                parts.setdefault(chunk.index, []).append(chunk.text)
+                logprobs.setdefault(chunk.index, []).extend(chunk.logprobs)
+                if chunk.finish_reason is not None:
+                    finish[chunk.index] = chunk.finish_reason
+                if chunk.usage is not None:
+                    return [("".join(parts[i]), finish[i], logprobs[i]) for i in sorted(finish)], chunk.usage
         finally:
             await self.aclose()
         raise EngineError("generation ended without a final chunk")
@@ -201,10 +215,13 @@ class GenerationService:
             sampling=request.sampling(manifest.sampling),
             json_schema=json_schema,
             tools=tools,
+            n=request.n,
+            logprobs=request.logprob_count(),
             priority=request.priority_level,
         )
         try:
-            if cache_scope is None or self._cache is None or not self._cache.enabled or not deterministic(generation):
+            cacheable = deterministic(generation) and generation.n == 1 and generation.logprobs is None
+            if cache_scope is None or self._cache is None or not self._cache.enabled or not cacheable:
                 return await self._launch(manifest, generation, policy)
             return await self._cached(manifest, generation, policy, cache_scope)
         except ContextLengthExceeded as exc:
@@ -251,7 +268,7 @@ class GenerationService:
             prompt_tokens = len(tokenize(generation.prompt)) if tokenize else len(generation.prompt.split())
             # Without max_tokens a generation may fill the context: that is what it reserves.
             limit = generation.max_tokens if generation.max_tokens is not None else engine.n_ctx - prompt_tokens
-            policy.reserve(manifest, prompt_tokens, max(0, limit))
+            policy.reserve(manifest, prompt_tokens, max(0, limit) * generation.n)
         except BaseException:
             lease.release()
             raise
@@ -264,9 +281,10 @@ class GenerationService:
             await rest.aclose()
             raise
         generation = Generation(manifest, first, rest)
-        output_filter = policy.output_filter()
-        if output_filter is not None:
-            generation.filter_output(output_filter)
+        first_filter = policy.output_filter()
+        if first_filter is not None:
+            spare = [first_filter]
+            generation.filter_output(lambda: spare.pop() if spare else policy.output_filter())
         generation.observe(policy.on_chunk)
         return generation
 
@@ -293,7 +311,7 @@ class GenerationService:
                 if isinstance(item, ApplianceError):
                     raise item
                 yield item
-                if item.finish_reason is not None:
+                if item.usage is not None:
                     return
         finally:
             cancel.set()

@@ -155,7 +155,7 @@ def test_embeddings_float_and_base64(client: TestClient, world: World) -> None:
         ("/v1/chat/completions", {"model": "chat-model", "messages": [{"role": "user", "content": "x"}], "temperature": 5}, "temperature"),
         ("/v1/chat/completions", {"model": "chat-model", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
         ("/v1/chat/completions", {"model": "chat-model", "messages": [{"role": "user", "content": "x"}], "max_tokens": "ten"}, "max_tokens"),
-        ("/v1/chat/completions", {"model": "chat-model", "messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+        ("/v1/chat/completions", {"model": "chat-model", "messages": [{"role": "user", "content": "x"}], "n": 9}, "n"),  # above the documented maximum of 8
         ("/v1/chat/completions", {"model": "chat-model", "messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ("/v1/chat/completions", {"model": "chat-model", "messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}}, "stream_options"),
         ("/v1/chat/completions", {"model": "chat-model", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0].content"),

@@ -217,3 +217,62 @@ def test_health_and_version(server: Server) -> None:
     version = httpx.get(f"{server.url}/version").json()
     assert version["version"] and version["llama_cpp_python"] == "0.3.36"
     assert math.isfinite(health["models"]["gemma3-270m"]["load_seconds"])
+
+
+def test_logprobs_are_the_models_distribution(client: OpenAI) -> None:
+    resp = client.chat.completions.create(
+        model="gemma3", messages=[{"role": "user", "content": "The capital of France is"}],
+        temperature=0, max_tokens=6, logprobs=True, top_logprobs=3,
+    )
+    content = resp.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert len(content) == resp.usage.completion_tokens  # type: ignore[union-attr]
+    assert "".join(t.token for t in content) == resp.choices[0].message.content
+    for t in content:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 3
+        # greedy: the chosen token is the most likely one, and its logprob is the top one
+        assert t.top_logprobs[0].token == t.token and math.isclose(t.top_logprobs[0].logprob, t.logprob, abs_tol=1e-6)
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob
+        assert bytes(t.bytes or []).decode("utf-8", "replace") == t.token
+    legacy = client.completions.create(model="gemma3", prompt=GREEDY_PROMPT, max_tokens=5, temperature=0, logprobs=2)
+    lp = legacy.choices[0].logprobs
+    assert lp is not None and "".join(lp.tokens or []) == legacy.choices[0].text
+    assert all(max(top.values()) == pytest.approx(tok) for top, tok in zip(lp.top_logprobs or [], lp.token_logprobs or []))
+
+
+def test_n_choices_share_a_prefill_and_are_reproducible(client: OpenAI, server: Server) -> None:
+    def ask() -> object:
+        return client.chat.completions.create(
+            model="gemma3", messages=[{"role": "user", "content": "Write a word about the sea."}],
+            n=3, seed=7, temperature=1.0, max_tokens=12, logprobs=True,
+        )
+
+    first, second = ask(), ask()
+    texts = [c.message.content for c in first.choices]  # type: ignore[attr-defined]
+    assert [c.index for c in first.choices] == [0, 1, 2]  # type: ignore[attr-defined]
+    assert texts == [c.message.content for c in second.choices]  # type: ignore[attr-defined]
+    assert len(set(texts)) > 1  # each choice draws from its own seed
+    # metered as the sum: the prompt once, every choice's tokens
+    usage = first.usage  # type: ignore[attr-defined]
+    assert usage.completion_tokens == sum(len(c.logprobs.content) for c in first.choices)  # type: ignore[attr-defined]
+    one = client.chat.completions.create(
+        model="gemma3", messages=[{"role": "user", "content": "Write a word about the sea."}], max_tokens=1)
+    assert usage.prompt_tokens == one.usage.prompt_tokens  # type: ignore[union-attr]
+    stream = client.chat.completions.create(
+        model="gemma3", messages=[{"role": "user", "content": "Write a word about the sea."}],
+        n=2, seed=7, temperature=1.0, max_tokens=12, stream=True, stream_options={"include_usage": True},
+    )
+    got: dict[int, str] = {}
+    finished = set()
+    total = None
+    for chunk in stream:
+        for c in chunk.choices:
+            got[c.index] = got.get(c.index, "") + (c.delta.content or "")
+            if c.finish_reason:
+                finished.add(c.index)
+        if chunk.usage is not None:
+            total = chunk.usage.completion_tokens
+    assert finished == {0, 1} and got == {0: texts[0], 1: texts[1]}
+    assert total is not None and total >= 2
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="gemma3", messages=[{"role": "user", "content": "x"}], n=9)
+    assert info.value.body["param"] == "n"  # type: ignore[index]

@@ -11,7 +11,7 @@ import pytest
 
 from appliance.engines.scheduler import BatchScheduler
 from appliance.errors import ApplianceError, ContextLengthExceeded, QueueTimeout, RequestTimeout, ServerOverloaded
-from appliance.types import PRIORITY_BATCH, Chunk, GenerationRequest, SamplingParams
+from appliance.types import PRIORITY_BATCH, Chunk, GenerationRequest, SamplingParams, TokenAlternative, TokenLogprob
 
 EOG = 0
 
@@ -75,6 +75,14 @@ class FakeBatchContext:
     def seq_rm(self, seq: int, p0: int, p1: int = -1) -> bool:
         self.removed.append((seq, p0, p1))
         return True
+
+    copies: list[tuple[int, int]] = []
+
+    def seq_cp(self, src: int, dst: int) -> None:
+        self.copies = [*self.copies, (src, dst)]
+
+    def logprob(self, batch_index: int, token: int, top: int) -> TokenLogprob:
+        return TokenLogprob(chr(token).encode(), -0.25, tuple(TokenAlternative(b"?", -2.0) for _ in range(top)))
 
     def close(self) -> None:
         pass
@@ -299,4 +307,48 @@ def test_a_cached_prefix_is_not_evicted_by_an_unrelated_prompt() -> None:
         out.result()
     # The last prompt found "shared manual text " still cached although two others ran in between.
     assert sched.stats.prefix_hit_tokens == len("shared manual text ") + 1
+    sched.close()
+
+
+def test_n_sequences_share_one_prefill() -> None:
+    sched = make(FakeBatchContext(n_seq_max=3))
+    inner = sched.ctx  # type: ignore[attr-defined]
+    items: queue.Queue[Chunk | ApplianceError] = queue.Queue()
+    sched.submit(request("hi", n=3, logprobs=2), items.put, threading.Event())
+    texts: dict[int, str] = {}
+    finishes: dict[int, str] = {}
+    entries = 0
+    while True:
+        item = items.get(timeout=5)
+        assert isinstance(item, Chunk)
+        texts[item.index] = texts.get(item.index, "") + item.text
+        entries += len(item.logprobs)
+        assert all(len(e.top) == 2 for e in item.logprobs)
+        if item.finish_reason is not None:
+            finishes[item.index] = item.finish_reason
+        if item.usage is not None:
+            break
+    assert texts == {0: "hello", 1: "hello", 2: "hello"} and set(finishes.values()) == {"stop"}
+    # the prompt was decoded once, then copied to the two other sequences
+    prompt_decodes = [e for d in inner.decodes for e in d if e[1] < 3]
+    assert len(prompt_decodes) == 3 and len(inner.copies) == 2 and {src for src, _ in inner.copies} == {0}
+    # one usage for the whole request: the prompt once, the completions summed
+    assert (item.usage.prompt_tokens, item.usage.completion_tokens) == (3, 15)
+    assert entries == 15
+    sched.close()
+
+
+def test_n_above_the_free_slots_queues_the_rest(ctx: FakeBatchContext) -> None:
+    sched = make(ctx)  # two slots
+    items: queue.Queue[Chunk | ApplianceError] = queue.Queue()
+    sched.submit(request("hi", n=3), items.put, threading.Event())
+    done = set()
+    while True:
+        item = items.get(timeout=5)
+        assert isinstance(item, Chunk)
+        if item.finish_reason is not None:
+            done.add(item.index)
+        if item.usage is not None:
+            break
+    assert done == {0, 1, 2} and item.usage.completion_tokens == 15
     sched.close()
