@@ -20,6 +20,7 @@ from appliance.api.cluster import cluster_state
 from appliance.api.documents import DocumentsController
 from appliance.api.gateway import context_of, gateway_middleware
 from appliance.api.ollama import OllamaController
+from appliance.api.responses import create_response
 from appliance.api.openai import OpenAIController
 from appliance.api.rerank import rerank
 from appliance.api.openapi import HealthReport, VersionInfo, openapi_handlers
@@ -173,7 +174,7 @@ def create_app(settings: Settings, registry: ModelRegistry) -> Litestar:
     return Litestar(
         route_handlers=[
             _page_handler(), health, version, metrics, usage_report,
-            OpenAIController, OllamaController, rerank, DocumentsController, AdminController, cluster_state, *openapi_handlers(_PAGE_HEADERS),
+            OpenAIController, create_response, OllamaController, rerank, DocumentsController, AdminController, cluster_state, *openapi_handlers(_PAGE_HEADERS),
         ],
         middleware=[gateway_middleware(gateway, peer_auth=cluster.verifier)],
         dependencies={

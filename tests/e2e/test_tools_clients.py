@@ -126,3 +126,19 @@ def test_langchain_chat_and_embeddings(server: Server) -> None:
     vectors = emb.embed_documents(["valve torque", "pump pressure"])
     assert len(vectors) == 2 and len(vectors[0]) == 384
     assert len(emb.embed_query("valve")) == 384
+
+
+def test_responses_api_with_the_openai_sdk(client: OpenAI) -> None:
+    resp = client.responses.create(model="gemma3", input="The capital of France is", instructions="Answer briefly.",
+                                   max_output_tokens=8, temperature=0)
+    assert resp.status in ("completed", "incomplete") and resp.output_text
+    assert resp.usage is not None and resp.usage.output_tokens <= 8
+    deltas, last = [], None
+    for event in client.responses.create(model="gemma3", input="The capital of France is", instructions="Answer briefly.",
+                                         max_output_tokens=8, temperature=0, stream=True):
+        if event.type == "response.output_text.delta":
+            deltas.append(event.delta)
+        last = event
+    # cut at max_output_tokens: OpenAI's stream then ends with response.incomplete, not response.completed
+    assert last is not None and last.type in ("response.completed", "response.incomplete")
+    assert "".join(deltas) == last.response.output_text == resp.output_text  # type: ignore[union-attr]
