@@ -25,8 +25,10 @@ from appliance.protocol.responses import (
     ChatCompletionChunk,
     ChunkChoice,
     Delta,
+    EmbeddingList,
     FunctionCallOut,
     FunctionDelta,
+    ModelCard,
     ModelList,
     TextChoice,
     TextCompletion,
@@ -205,7 +207,7 @@ def _cache_headers(generation: Generation, ctx: RequestContext, base: dict[str, 
 class OpenAIController(Controller):
     path = "/v1"
 
-    @get("/models")
+    @get("/models", opt={"response": ModelList, "summary": "The models this key may use (scope=cluster: the peers' too)"})
     async def list_models(
         self, registry: ModelRegistry, ctx: RequestContext, cluster: Cluster,
         where: str | None = Parameter(query="scope", default=None),
@@ -217,13 +219,16 @@ class OpenAIController(Controller):
             return _json(cluster_model_list(cluster, cards, allowed))
         return _json(ModelList(cards))
 
-    @get("/models/{model_id:str}")
+    @get("/models/{model_id:str}", opt={"response": ModelCard, "summary": "One model, by id or alias"})
     async def get_model(self, model_id: str, registry: ModelRegistry, ctx: RequestContext) -> Response[bytes]:
         manifest = registry.resolve(model_id)
         ctx.allow_model(manifest)
         return _json(model_card(manifest, registry.status()[manifest.id], registry.context_window(manifest)))
 
-    @post("/chat/completions", status_code=200)
+    @post("/chat/completions", status_code=200, opt={
+        "request": ChatCompletionRequest, "response": ChatCompletion, "stream": ChatCompletionChunk,
+        "summary": "Chat completion: tools, logprobs, n, response_format, grounded answers with `collection`",
+    })
     async def chat_completions(
         self, request: Request, generation_service: GenerationService, ask_service: AskService, ctx: RequestContext,
         cluster: Cluster,
@@ -253,7 +258,10 @@ class OpenAIController(Controller):
             headers,
         )
 
-    @post("/completions", status_code=200)
+    @post("/completions", status_code=200, opt={
+        "request": CompletionRequest, "response": TextCompletion, "stream": TextCompletion,
+        "summary": "Text completion (the legacy endpoint)",
+    })
     async def completions(
         self, request: Request, generation_service: GenerationService, ctx: RequestContext, cluster: Cluster
     ) -> Response[bytes] | Stream:
@@ -278,7 +286,9 @@ class OpenAIController(Controller):
         )
         return _json(completion, headers)
 
-    @post("/embeddings", status_code=200)
+    @post("/embeddings", status_code=200, opt={
+        "request": EmbeddingRequest, "response": EmbeddingList, "summary": "Embeddings of one or more texts",
+    })
     async def embeddings(
         self, request: Request, embedding_service: EmbeddingService, ctx: RequestContext, cluster: Cluster
     ) -> Response[bytes] | Stream:
