@@ -327,7 +327,11 @@ def _operation(op: _Operation, schema_of: dict[Any, Any], names: set[str]) -> di
     doc = inspect.cleandoc(handler.fn.__doc__ or "")  # not getdoc: it would inherit the decorator's
     module = handler.fn.__module__.rsplit(".", 1)[-1]
     tag = opt.get("tag") or _TAGS.get(module, module.title())
-    operation_id = handler.handler_name if handler.handler_name not in names else f"{module}_{handler.handler_name}"
+    operation_id = handler.handler_name
+    for n in range(2, 100):  # one handler may serve several paths (aliases); ids must be unique
+        if operation_id not in names:
+            break
+        operation_id = f"{module}_{handler.handler_name}" + (f"_{n}" if n > 2 else "")
     names.add(operation_id)
     out: dict[str, Any] = {
         "operationId": operation_id,
@@ -340,11 +344,16 @@ def _operation(op: _Operation, schema_of: dict[Any, Any], names: set[str]) -> di
         {"name": name, "in": "path", "required": True, "schema": schema_of.get(p.type, {"type": "string"})}
         for name, p in op.route.path_parameters.items()
     ]
-    query = [(name, schema_of[annotation], required) for name, annotation, required in _signature_query(op)]
+    query = [(name, schema_of[annotation], required, None) for name, annotation, required in _signature_query(op)]
     if "query" in opt:
-        query.extend((f.encode_name, schema_of[f.type], f.required) for f in msgspec.structs.fields(opt["query"]))
-    for name, schema, required in query:
-        parameters.append({"name": name, "in": "query", "required": required, "schema": _not_null(schema)})
+        query.extend(
+            (f.encode_name, schema_of[f.type], f.required, f.default) for f in msgspec.structs.fields(opt["query"])
+        )
+    for name, schema, required, default in query:
+        schema = _not_null(schema)
+        if default not in (None, msgspec.NODEFAULT):
+            schema = {**schema, "default": msgspec.to_builtins(default)}
+        parameters.append({"name": name, "in": "query", "required": required, "schema": schema})
     if parameters:
         out["parameters"] = parameters
     if "request" in opt:
@@ -368,6 +377,23 @@ def _operation(op: _Operation, schema_of: dict[Any, Any], names: set[str]) -> di
     return out
 
 
+def _sse_event(data: dict[str, Any], error: dict[str, Any]) -> dict[str, Any]:
+    """One server-sent event (OpenAPI 3.1 describes each event; 3.2 would call this itemSchema)."""
+    return {
+        "type": "object",
+        "description": "With `stream: true`: events whose `data` is one JSON chunk, then `data: [DONE]`. "
+        "A failure after the stream began ends it with an error event (the error body).",
+        "required": ["data"],
+        "properties": {
+            "data": {
+                "type": "string",
+                "if": {"const": "[DONE]"},
+                "else": {"contentMediaType": "application/json", "contentSchema": {"anyOf": [data, error]}},
+            }
+        },
+    }
+
+
 def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
     """A query parameter is absent or a string: `X | None` is described as X."""
     options = [s for s in schema.get("anyOf", ()) if s != {"type": "null"}]
@@ -383,11 +409,7 @@ def _responses(op: _Operation, schema_of: dict[Any, Any]) -> dict[str, Any]:
     if "response" in opt:
         content[opt.get("media_type", "application/json")] = {"schema": schema_of[opt["response"]]}
     if "stream" in opt:
-        content["text/event-stream"] = {
-            "schema": schema_of[opt["stream"]],
-            "description": "With `stream: true`: `data: <this JSON>` events, then `data: [DONE]`; "
-            "a failure after the stream began ends it with an error event.",
-        }
+        content["text/event-stream"] = {"schema": _sse_event(schema_of[opt["stream"]], schema_of[ErrorBody])}
     if "ndjson" in opt:
         content["application/x-ndjson"] = {
             "schema": schema_of[opt["ndjson"]],
