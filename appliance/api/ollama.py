@@ -53,10 +53,12 @@ from appliance.protocol.ollama import (
     not_found_message,
     running_model,
     show_response,
+    tool_calls_out,
 )
 from appliance.protocol.openai import decode_request
 from appliance.services.embeddings import EmbeddingService
 from appliance.services.generation import Generation, GenerationService
+from appliance.services.tools import ToolCall, ToolCallStream, split_calls
 from appliance.types import Chunk
 
 log = logging.getLogger(__name__)
@@ -250,15 +252,20 @@ class _Shape:
         self.model = model
         self.chat = chat
 
-    def part(self, text: str, **final: Any) -> GenerateResponse | ChatResponse:
+    def part(self, text: str, calls: list[ToolCall] | None = None, **final: Any) -> GenerateResponse | ChatResponse:
         done = bool(final)
         if self.chat:
-            return ChatResponse(model=self.model, created_at=created_at(), message=OutMessage(text), done=done, **final)
+            out = tool_calls_out([(c.name, c.arguments) for c in calls]) if calls else msgspec.UNSET
+            message = OutMessage(text, tool_calls=out)
+            return ChatResponse(model=self.model, created_at=created_at(), message=message, done=done, **final)
         return GenerateResponse(model=self.model, created_at=created_at(), response=text, done=done, **final)
 
-    def final(self, text: str, reason: str, counters: Counters | None, ctx: RequestContext | None) -> Any:
+    def final(
+        self, text: str, reason: str, counters: Counters | None, ctx: RequestContext | None,
+        calls: list[ToolCall] | None = None,
+    ) -> Any:
         extra = msgspec.structs.asdict(counters) if counters is not None else {}
-        return self.part(text, done_reason=reason, **extra, **(_guardrail_fields(ctx) if ctx else {}))
+        return self.part(text, calls, done_reason=reason, **extra, **(_guardrail_fields(ctx) if ctx else {}))
 
 
 async def _answer(run: _Run, shape: _Shape, stream: bool, after: Callable[[], None]) -> Response[bytes] | Stream:
@@ -269,15 +276,29 @@ async def _answer(run: _Run, shape: _Shape, stream: bool, after: Callable[[], No
         text, finish, usage = await run.generation.collect()
     finally:
         after()
-    return _json(shape.final(text, finish, run.counters(Chunk(text="", usage=usage)), run.ctx), headers)
+    calls: list[ToolCall] = []
+    if run.generation.tools_offered:
+        content, calls, _ = split_calls(text)  # an answer that opens with a call is calls only
+        text = content or ""
+    return _json(shape.final(text, finish, run.counters(Chunk(text="", usage=usage)), run.ctx, calls), headers)
 
 
 async def _ndjson(run: _Run, shape: _Shape, after: Callable[[], None]) -> AsyncIterator[bytes]:
-    """One JSON object per line; a failure mid-stream ends it with an `{"error": ...}` line."""
+    """One JSON object per line; a failure mid-stream ends it with an `{"error": ...}` line.
+
+    With tools offered, calls go out as they complete, each in a `message.tool_calls` line (as
+    Ollama streams them), and no call markup leaks as text.
+    """
+    calls = ToolCallStream() if run.generation.tools_offered else None
     try:
         async for chunk in run.generation:
-            if chunk.text:
-                yield _encode(shape.part(chunk.text)) + b"\n"
+            text, done = (chunk.text, []) if calls is None else calls.feed(chunk.text)
+            if calls is not None and chunk.finish_reason is not None:
+                text += calls.finish()
+            if text:
+                yield _encode(shape.part(text)) + b"\n"
+            if done:
+                yield _encode(shape.part("", done)) + b"\n"
             if chunk.finish_reason is not None:
                 # The usage record is written by now: the guardrail actions are final.
                 yield _encode(shape.final("", chunk.finish_reason, run.counters(chunk), run.ctx)) + b"\n"

@@ -92,9 +92,10 @@ class ToolCallFunction(msgspec.Struct, kw_only=True):
     """An object, not OpenAI's JSON text."""
 
 
-class ToolCall(msgspec.Struct, kw_only=True):
+class ToolCall(msgspec.Struct, kw_only=True, omit_defaults=True):
     function: ToolCallFunction
     id: str | None = None
+    """Not in Ollama's documented shape; accepted in the history to tie a tool turn to its call."""
 
 
 class Message(msgspec.Struct, kw_only=True):
@@ -551,7 +552,8 @@ def created_at(ts: float | None = None) -> str:
 
 
 def tool_calls_out(calls: list[tuple[str, str]]) -> list[ToolCall]:
-    """(name, arguments as JSON text) calls in Ollama's shape, whose arguments are an object."""
+    """(name, arguments as JSON text) calls in Ollama's shape, whose arguments are an object
+    (a call whose arguments are not an object, which the grammar rules out, gets {})."""
     out = []
     for name, arguments in calls:
         try:
@@ -607,7 +609,8 @@ def running_model(
     )
 
 
-_CAPABILITIES = {"chat": ["completion"], "completion": ["completion"], "embedding": ["embedding"]}
+# Every chat model takes tools: through its template when the template knows them, else the fallback format.
+_CAPABILITIES = {"chat": ["completion", "tools"], "completion": ["completion"], "embedding": ["embedding"]}
 
 
 def show_response(manifest: Manifest, context_window: int | None) -> ShowResponse:

@@ -89,7 +89,7 @@ def test_version_tags_ps_and_show(client: TestClient) -> None:
     for name in ("chat-model", "chat-model:latest", "chat-alias"):
         shown = client.post("/api/show", json={"model": name})
         assert shown.status_code == 200, shown.text
-        assert shown.json()["capabilities"] == ["completion"]
+        assert shown.json()["capabilities"] == ["completion", "tools"]
     show = client.post("/api/show", json={"name": "chat-model"}).json()  # older clients send `name`
     assert "<assistant>" in show["template"] and "FROM chat-model" in show["modelfile"]
     assert 'stop                           "</assistant>"' in show["parameters"]
@@ -226,6 +226,63 @@ def test_deterministic_answers_are_cached_like_v1(client: TestClient, world: Wor
     assert (first.headers["x-cache"], second.headers["x-cache"]) == ("miss", "hit")
     assert first.json()["message"] == second.json()["message"] and len(world.chat.requests) == 1
     assert client.post("/api/chat", json={**body, "options": {"temperature": 0, "top_k": 3}}).headers["x-cache"] == "miss"
+
+
+# -- tools -----------------------------------------------------------------------------------------
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Tokyo"}}</tool_call>'
+
+
+def test_tools_pass_through_and_calls_come_back_in_ollamas_shape(client: TestClient, world: World) -> None:
+    world.chat.reply, world.chat.n_ctx = CALL, 4096
+    body = {**CHAT, "messages": [{"role": "user", "content": "Weather in Tokyo?"}], "tools": [WEATHER]}
+    r = client.post("/api/chat", json=body)
+    assert r.status_code == 200, r.text
+    message = r.json()["message"]
+    assert message == {"content": "", "role": "assistant",
+                       "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Tokyo"}}}]}
+    sent = world.chat.requests[-1]
+    assert sent.tools is not None and '"const":"get_weather"' in sent.tools.call_schema
+    with client.stream("POST", "/api/chat", json={**body, "stream": True}) as s:
+        lines = ndjson(s.read().decode())
+    assert [x["message"].get("tool_calls") for x in lines[:-1]] == [message["tool_calls"]]
+    assert "<tool_call>" not in "".join(x["message"]["content"] for x in lines)
+    assert_final(lines[-1], "stop")
+    # the call and its result go back in the history, Ollama's way (arguments an object, tool_name)
+    world.chat.reply = "It is sunny."
+    history = [
+        {"role": "user", "content": "Weather in Tokyo?"},
+        {"role": "assistant", "content": "", "tool_calls": message["tool_calls"]},
+        {"role": "tool", "content": "sunny, 21 C", "tool_name": "get_weather"},
+    ]
+    r = client.post("/api/chat", json={**body, "messages": history})
+    assert r.json()["message"] == {"content": "It is sunny.", "role": "assistant"}
+    prompt = world.chat.requests[-1].prompt
+    assert '"arguments": {"city": "Tokyo"}' in prompt and "sunny, 21 C" in prompt
+    bad = {**WEATHER, "function": {**WEATHER["function"], "parameters": {"type": "array"}}}
+    assert_error(client.post("/api/chat", json={**body, "tools": [bad]}), 400, "type object")
+
+
+def test_tool_history_converts_to_openais_shape() -> None:
+    from appliance.protocol.ollama import Message, ToolCall, ToolCallFunction, openai_messages
+
+    calls = [ToolCall(function=ToolCallFunction(name="f", arguments={"x": 1})),
+             ToolCall(function=ToolCallFunction(name="f", arguments={"x": 2}))]
+    out = openai_messages([
+        Message(role="assistant", tool_calls=calls),
+        Message(role="tool", content="one", tool_name="f"),
+        Message(role="tool", content="two", tool_name="f"),
+    ])
+    assert out[0]["content"] is None and [c["function"]["arguments"] for c in out[0]["tool_calls"]] == ['{"x":1}', '{"x":2}']
+    assert [(m["tool_call_id"], m["name"]) for m in out[1:]] == [("call_0_0", "f"), ("call_0_1", "f")]
 
 
 # -- embeddings ------------------------------------------------------------------------------------

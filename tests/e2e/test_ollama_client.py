@@ -37,7 +37,7 @@ def test_list_and_show(ol: ollama.Client) -> None:
     assert (gemma.details.quantization_level, gemma.details.parameter_size) == ("Q4_K_M", "270M")
     assert listed["all-minilm-l6-v2:latest"].details.format == "onnx"  # type: ignore[union-attr]
     shown = ol.show("gemma3")
-    assert shown.capabilities == ["completion"]
+    assert shown.capabilities == ["completion", "tools"]
     assert "<start_of_turn>" in (shown.template or "")
     assert shown.modelinfo is not None and shown.modelinfo["gemma3.context_length"] == 4096
     assert ol.show("minilm:latest").capabilities == ["embedding"]
@@ -106,6 +106,36 @@ def test_embed_and_embeddings(ol: ollama.Client, client: OpenAI) -> None:
     assert np.allclose(single[0], v[0], atol=1e-5)
     old = ol.embeddings(model="minilm:latest", prompt=texts[0]).embedding
     assert np.allclose(old, v[0], atol=1e-5)
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def test_tools_answer_is_whole_text_or_calls_and_results_go_back(ol: ollama.Client) -> None:
+    ask = [{"role": "user", "content": "What is the weather in Tokyo? Use the get_weather tool."}]
+    r = ol.chat(model="gemma3", messages=ask, tools=[WEATHER], options={"temperature": 0, "num_predict": 40})
+    # Ollama has no tool_choice: the 270M base model picks; whichever it picks, the shape is whole
+    calls = r.message.tool_calls or []
+    assert bool(calls) != bool(r.message.content)
+    for call in calls:
+        assert call.function.name == "get_weather" and isinstance(call.function.arguments["city"], str)
+    assert "<tool_call>" not in (r.message.content or "")
+    history = [
+        *ask,
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Tokyo"}}}]},
+        {"role": "tool", "content": "Sunny, 21 degrees Celsius", "tool_name": "get_weather"},
+    ]
+    answer = ol.chat(model="gemma3", messages=history, tools=[WEATHER], options={"temperature": 0, "num_predict": 80})
+    assert answer.done and answer.prompt_eval_count and answer.prompt_eval_count > 40  # the call and result reached it
+    # a call cut off by num_predict is dropped (as on /v1); otherwise there is text or a whole call
+    assert answer.done_reason == "length" or answer.message.content or answer.message.tool_calls
 
 
 def test_errors_in_ollamas_shape(ol: ollama.Client) -> None:
