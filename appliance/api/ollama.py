@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -335,8 +336,10 @@ _CHAT_OPT = {
 }
 
 
-def _opt(summary: str, request: Any = None, response: Any = None) -> dict[str, Any]:
+def _opt(summary: str, request: Any = None, response: Any = None, ndjson: Any = None) -> dict[str, Any]:
     opt: dict[str, Any] = {"summary": f"Ollama: {summary}", "tag": "Ollama", "responses": _ERRORS}
+    if ndjson is not None:
+        opt["ndjson"] = ndjson
     if request is not None:
         opt["request"] = request
     if response is not None:
@@ -393,11 +396,9 @@ class OllamaController(Controller):
             return await _load_only(registry, keep_alive, manifest, seconds, shape)
         window, scope = registry.context_window(manifest), _cache_scope(request, ctx)
         if body.uses_template(manifest):
-            chat = body.chat_completion(manifest, window)
-            start = lambda: generation_service.chat(chat, ctx, cache_scope=scope)  # noqa: E731
+            start = partial(generation_service.chat, body.chat_completion(manifest, window), ctx, cache_scope=scope)
         else:
-            completion = body.completion(manifest, window)
-            start = lambda: generation_service.complete(completion, ctx, cache_scope=scope)  # noqa: E731
+            start = partial(generation_service.complete, body.completion(manifest, window), ctx, cache_scope=scope)
         run = await _start(registry, manifest, ctx, start)
         return await _answer(run, shape, body.stream, lambda: keep_alive.after_request(manifest, seconds))
 
@@ -414,7 +415,7 @@ class OllamaController(Controller):
             return await _load_only(registry, keep_alive, manifest, seconds, shape)
         chat = body.chat_completion(manifest, registry.context_window(manifest))
         scope = _cache_scope(request, ctx)
-        run = await _start(registry, manifest, ctx, lambda: generation_service.chat(chat, ctx, cache_scope=scope))
+        run = await _start(registry, manifest, ctx, partial(generation_service.chat, chat, ctx, cache_scope=scope))
         return await _answer(run, shape, body.stream, lambda: keep_alive.after_request(manifest, seconds))
 
     @post("/embed", status_code=200, opt=_opt("embed one input or a list", EmbedRequest, EmbedResponse))
@@ -458,7 +459,7 @@ class OllamaController(Controller):
 
     # -- model management: offline, from the command line --------------------------------------
 
-    @post("/pull", status_code=200, opt=_opt("pull: success for a model already here", ModelRequest, StatusResponse))
+    @post("/pull", status_code=200, opt=_opt("pull: success for a model already here", ModelRequest, StatusResponse, StatusResponse))
     async def ollama_pull(self, request: Request, registry: ModelRegistry, ctx: RequestContext) -> Response[bytes]:
         body: ModelRequest = decode_request(await request.body(), ModelRequest)
         try:

@@ -132,7 +132,7 @@ class _GenerationFields(msgspec.Struct, kw_only=True):
 
 
 class GenerateRequest(_GenerationFields, kw_only=True):
-    prompt: str = ""
+    prompt: str | None = None
     suffix: str | None = None
     system: str | None = None
     template: str | None = None
@@ -162,7 +162,7 @@ class GenerateRequest(_GenerationFields, kw_only=True):
     def chat_completion(self, manifest: Manifest, context_window: int | None) -> ChatCompletionRequest:
         """`system` and `prompt` as a system and a user turn, through the model's chat template."""
         messages = [{"role": "system", "content": self.system}] if self.system else []
-        messages.append({"role": "user", "content": self.prompt})
+        messages.append({"role": "user", "content": self.prompt or ""})
         fields = {**self._common(manifest.id, context_window), "messages": messages}
         if (fmt := response_format(self.format)) is not None:
             fields["response_format"] = fmt
@@ -174,7 +174,9 @@ class GenerateRequest(_GenerationFields, kw_only=True):
             raise InvalidRequest(
                 "format needs the chat template: send raw=false to a chat model.", param="format"
             )
-        prompt = self.prompt if self.raw or not self.system else f"{self.system}\n\n{self.prompt}"
+        prompt = self.prompt or ""
+        if self.system and not self.raw:
+            prompt = f"{self.system}\n\n{prompt}"
         fields = {**self._common(manifest.id, context_window), "prompt": prompt}
         if self.suffix:
             fields["suffix"] = self.suffix  # CompletionRequest refuses it, naming `suffix`
@@ -182,18 +184,18 @@ class GenerateRequest(_GenerationFields, kw_only=True):
 
 
 class ChatRequest(_GenerationFields, kw_only=True):
-    messages: list[Message] = []
+    messages: list[Message] | None = None
     tools: list[dict[str, Any]] | None = None
     """Ollama's tool shape is OpenAI's: passed on as ChatCompletionRequest.tools."""
 
     def check(self) -> None:
-        for i, m in enumerate(self.messages):
+        for i, m in enumerate(self.messages or []):
             if m.images:
                 raise InvalidRequest(_NO_IMAGES, param=f"messages[{i}].images")
         keep_alive_seconds(self.keep_alive)
 
     def chat_completion(self, manifest: Manifest, context_window: int | None) -> ChatCompletionRequest:
-        fields = {**self._common(manifest.id, context_window), "messages": openai_messages(self.messages)}
+        fields = {**self._common(manifest.id, context_window), "messages": openai_messages(self.messages or [])}
         if (fmt := response_format(self.format)) is not None:
             fields["response_format"] = fmt
         if self.tools:
@@ -227,7 +229,7 @@ def openai_messages(messages: list[Message]) -> list[dict[str, Any]]:
 
 class EmbedRequest(msgspec.Struct, kw_only=True):
     model: Annotated[str, msgspec.Meta(min_length=1)]
-    input: str | list[str] = []
+    input: str | list[str] | None = None
     truncate: bool = True
     """Accepted; an input longer than the model's window is refused (400) rather than cut."""
     dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None
@@ -238,7 +240,7 @@ class EmbedRequest(msgspec.Struct, kw_only=True):
         """The inputs; none (an empty string or list) only loads the model, as in Ollama."""
         if isinstance(self.input, str):
             return [self.input] if self.input else []
-        return self.input
+        return self.input or []
 
     def embedding_request(self, manifest: Manifest) -> EmbeddingRequest:
         return EmbeddingRequest(model=manifest.id, input=self.texts(), dimensions=self.dimensions)
@@ -251,12 +253,12 @@ class EmbeddingsRequest(msgspec.Struct, kw_only=True):
     """The older /api/embeddings: one `prompt`, one `embedding`."""
 
     model: Annotated[str, msgspec.Meta(min_length=1)]
-    prompt: str = ""
+    prompt: str | None = None
     options: dict[str, Any] | None = None
     keep_alive: KeepAlive = None
 
     def embedding_request(self, manifest: Manifest) -> EmbeddingRequest:
-        return EmbeddingRequest(model=manifest.id, input=[self.prompt])
+        return EmbeddingRequest(model=manifest.id, input=[self.prompt or ""])
 
     def keep_alive_s(self) -> float | None:
         return keep_alive_seconds(self.keep_alive)
@@ -342,6 +344,8 @@ def _convert(fields: dict[str, Any], type_: type[Any]) -> Any:
 
 # -- keep_alive ------------------------------------------------------------------------------------
 
+MAX_KEEP_ALIVE_S = 10 * 365 * 86400.0
+"""Longer is forever (a deadline that far out could not be written as a date)."""
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -359,7 +363,7 @@ def keep_alive_seconds(value: KeepAlive) -> float | None:
         seconds = _parse_duration(value.strip())
     if math.isnan(seconds):
         raise InvalidRequest("keep_alive is not a number.", param="keep_alive")
-    return math.inf if seconds < 0 else seconds
+    return math.inf if seconds < 0 or seconds > MAX_KEEP_ALIVE_S else seconds
 
 
 def _parse_duration(text: str) -> float:

@@ -318,6 +318,9 @@ def test_keep_alive_zero_unloads_and_the_next_request_loads_again(client: TestCl
     assert fresh.closed.wait(5)  # unloaded once the answer was complete
     r = client.post("/api/chat", json={"model": "chat-model", "messages": []})  # no prompt: only loads
     assert r.json()["done_reason"] == "load"
+    for path, nothing in (("/api/chat", {"messages": None}), ("/api/generate", {"prompt": None}), ("/api/embed", {"input": None})):
+        r = client.post(path, json={"model": "chat-model" if "embed" not in path else "embed-model", **nothing})
+        assert r.status_code == 200 and r.json().get("done_reason", "load") == "load", r.text
     assert client.get("/health").json()["models"]["chat-model"]["loads"] == 3
 
 
@@ -348,6 +351,7 @@ def test_keep_alive_parsing() -> None:
     assert keep_alive_seconds(0) == 0 and keep_alive_seconds("0") == 0 and keep_alive_seconds(30) == 30
     assert keep_alive_seconds(-1) == float("inf") and keep_alive_seconds("-1m") == float("inf")
     assert keep_alive_seconds("-1") == float("inf")
+    assert keep_alive_seconds(1e300) == float("inf") and keep_alive_seconds("99999999999h") == float("inf")
     for bad in ("", "5 minutes", "m", "5x", "1h-3m"):
         with pytest.raises(InvalidRequest):
             keep_alive_seconds(bad)
