@@ -110,7 +110,8 @@ def cluster_model_list(cluster: Cluster, cards: list[Any], allowed: list[str] | 
             continue
         data.append({
             "id": m.id, "created": m.created, "owned_by": "appliance", "kind": m.kind, "format": m.format,
-            "aliases": m.aliases, "context_length": m.context_length, "status": m.status, "object": "model",
+            "aliases": m.aliases, "context_length": m.context_length, "trained_context_length": None,
+            "status": m.status, "object": "model",
             "location": cluster.where(model_id),
         })
     return {"data": data, "object": "list"}

@@ -22,6 +22,7 @@ from appliance.protocol.openai_responses import (
     OutputText,
     ResponseObject,
     ResponsesRequest,
+    ResponseStreamEvent,
     ResponsesUsage,
     new_message_id,
     new_response_id,
@@ -94,7 +95,7 @@ async def _events(body: ResponsesRequest, generation: Generation) -> AsyncIterat
 
 
 @post("/v1/responses", status_code=200, opt={
-    "request": ResponsesRequest, "response": ResponseObject,
+    "request": ResponsesRequest, "response": ResponseObject, "stream": ResponseStreamEvent,
     "summary": "OpenAI Responses API: text input and output, instructions, streaming events",
 })
 async def create_response(

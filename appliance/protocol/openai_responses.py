@@ -118,6 +118,13 @@ class ResponseObject(msgspec.Struct):
     object: str = "response"
 
 
+class ResponseStreamEvent(msgspec.Struct):
+    """One event of a streamed response (its `event:` line names the type); the other fields depend on the type."""
+
+    type: str
+    sequence_number: int
+
+
 def new_response_id() -> str:
     return f"resp_{uuid.uuid4().hex}"
 
