@@ -157,13 +157,18 @@ def create_app(settings: Settings, registry: ModelRegistry) -> Litestar:
     ask = AskService(documents, generation, registry, default_model=settings.retrieval.answer_model)
     cluster = Cluster(settings.cluster, registry, port=settings.server.port)
 
+    background: list[asyncio.Task[None]] = []
+
     async def start_loading() -> None:
         if settings.models.load == "startup":
             registry.load_all()
         if settings.retrieval.resume_on_start and any(m.kind == "embedding" for m in registry.manifests()):
             asyncio.get_running_loop().create_task(_resume(documents))
+        background.append(asyncio.get_running_loop().create_task(gateway.metrics.loop_lag.run()))
 
     def shutdown() -> None:
+        for task in background:
+            task.cancel()
         documents.close()
         registry.close()
         gateway.close()

@@ -23,6 +23,7 @@ from appliance.errors import ApplianceError, AuthenticationFailed, PermissionDen
 from appliance.observability.logs import request_id_var
 from appliance.peering.auth import H_BODY
 from appliance.policy.gateway import Gateway, RequestContext, error_status
+from appliance.protocol.ollama import OllamaError
 from appliance.types import Principal
 
 log = logging.getLogger("appliance.access")
@@ -30,6 +31,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
 # The cluster state route checks the cluster signature (or an admin key) itself: peers probe it every
 # few seconds, and those probes are neither rate-limited nor metered. The API description and its docs
 # page are the same on every appliance of a version and hold no data.
+OLLAMA_PREFIX = "/api/"
 PUBLIC_ROUTES = frozenset({"/health", "/", "/v1/cluster/state", "/openapi.json", "/docs"})
 METRICS_ROUTE = "/metrics"
 _LOOPBACK = ("127.", "::1", "localhost")
@@ -89,7 +91,7 @@ def gateway_middleware(gateway: Gateway, peer_auth: PeerAuth | None = None) -> C
                         ctx.authenticate(headers.get("authorization"))
                     ctx.admit_request()
             except ApplianceError as exc:
-                await _send_error(send_with_id, exc)
+                await _send_error(send_with_id, exc, ollama=scope["path"].startswith(OLLAMA_PREFIX))
                 _finish(gateway, ctx, exc.status)
                 request_id_var.reset(token)
                 return
@@ -147,12 +149,14 @@ def _finish(gateway: Gateway, ctx: RequestContext, status: int) -> None:
     log.log(level, "request", extra={"fields": {**ctx.summary(), "status": status, "ms": round(elapsed * 1000, 1)}})
 
 
-async def _send_error(send: Send, exc: ApplianceError) -> None:
+async def _send_error(send: Send, exc: ApplianceError, *, ollama: bool = False) -> None:
+    """The refusal in OpenAI's error shape, or Ollama's `{"error": "..."}` on Ollama's routes."""
     headers: list[tuple[bytes, bytes]] = [(b"content-type", b"application/json")]
     if isinstance(exc, AuthenticationFailed):
         headers.append((b"www-authenticate", b'Bearer realm="appliance"'))
     if exc.retry_after is not None:
         headers.append((b"retry-after", str(exc.retry_after).encode()))
     await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-    await send({"type": "http.response.body", "body": msgspec.json.encode(error_body(exc))})
+    body = OllamaError(exc.message) if ollama else error_body(exc)
+    await send({"type": "http.response.body", "body": msgspec.json.encode(body)})
 

@@ -22,7 +22,6 @@ from litestar.exceptions import HTTPException
 from litestar.response import Stream
 
 from appliance import __version__
-from appliance.api.errors import ErrorBody
 from appliance.engines.registry import ModelRegistry
 from appliance.errors import ApplianceError, EngineError, InvalidRequest, ModelNotFound
 from appliance.modelstore.manifest import Manifest, ModelKind
@@ -67,9 +66,7 @@ _encode = msgspec.json.encode
 NDJSON = "application/x-ndjson"
 BUSY_RETRY_S = 1.0
 """A keep_alive that expires while the model is in use tries again this much later."""
-_ERRORS: dict[int, Any] = {
-    status: OllamaError for status in (400, 404, 413, 500, 503, 504)
-} | {429: OllamaError | ErrorBody}  # the gateway's own limits answer 429 in OpenAI's shape
+_ERRORS: dict[int, Any] = {status: OllamaError for status in (400, 401, 403, 404, 413, 429, 500, 503, 504)}
 _OFFLINE = "this appliance does not reach any model registry"
 
 

@@ -6,6 +6,8 @@ depth, busy slots, prefix-cache hit rate) are read from the model registry at sc
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -84,6 +86,48 @@ class _EngineCollector(Collector):
                 )
 
 
+class LoopLag:
+    """How late the event loop runs a timer: a task sleeps `interval_s` again and again and records by how
+    much each wake-up overshot. Anything that blocks the loop (a CPU-bound call, a lock) shows up here."""
+
+    def __init__(self, registry: CollectorRegistry, interval_s: float = 0.02, window: int = 6000) -> None:
+        self.interval_s = interval_s
+        self.samples: deque[float] = deque(maxlen=window)
+        """The latest lags in seconds (the last two minutes at the default interval)."""
+        self.histogram = Histogram(
+            "appliance_event_loop_lag_seconds", "How late the event loop ran a timer (blocking work on the loop)",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=registry,
+        )
+        registry.register(_LagCollector(self))
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(self.interval_s)
+            lag = max(0.0, loop.time() - start - self.interval_s)
+            self.samples.append(lag)
+            self.histogram.observe(lag)
+
+    def quantile(self, q: float) -> float:
+        ordered = sorted(self.samples)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+class _LagCollector(Collector):
+    def __init__(self, lag: LoopLag) -> None:
+        self._lag = lag
+
+    def collect(self) -> Iterable[Any]:
+        gauge = GaugeMetricFamily(
+            "appliance_event_loop_lag_recent_seconds", "Event loop lag quantiles over the latest samples",
+            labels=["quantile"],
+        )
+        for q in (0.5, 0.99, 1.0):
+            gauge.add_metric([str(q)], self._lag.quantile(q))
+        yield gauge
+
+
 class Metrics:
     def __init__(
         self,
@@ -129,6 +173,7 @@ class Metrics:
         )
         if engine_status is not None:
             r.register(_EngineCollector(engine_status, model_memory))
+        self.loop_lag = LoopLag(r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -403,7 +403,10 @@ def test_ollama_routes_need_a_key_once_keys_exist_and_are_metered(world: World, 
     with make_client(world, APPLIANCE_DATA_DIR=str(tmp_path)) as client:
         _, user = _keys(client)
         for method, path in (("GET", "/api/version"), ("GET", "/api/tags"), ("GET", "/api/ps"), ("POST", "/api/chat")):
-            assert client.request(method, path, json=CHAT).status_code == 401, path
+            refused = client.request(method, path, json=CHAT)
+            # the gateway's own refusals take Ollama's shape on Ollama's routes
+            assert refused.status_code == 401 and isinstance(refused.json()["error"], str), path
+        assert isinstance(client.get("/v1/models").json()["error"], dict)  # OpenAI's shape stays on /v1
         assert client.get("/api/version", headers=_bearer(user)).status_code == 200
         assert client.post("/api/chat", json=CHAT, headers=_bearer(user)).status_code == 200
         with client.stream("POST", "/api/generate", json={"model": "chat-model", "prompt": "hi"}, headers=_bearer(user)) as r:
