@@ -14,7 +14,7 @@ from appliance.api.errors import error_body
 from appliance.errors import ApplianceError, EngineError, ModelNotFound, PermissionDenied
 from appliance.peering.auth import CLUSTER_HEADERS
 from appliance.peering.cluster import STATE_PATH, Cluster
-from appliance.peering.forward import forward
+from appliance.peering.forward import NDJSON, forward, is_final_event
 from appliance.policy.gateway import RequestContext
 from appliance.protocol.cluster import NodeState
 
@@ -67,12 +67,13 @@ async def forward_if_needed(
     headers = {**answer.headers, SERVED_BY: answer.peer}
     media_type = headers.pop("content-type", "application/json")
     if answer.events is not None:
-        events = _relayed_events(answer.events, ctx)
-        return Stream(events, media_type=media_type, headers={**_SSE_HEADERS, **headers})
+        events = _relayed_events(answer.events, ctx, ndjson=media_type.startswith(NDJSON))
+        stream_headers = _SSE_HEADERS if media_type.startswith("text/event-stream") else {"Cache-Control": "no-cache"}
+        return Stream(events, media_type=media_type, headers={**stream_headers, **headers})
     return Response(answer.body, status_code=answer.status, media_type=media_type, headers=headers)
 
 
-async def _relayed_events(events: AsyncIterator[bytes], ctx: RequestContext) -> AsyncIterator[bytes]:
+async def _relayed_events(events: AsyncIterator[bytes], ctx: RequestContext, *, ndjson: bool) -> AsyncIterator[bytes]:
     """The peer's events; a failure mid-stream becomes a final error event, never a dropped socket.
 
     The forward is recorded before the last event goes out: a client that hangs up once it has
@@ -81,7 +82,7 @@ async def _relayed_events(events: AsyncIterator[bytes], ctx: RequestContext) -> 
     error: ApplianceError | None = None
     try:
         async for event in events:
-            if event.startswith(b"data: [DONE]"):
+            if is_final_event(event):
                 ctx.settle(200)
             yield event
     except ApplianceError as exc:
@@ -94,7 +95,10 @@ async def _relayed_events(events: AsyncIterator[bytes], ctx: RequestContext) -> 
     if error is not None:
         ctx.gateway.metrics.forwards.labels(peer=ctx.peer or "", outcome="broken_stream").inc()
         ctx.settle(200, outcome="error")
-        yield b"data: " + msgspec.json.encode(error_body(error)) + b"\n\n"
+        if ndjson:  # Ollama's stream: an error line
+            yield msgspec.json.encode({"error": error.message}) + b"\n"
+        else:
+            yield b"data: " + msgspec.json.encode(error_body(error)) + b"\n\n"
 
 
 def cluster_model_list(cluster: Cluster, cards: list[Any], allowed: list[str] | None) -> dict[str, Any]:

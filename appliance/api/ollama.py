@@ -22,9 +22,11 @@ from litestar.exceptions import HTTPException
 from litestar.response import Stream
 
 from appliance import __version__
+from appliance.api.cluster import forward_if_needed
 from appliance.engines.registry import ModelRegistry
 from appliance.errors import ApplianceError, EngineError, InvalidRequest, ModelNotFound
 from appliance.modelstore.manifest import Manifest, ModelKind
+from appliance.peering.cluster import Cluster
 from appliance.policy.gateway import RequestContext
 from appliance.protocol.ollama import (
     OLLAMA_API_VERSION,
@@ -177,6 +179,19 @@ def _resolve(registry: ModelRegistry, ctx: RequestContext, name: str, kinds: tup
             registry.resolve(manifest.id, kinds=kinds)  # UnsupportedForModel (400) names what it needs
         return manifest
     raise ModelNotFound(not_found_message(name), param="model")
+
+
+async def _forward(
+    cluster: Cluster, registry: ModelRegistry, ctx: RequestContext, request: Request, raw: bytes, name: str
+) -> Response[bytes] | Stream | None:
+    """A peer's answer when federation sends this request there (as on /v1): a model served only by a
+    peer, or this node saturated. `gemma3:latest` is planned as `gemma3` unless the full name is known here."""
+    try:
+        registry.resolve(name)
+        planned = name
+    except ModelNotFound:
+        planned = lookup_names(name)[-1]
+    return await forward_if_needed(cluster, ctx, request, raw, planned)
 
 
 def _cache_scope(request: Request, ctx: RequestContext) -> str | None:
@@ -383,9 +398,12 @@ class OllamaController(Controller):
     @post("/generate", status_code=200, opt=_GENERATE_OPT)
     async def ollama_generate(
         self, request: Request, registry: ModelRegistry, generation_service: GenerationService, ctx: RequestContext,
-        keep_alive: KeepAlive,
+        keep_alive: KeepAlive, cluster: Cluster,
     ) -> Response[bytes] | Stream:
-        body: GenerateRequest = decode_request(await request.body(), GenerateRequest)
+        raw = await request.body()
+        body: GenerateRequest = decode_request(raw, GenerateRequest)
+        if (forwarded := await _forward(cluster, registry, ctx, request, raw, body.model)) is not None:
+            return forwarded
         body.check()
         manifest = _resolve(registry, ctx, body.model, ("chat", "completion"))
         seconds, shape = body.keep_alive_s(), _Shape(body.model, chat=False)
@@ -402,9 +420,12 @@ class OllamaController(Controller):
     @post("/chat", status_code=200, opt=_CHAT_OPT)
     async def ollama_chat(
         self, request: Request, registry: ModelRegistry, generation_service: GenerationService, ctx: RequestContext,
-        keep_alive: KeepAlive,
+        keep_alive: KeepAlive, cluster: Cluster,
     ) -> Response[bytes] | Stream:
-        body: ChatRequest = decode_request(await request.body(), ChatRequest)
+        raw = await request.body()
+        body: ChatRequest = decode_request(raw, ChatRequest)
+        if (forwarded := await _forward(cluster, registry, ctx, request, raw, body.model)) is not None:
+            return forwarded
         body.check()
         manifest = _resolve(registry, ctx, body.model, ("chat",))
         seconds, shape = body.keep_alive_s(), _Shape(body.model, chat=True)
@@ -418,9 +439,12 @@ class OllamaController(Controller):
     @post("/embed", status_code=200, opt=_opt("embed one input or a list", EmbedRequest, EmbedResponse))
     async def ollama_embed(
         self, request: Request, registry: ModelRegistry, embedding_service: EmbeddingService, ctx: RequestContext,
-        keep_alive: KeepAlive,
+        keep_alive: KeepAlive, cluster: Cluster,
     ) -> Response[bytes]:
-        body: EmbedRequest = decode_request(await request.body(), EmbedRequest)
+        raw = await request.body()
+        body: EmbedRequest = decode_request(raw, EmbedRequest)
+        if (forwarded := await _forward(cluster, registry, ctx, request, raw, body.model)) is not None:
+            return forwarded
         seconds = body.keep_alive_s()
         manifest = _resolve(registry, ctx, body.model, ("embedding",))
         began = time.monotonic()
@@ -440,9 +464,12 @@ class OllamaController(Controller):
     @post("/embeddings", status_code=200, opt=_opt("embed one prompt (older route)", EmbeddingsRequest, EmbeddingsResponse))
     async def ollama_embeddings(
         self, request: Request, registry: ModelRegistry, embedding_service: EmbeddingService, ctx: RequestContext,
-        keep_alive: KeepAlive,
+        keep_alive: KeepAlive, cluster: Cluster,
     ) -> Response[bytes]:
-        body: EmbeddingsRequest = decode_request(await request.body(), EmbeddingsRequest)
+        raw = await request.body()
+        body: EmbeddingsRequest = decode_request(raw, EmbeddingsRequest)
+        if (forwarded := await _forward(cluster, registry, ctx, request, raw, body.model)) is not None:
+            return forwarded
         seconds = body.keep_alive_s()
         manifest = _resolve(registry, ctx, body.model, ("embedding",))
         vector: list[float] = []

@@ -27,7 +27,10 @@ from appliance.types import Principal
 log = logging.getLogger(__name__)
 
 STATE_PATH = "/v1/cluster/state"
-FORWARDED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+FORWARDED_PATHS = frozenset({
+    "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+    "/api/chat", "/api/generate", "/api/embed", "/api/embeddings",  # Ollama's
+})
 PeerStatus = Literal["unknown", "up", "down", "unauthorised"]
 _PROBE_PRINCIPAL = Principal(tenant=PROBE_PRINCIPAL_TENANT, key_id=None, role="user")
 

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
+import msgspec
 
 from appliance.errors import ApplianceError, PeerUnavailable
 from appliance.peering.auth import sign
@@ -26,6 +27,7 @@ _RELAYED_HEADERS = ("content-type", "retry-after")
 # Overloaded, still loading or a broken proxy: another peer may do better. Not 504: a generation that
 # ran past its time limit would only run that long again.
 _RETRY_ON_STATUS = frozenset({502, 503})
+NDJSON = "application/x-ndjson"
 _EVENT_END = b"\n\n"
 
 
@@ -89,10 +91,11 @@ async def _attempt(
         _failed(cluster, peer, exc)
         return None
     relayed = {k: v for k in _RELAYED_HEADERS if (v := resp.headers.get(k)) is not None}
-    streaming = resp.status_code == 200 and resp.headers.get("content-type", "").startswith("text/event-stream")
+    media = resp.headers.get("content-type", "")
+    streaming = resp.status_code == 200 and media.startswith(("text/event-stream", NDJSON))
     try:
         if streaming:
-            events = _events(resp)
+            events = _lines(resp) if media.startswith(NDJSON) else _events(resp)
             first = await anext(events)  # nothing has reached the client yet: a failure here is retried
             relay = _relay(cluster, peer, epoch, first, events, resp)
             return Forwarded(peer=peer.name, model="", status=200, headers=relayed, events=relay)
@@ -133,6 +136,37 @@ async def _events(resp: httpx.Response) -> AsyncIterator[bytes]:
         raise PeerUnavailable(f"The peer serving this request failed mid-stream ({type(exc).__name__}).") from None
     if not finished:
         raise PeerUnavailable("The peer serving this request closed the stream before it was complete.")
+
+
+async def _lines(resp: httpx.Response) -> AsyncIterator[bytes]:
+    """Whole NDJSON lines (Ollama's streams); complete once a line says `"done": true` or is an error."""
+    buffer = b""
+    finished = False
+    try:
+        async for data in resp.aiter_raw():
+            buffer += data
+            while (end := buffer.find(b"\n")) >= 0:
+                line, buffer = buffer[: end + 1], buffer[end + 1:]
+                if line.strip():
+                    finished = _final_line(line)
+                    yield line
+    except httpx.HTTPError as exc:
+        raise PeerUnavailable(f"The peer serving this request failed mid-stream ({type(exc).__name__}).") from None
+    if not finished:
+        raise PeerUnavailable("The peer serving this request closed the stream before it was complete.")
+
+
+def _final_line(line: bytes) -> bool:
+    try:
+        value = msgspec.json.decode(line)
+    except msgspec.DecodeError:
+        return False
+    return isinstance(value, dict) and (value.get("done") is True or "error" in value)
+
+
+def is_final_event(event: bytes) -> bool:
+    """The last event of a relayed stream: SSE's `[DONE]`, or NDJSON's `"done": true` line."""
+    return event.startswith(b"data: [DONE]") or (event.startswith(b"{") and _final_line(event))
 
 
 async def _relay(

@@ -167,6 +167,29 @@ def test_models_can_be_listed_cluster_wide(nodes: Nodes) -> None:
     assert sorted(wide[MODEL]["location"]) == ["node-b", "node-c"] and wide[MODEL]["kind"] == "chat"
 
 
+def test_ollama_requests_are_forwarded_too(nodes: Nodes) -> None:
+    import ollama
+
+    before = len(usage(nodes.a_data, "outcome = 'forwarded'"))
+    oc = ollama.Client(host=nodes.a.url, headers={"Authorization": f"Bearer {nodes.key}"})
+    # node-a does not serve this model: the request goes to a peer, `:latest` and all
+    reply = oc.chat(model=f"{MODEL}:latest", messages=[{"role": "user", "content": "Say hello."}],
+                    options={"num_predict": 4, "temperature": 0})
+    assert reply.done and reply.eval_count and reply.message.content
+    parts = list(oc.generate(model=MODEL, prompt="Paris is", stream=True, options={"num_predict": 4}))
+    assert parts[-1].done and "".join(p.response for p in parts)
+    with httpx.stream("POST", f"{nodes.a.url}/api/chat", headers={"Authorization": f"Bearer {nodes.key}"}, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "options": {"num_predict": 3}}) as resp:
+        assert resp.headers["content-type"].startswith("application/x-ndjson")
+        assert resp.headers["x-appliance-served-by"] in ("node-b", "node-c")
+        lines = [json.loads(line) for line in resp.iter_lines() if line]
+    assert lines[-1]["done"] is True
+    # the embedder is node-a's own: served here
+    assert len(oc.embed(model=EMBEDDER, input="hello").embeddings[0]) == 384
+    forwarded = usage(nodes.a_data, "outcome = 'forwarded'")
+    assert len(forwarded) == before + 3 and all(r[3] in ("node-b", "node-c") for r in forwarded[before:])
+
+
 def test_a_wrong_cluster_secret_is_refused_and_that_peer_marked_unauthorised(nodes: Nodes) -> None:
     impostor = peer(nodes.a, "impostor")
     assert impostor["state"] == "unauthorised"
@@ -243,3 +266,4 @@ def test_a_stream_that_loses_its_peer_ends_with_an_error_event(nodes: Nodes) -> 
     r = httpx.post(f"{nodes.a.url}/v1/completions", json={"model": MODEL, "prompt": "Hi"}, headers=auth)
     assert r.status_code == 503 and r.json()["error"]["code"] == "peer_unavailable"
     assert "retry-after" in r.headers
+
