@@ -634,24 +634,28 @@ def eval_guardrails(
 
 
 @eval_group.command("retrieval")
-@click.option("--dataset", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="SQuAD-format JSON.")
+@click.option("--dataset", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="SQuAD JSON (one document per paragraph) or appliance-longqa/1 JSON (long documents, span answers).")
 @click.option("--limit", type=int, help="Evaluate only the first N questions.")
 @click.option("--rerank", is_flag=True, help="Add a hybrid+rerank row: retrieval.rerank_model reorders hybrid's best 20.")
+@click.option("--no-context-headers", is_flag=True, help="Embed bare chunks, as collections made before headers do.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def eval_retrieval(ctx: click.Context, dataset: Path, limit: int | None, rerank: bool, as_json: bool) -> None:
-    """Recall@1/5/10 and MRR@10 of bm25, vector and hybrid search, one document per paragraph."""
-    from appliance.retrieval.evaluate import evaluate, load_squad
+def eval_retrieval(ctx: click.Context, dataset: Path, limit: int | None, rerank: bool, no_context_headers: bool,
+                   as_json: bool) -> None:
+    """Recall@1/5/10 and MRR@10 of bm25, vector and hybrid search. SQuAD: the rank of the gold paragraph;
+    long documents: the rank of the first chunk of the gold document that contains the answer text."""
+    from appliance.retrieval.evaluate import evaluate, load_dataset
 
     async def work(service: Any) -> dict[str, dict[str, float]]:
         manifest, engine = await service.embedder()
         scorer = await service.reranker_engine() if rerank else None
-        n = len(load_squad(dataset, limit)[1])
+        n = len(load_dataset(dataset, limit).questions)
         with _bar(n, "questions") as bar:
             return await asyncio.to_thread(
                 evaluate, dataset, service.embed_fn(engine), service.chunker_for(engine),
                 embedding_model=manifest.id, ndim=manifest.embedding_dim or 384, limit=limit, progress=bar.update,
-                rerank=scorer.score if scorer is not None else None,
+                rerank=scorer.score if scorer is not None else None, context_headers=not no_context_headers,
             )
 
     import asyncio
@@ -663,14 +667,19 @@ def eval_retrieval(ctx: click.Context, dataset: Path, limit: int | None, rerank:
     click.echo(f"{'mode':<14} {'R@1':>7} {'R@5':>7} {'R@10':>7} {'MRR@10':>7}")
     for mode, m in scores.items():
         click.echo(f"{mode:<14} {m['recall@1']:>7.3f} {m['recall@5']:>7.3f} {m['recall@10']:>7.3f} {m['mrr@10']:>7.3f}")
+    first = next(iter(scores.values()))
+    if "unreachable" in first:
+        click.echo(f"{first['questions']} questions; {first['unreachable']} with no chunk holding the whole answer")
 
 
 @eval_group.command("answers")
 @click.option("--dataset", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="SQuAD-format JSON.")
 @click.option("--limit", type=int, default=100, show_default=True, help="Questions to ask (each runs the model).")
 @click.option("--model", help="Model answering (default: the first chat/completion model).")
+@click.option("--answer-mode", type=click.Choice(["generative", "extractive", "auto"]), default="generative",
+              show_default=True, help="How answers are made (see ask's answer_mode).")
 @click.pass_context
-def eval_answers(ctx: click.Context, dataset: Path, limit: int, model: str | None) -> None:
+def eval_answers(ctx: click.Context, dataset: Path, limit: int, model: str | None, answer_mode: str) -> None:
     """Share of grounded answers containing the gold answer, and citing the gold paragraph."""
     import asyncio
     import tempfile
@@ -694,7 +703,8 @@ def eval_answers(ctx: click.Context, dataset: Path, limit: int, model: str | Non
         found = cited = grounded = 0
         with _bar(len(questions), "questions") as bar:
             for question, gold_doc, gold in questions:
-                answer = await ask.ask("eval", "squad", question, top_k=3, model=model, max_tokens=48)
+                answer = await ask.ask("eval", "squad", question, top_k=3, model=model, max_tokens=48,
+                                       answer_mode=answer_mode)  # type: ignore[arg-type]
                 found += answer_hits(answer.answer, gold)
                 cited += any(c.document_id == gold_doc for c in answer.citations)
                 grounded += answer.grounded

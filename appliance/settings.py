@@ -149,6 +149,10 @@ class RetrievalSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     """Re-ingest documents that a crash left half-ingested, once the server has started."""
     rerank_model: str | None = None
     """Cross-encoder (kind rerank) that search and ask use when a request sends `"rerank": true`; none: refused."""
+    answer_mode: Literal["generative", "extractive", "auto"] = "generative"
+    """Grounded answers when a request names no answer_mode: generated, extracted source sentences, or auto."""
+    context_headers: bool = True
+    """New collections embed each chunk behind its document title and section heading (existing ones keep theirs)."""
 
 
 class Price(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

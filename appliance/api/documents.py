@@ -99,7 +99,8 @@ class DocumentsController(Controller):
     )
     async def ask(self, name: str, request: Request, ask_service: AskService, ctx: RequestContext) -> Response[bytes] | Stream:
         body: AskRequest = decode_request(await request.body(), AskRequest)
-        args = dict(top_k=body.top_k, model=body.model, max_tokens=body.max_tokens, policy=ctx, rerank=body.rerank)
+        args = dict(top_k=body.top_k, model=body.model, max_tokens=body.max_tokens, policy=ctx, rerank=body.rerank,
+                    answer_mode=body.answer_mode)
         ctx.hold_record = True
         if not body.stream:
             answer = await ask_service.ask(ctx.tenant.name, name, body.question, **args)

@@ -60,3 +60,7 @@ class AskRequest(msgspec.Struct, forbid_unknown_fields=True):
     max_tokens: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 256
     rerank: bool = False
     """Choose the sources after reordering the candidates with retrieval.rerank_model."""
+    answer_mode: Literal["generative", "extractive", "auto"] | None = None
+    """generative: the model writes the answer; extractive: the best source sentences, verbatim, with
+    citations, no generation; auto: extractive for base models and when a generated answer fails its
+    citation check. Default: the server's retrieval.answer_mode."""

@@ -50,6 +50,18 @@ class Chunker:
         self._budget = max_tokens - special_tokens
         self._overlap = min(overlap_tokens, self._budget // 4)
 
+    def reserving(self, tokens: int) -> Chunker:
+        """A chunker whose chunks leave `tokens` of the window free (for a contextual header)."""
+        return Chunker(self._count, max_tokens=self.max_tokens - tokens, special_tokens=self._special,
+                       overlap_tokens=self._overlap)
+
+    def fit_header(self, header: str, tokens: int) -> str:
+        """`header` cut at a word boundary to at most `tokens` tokens (with the newline after it)."""
+        words = header.split()
+        while words and self._count([" ".join(words) + "\n"])[0] > tokens:
+            words = words[: max(0, min(len(words) - 1, len(words) * 3 // 4))]
+        return " ".join(words)
+
     def chunk(self, sections: list[Section]) -> list[Chunk]:
         chunks: list[Chunk] = []
         offset = 0

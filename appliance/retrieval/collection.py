@@ -27,7 +27,7 @@ import msgspec
 import numpy as np
 
 from appliance.retrieval.chunking import Chunk, Chunker, content_digest, full_text
-from appliance.retrieval.fusion import fuse
+from appliance.retrieval.fusion import Candidates, fuse_hybrid
 from appliance.retrieval.lexical import LexicalChunk, LexicalIndex
 from appliance.retrieval.parsing import Section
 from appliance.retrieval.vector import VectorIndex
@@ -128,33 +128,54 @@ class SearchFilter(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     metadata: dict[str, str | int | float | bool] = {}
 
 
+HEADER_TOKENS = 32
+"""Room kept in each chunk's embedding window for its contextual header (title, section heading);
+at most an eighth of the window."""
+
+
+def context_header(title: str, heading: str | None) -> str:
+    """What a chunk's embedding is told of where it comes from: "Title > Heading"."""
+    parts = [p for p in (" ".join(title.split()), " ".join((heading or "").split())) if p]
+    return " > ".join(dict.fromkeys(parts))
+
+
 class Collection:
-    def __init__(self, path: Path, *, embedding_model: str, ndim: int, chunker: Chunker) -> None:
+    def __init__(
+        self, path: Path, *, embedding_model: str, ndim: int, chunker: Chunker, context_headers: bool = True,
+    ) -> None:
+        """`context_headers`: embed each chunk of a *new* collection with its document title and section
+        heading. A collection keeps what it was created with (meta `context_headers`; collections made
+        before it existed have none and keep embedding the bare chunk), so its vectors never mix kinds."""
         self.path = path
         self.name = path.name
         path.mkdir(parents=True, exist_ok=True)
         self._db = connect(path / "registry.sqlite")
         migrate(self._db, MIGRATIONS)
-        self._check_meta(embedding_model, ndim)
+        self._check_meta(embedding_model, ndim, context_headers)
         self._lexical = LexicalIndex(path / "lexical")
         self._vectors = VectorIndex(path / "vectors.usearch", ndim)
-        self._chunker = chunker
+        self._header_tokens = min(HEADER_TOKENS, chunker.max_tokens // 8)
+        self._chunker = chunker.reserving(self._header_tokens) if self.context_headers else chunker
         self._write = threading.Lock()  # one writer per collection
         self._vector_lock = threading.Lock()  # usearch: no search during add/remove
         self.recover()
 
-    def _check_meta(self, model: str, ndim: int) -> None:
+    def _check_meta(self, model: str, ndim: int, context_headers: bool) -> None:
         rows = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
         if not rows:
-            self._db.executemany(
-                "INSERT INTO meta(key, value) VALUES (?, ?)",
-                [("embedding_model", model), ("ndim", str(ndim)), ("tombstones", "0")],
-            )
+            rows = {"embedding_model": model, "ndim": str(ndim), "tombstones": "0",
+                    "context_headers": "1" if context_headers else "0"}
+            self._db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", list(rows.items()))
         elif rows.get("embedding_model") != model or rows.get("ndim") != str(ndim):
             raise ValueError(
                 f"collection {self.name} was built with {rows.get('embedding_model')} ({rows.get('ndim')} dims), "
                 f"not {model} ({ndim} dims)"
             )
+        elif "context_headers" not in rows:
+            # Made before contextual headers: its vectors embed bare chunks, and new ones must match them.
+            self._db.execute("INSERT INTO meta(key, value) VALUES ('context_headers', '0')")
+            rows["context_headers"] = "0"
+        self.context_headers = rows["context_headers"] == "1"
 
     def close(self) -> None:
         with self._write:
@@ -254,9 +275,16 @@ class Collection:
     def _commit_batch(
         self, batch: list[tuple[DocumentInput, str, list[Chunk]]], embed: Embed, progress: Callable[[int], None] | None
     ) -> list[IngestResult]:
-        vectors = embed([c.text for _, _, chunks in batch for c in chunks])
+        vectors = embed([self._embedded_text(doc, c) for doc, _, chunks in batch for c in chunks])
         with commit_lock(self.path):
             return self._commit_embedded(batch, vectors, progress)
+
+    def _embedded_text(self, doc: DocumentInput, chunk: Chunk) -> str:
+        """The chunk as the embedding model sees it: behind its header when the collection uses them."""
+        if not self.context_headers:
+            return chunk.text
+        header = self._chunker.fit_header(context_header(doc.title, chunk.heading), self._header_tokens)
+        return f"{header}\n{chunk.text}" if header else chunk.text
 
     def _commit_embedded(
         self, batch: list[tuple[DocumentInput, str, list[Chunk]]], vectors: np.ndarray,
@@ -388,6 +416,34 @@ class Collection:
         chunks = self._db.execute("SELECT COUNT(*) FROM chunks WHERE live = 1").fetchone()[0]
         return {"documents": docs, "chunks": chunks}
 
+    def candidates(
+        self,
+        query: str,
+        *,
+        mode: str,
+        query_vector: np.ndarray | Callable[[], np.ndarray] | None,
+        pool: int,
+        flt: SearchFilter | None = None,
+    ) -> Candidates:
+        """Each half's own ranking (visible chunks only), before fusion."""
+        lexical: list[tuple[int, float]] = []
+        vector: list[tuple[int, float]] = []
+        terms = 0
+        if mode in ("bm25", "hybrid"):
+            found = self._lexical.search(query, pool)
+            lexical = [(h.chunk_id, h.score) for h in found.hits]
+            terms = found.terms
+        if mode in ("vector", "hybrid") and callable(query_vector):
+            query_vector = query_vector()
+        if mode in ("vector", "hybrid") and query_vector is not None:
+            with self._vector_lock:
+                vector = self._vectors.search(query_vector, pool)  # type: ignore[arg-type]
+        visible = self._visible([k for k, _ in lexical] + [k for k, _ in vector], flt)
+        return Candidates(
+            [(k, sc) for k, sc in lexical if k in visible], [(k, sc) for k, sc in vector if k in visible],
+            {k: visible[k] for k, _ in (*lexical, *vector) if k in visible}, terms,
+        )
+
     def search(
         self,
         query: str,
@@ -406,24 +462,13 @@ class Collection:
         filtered = flt is not None and flt != SearchFilter()
         total = max(1, len(self._vectors))
         pool = total if filtered else min(total, max(50, top_k * 5))
-        lexical: list[tuple[int, float]] = []
-        vector: list[tuple[int, float]] = []
-        if mode in ("bm25", "hybrid"):
-            lexical = [(h.chunk_id, h.score) for h in self._lexical.search(query, pool)]
-        if mode in ("vector", "hybrid") and callable(query_vector):
-            query_vector = query_vector()
-        if mode in ("vector", "hybrid") and query_vector is not None:
-            with self._vector_lock:
-                vector = self._vectors.search(query_vector, pool)  # type: ignore[arg-type]
-        visible = self._visible([k for k, _ in lexical] + [k for k, _ in vector], flt)
-        lexical = [(k, sc) for k, sc in lexical if k in visible]
-        vector = [(k, sc) for k, sc in vector if k in visible]
+        found = self.candidates(query, mode=mode, query_vector=query_vector, pool=pool, flt=flt)
         if mode == "bm25":
-            ranked = lexical
+            ranked = found.lexical
         elif mode == "vector":
-            ranked = vector
+            ranked = found.vector
         else:
-            ranked = fuse(lexical, vector)
+            ranked = fuse_hybrid(found)
         ranked = ranked[:top_k]
         details = self._details([k for k, _ in ranked])
         hits = []
@@ -436,14 +481,14 @@ class Collection:
                 hit.snippet, hit.highlights = fragment, ranges
         return hits
 
-    def _visible(self, keys: Iterable[int], flt: SearchFilter | None) -> set[int]:
-        """The candidate chunk ids that are live, of ready documents, and pass the filter."""
+    def _visible(self, keys: Iterable[int], flt: SearchFilter | None) -> dict[int, str]:
+        """The candidate chunk ids that are live, of ready documents, and pass the filter: their documents."""
         keys = list(dict.fromkeys(keys))
         if not keys:
-            return set()
+            return {}
         # CROSS JOIN fixes the order: look the candidates up by id, then their documents by key.
         sql = (
-            "SELECT c.id FROM chunks c CROSS JOIN documents d ON d.id = c.document_id "
+            "SELECT c.id, c.document_id FROM chunks c CROSS JOIN documents d ON d.id = c.document_id "
             f"WHERE c.id IN ({','.join('?' * len(keys))}) AND c.live = 1 AND d.state = 'ready'"
         )
         args: list[Any] = list(keys)
@@ -464,7 +509,15 @@ class Collection:
             for key, value in flt.metadata.items():
                 sql += " AND json_extract(d.metadata, ?) = ?"
                 args += [f'$."{key}"', value]
-        return {r[0] for r in self._db.execute(sql, args).fetchall()}
+        return {r[0]: r[1] for r in self._db.execute(sql, args).fetchall()}
+
+    def chunks(self, keys: list[int]) -> dict[int, Hit]:
+        """The chunks with these ids (scores 0), for tools that rank candidates themselves."""
+        return self._details(keys)
+
+    def chunk_texts(self, document_id: str) -> list[str]:
+        return [r[0] for r in self._db.execute(
+            "SELECT text FROM chunks WHERE document_id = ? AND live = 1 ORDER BY ordinal", (document_id,))]
 
     def _details(self, keys: list[int]) -> dict[int, Hit]:
         if not keys:

@@ -9,6 +9,8 @@ much surer than the other decides.
 
 from __future__ import annotations
 
+import msgspec
+
 LEXICAL_WEIGHT = 0.6
 RRF_K = 60
 
@@ -42,3 +44,21 @@ def rrf(lexical: list[tuple[int, float]], vector: list[tuple[int, float]], k: in
         for rank, (key, _) in enumerate(ranking):
             scored[key] = scored.get(key, 0.0) + 1.0 / (k + rank + 1)
     return sorted(scored.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+class Candidates(msgspec.Struct):
+    """Each half's ranking of one query, before fusion."""
+
+    lexical: list[tuple[int, float]]
+    """(chunk id, BM25 score), best first."""
+    vector: list[tuple[int, float]]
+    """(chunk id, cosine similarity), best first."""
+    documents: dict[int, str]
+    """The document of each candidate chunk."""
+    terms: list[str] = []
+    """The query's words as BM25 searched them."""
+
+
+def fuse_hybrid(found: Candidates) -> list[tuple[int, float]]:
+    """The hybrid ranking the collection serves."""
+    return fuse(found.lexical, found.vector)

@@ -23,6 +23,12 @@ class LexicalHit(msgspec.Struct, frozen=True):
     score: float
 
 
+class LexicalResult(msgspec.Struct, frozen=True):
+    hits: list[LexicalHit]
+    terms: list[str]
+    """The query's words as BM25 searched them (function words dropped; empty for query syntax)."""
+
+
 class LexicalChunk(msgspec.Struct, frozen=True):
     chunk_id: int
     document_id: str
@@ -51,6 +57,11 @@ def _drop_stopwords(text: str) -> str:
     words = text.split()
     kept = [w for w in words if w.lower().strip(".,;!?'") not in _STOPWORDS]
     return " ".join(kept) if kept else text
+
+
+def query_words(text: str) -> list[str]:
+    """Lower-cased words of a plain-text query, as a rough stand-in for its BM25 terms."""
+    return list(dict.fromkeys(w for w in (x.lower().strip(".,;:!?'\"()") for x in text.split()) if w))
 
 
 def _with_punctuation(text: str, fragment: str) -> tuple[str, int]:
@@ -118,10 +129,11 @@ class LexicalIndex:
             self._writer.wait_merging_threads()
             self._writer = None
 
-    def search(self, text: str, limit: int) -> list[LexicalHit]:
+    def search(self, text: str, limit: int) -> LexicalResult:
         """BM25 with title and heading boosts. User syntax never raises: parsing is lenient."""
+        plain = _drop_stopwords(text)
         query, _errors = self._index.parse_query_lenient(
-            _drop_stopwords(text), ["text", "title", "heading"], field_boosts={"title": TITLE_BOOST, "heading": HEADING_BOOST}
+            plain, ["text", "title", "heading"], field_boosts={"title": TITLE_BOOST, "heading": HEADING_BOOST}
         )
         searcher = self._index.searcher()
         result = searcher.search(query, limit)
@@ -129,7 +141,7 @@ class LexicalIndex:
         for score, address in result.hits:
             doc = searcher.doc(address)
             hits.append(LexicalHit(int(doc.get_first("chunk_id")), float(score)))
-        return hits
+        return LexicalResult(hits, [] if _SYNTAX.search(text) else query_words(plain))
 
     def snippets(self, text: str, chunk_texts: list[str], max_chars: int = 240) -> list[tuple[str, list[tuple[int, int]]]]:
         """For each chunk text, a fragment with the query terms' ranges (as Python string indices)."""

@@ -8,13 +8,19 @@ content through their chat template. Both run through `GenerationService.generat
 Every answer sentence is checked against the source it cites (content-word overlap); a sentence with no
 marker is attributed to the source that supports it best, if any does. With nothing relevant retrieved,
 the answer says so instead of asking the model to invent one.
+
+Answer modes: `generative` (the model writes the answer), `extractive` (the sentence or two of the
+sources that best answer the question, ranked by the cross-encoder when one is configured, else by the
+embedding model, returned verbatim with their citations: grounded by construction, no generation) and
+`auto` (extractive for base models, whose answers are rarely usable, and whenever a generated answer
+fails its citation check).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -38,6 +44,11 @@ SUPPORT_THRESHOLD = 0.5  # share of a sentence's content words found in its sour
 MAX_PER_DOCUMENT = 3
 CONTEXT_TOKENS = 1500  # sources in the prompt, as the answering model counts tokens
 PROMPT_OVERHEAD_TOKENS = 200  # the worked example, labels and the question's frame
+AnswerMode = Literal["generative", "extractive", "auto"]
+SECOND_SENTENCE_MARGIN = 0.05
+"""An extractive answer adds the second-best sentence when it scores within this of the best."""
+EXTRACT_MIN_WORDS = 4
+"""Shorter fragments (headings, list markers) are never an extractive answer alone."""
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'-]*")
 _CITE = re.compile(r"\[(\d{1,2})\]")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
@@ -81,6 +92,8 @@ class Answer(msgspec.Struct):
     usage: dict[str, int]
     quarantined: list[dict[str, str]] = msgspec.field(default_factory=list)
     """Retrieved chunks the injection guardrail kept out of the prompt (document and chunk ids)."""
+    answer_mode: str = "generative"
+    """How this answer was made: "generative" (written by the model) or "extractive" (source sentences)."""
 
 
 def _content_words(text: str) -> set[str]:
@@ -96,6 +109,47 @@ def support(sentence: str, passage: str) -> float:
     if any(w[0].isdigit() and w not in found for w in words):
         return 0.0
     return len(words & found) / len(words)
+
+
+_ABBREVIATION = re.compile(r"(?:\b(?:[A-Za-z]|e\.g|i\.e|etc|vs|cf|al|approx|no|fig|eq|ref|mr|mrs|ms|dr|st|jr|sr|inc|ltd|co)\.)$", re.IGNORECASE)
+
+
+def split_sentences(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each sentence of `text`: cut after . ! ? before a space, never after an
+    abbreviation or an initial ("e.g.", "U.S.", "J. Smith"), and at blank lines."""
+    spans: list[tuple[int, int]] = []
+    start = 0
+    for match in re.finditer(r"(?<=[.!?])[\"')\]]*\s+|\n\s*\n", text):
+        if not match.group().startswith("\n") and _ABBREVIATION.search(text, 0, match.start()):
+            continue
+        if text[start : match.start()].strip():
+            spans.append((start, match.start()))
+        start = match.end()
+    if text[start:].strip():
+        spans.append((start, len(text.rstrip())))
+    return [(a + len(text[a:b]) - len(text[a:b].lstrip()), b) for a, b in spans]
+
+
+def choose_sentences(scored: list[tuple[float, int, int, str]], margin: float = SECOND_SENTENCE_MARGIN) -> list[tuple[int, int, str]]:
+    """From (score, source index, position, sentence) the best sentence, and the second best when it
+    scores within `margin` of it; in reading order (source, then position)."""
+    usable = [s for s in scored if len(s[3].split()) >= EXTRACT_MIN_WORDS] or scored
+    ranked = sorted(usable, key=lambda s: (-s[0], s[1], s[2]))[:2]
+    if not ranked:
+        return []
+    chosen = [ranked[0]] + [s for s in ranked[1:] if s[0] >= ranked[0][0] - margin]
+    return [(src, pos, text) for _, src, pos, text in sorted(chosen, key=lambda s: (s[1], s[2]))]
+
+
+def extractive_answer(chosen: list[tuple[int, int, str]], sources: list[Source]) -> tuple[str, list[Citation]]:
+    """The chosen sentences verbatim, each followed by its source's marker, and their citations."""
+    by_index = {s.index: s for s in sources}
+    parts, citations = [], []
+    for index, _, sentence in chosen:
+        src = by_index[index]
+        parts.append(f"{sentence} [{index}]")
+        citations.append(Citation(index, src.document_id, src.chunk_id, src.title, src.page, sentence, sentence, True))
+    return " ".join(parts), citations
 
 
 def best_quote(sentence: str, passage: str) -> str:
@@ -185,11 +239,16 @@ def check_citations(answer: str, sources: list[Source]) -> list[Citation]:
 
 
 class AskService:
-    def __init__(self, documents: DocumentService, generation: GenerationService, registry: ModelRegistry, *, default_model: str | None) -> None:
+    def __init__(
+        self, documents: DocumentService, generation: GenerationService, registry: ModelRegistry, *,
+        default_model: str | None, answer_mode: AnswerMode = "generative",
+    ) -> None:
+        """`answer_mode`: the mode of requests that name none (the setting retrieval.answer_mode)."""
         self._documents = documents
         self._generation = generation
         self._registry = registry
         self._default_model = default_model
+        self._answer_mode: AnswerMode = answer_mode
 
     def _model(self, name: str | None) -> Manifest:
         name = name or self._default_model
@@ -247,7 +306,10 @@ class AskService:
         policy: RequestPolicy = OPEN_POLICY,
         quarantined: list[dict[str, str]] | None = None,
         rerank: bool = False,
+        answer_mode: AnswerMode | None = None,
     ) -> tuple[Manifest, list[Source], Generation | None]:
+        """The answering model, the sources, and the generation: None when nothing relevant was found or
+        the answer will be extracted (see `extracts`)."""
         if not question.strip():
             raise InvalidRequest("The question is empty.", param="question")
         manifest = self._model(model)
@@ -257,7 +319,7 @@ class AskService:
             tenant, collection, question, top_k, manifest=manifest, max_tokens=max_tokens, policy=policy,
             quarantined=quarantined, rerank=rerank,
         )
-        if not sources:
+        if not sources or self.extracts(manifest, answer_mode):
             return manifest, sources, None
         prompt, messages = build_prompt(manifest, question, sources)
         generation = await self._generation.generate(
@@ -266,34 +328,69 @@ class AskService:
         )
         return manifest, sources, generation
 
+    def extracts(self, manifest: Manifest, answer_mode: AnswerMode | None) -> bool:
+        """Whether the answer is extracted before any generation: asked for, or `auto` with a base model."""
+        mode = answer_mode or self._answer_mode
+        return mode == "extractive" or (mode == "auto" and not manifest.instruction_tuned)
+
+    async def extract(self, question: str, sources: list[Source], manifest: Manifest, usage: Usage | None = None) -> Answer:
+        """The sentences of the sources that best answer the question, verbatim, with their citations."""
+        candidates: list[tuple[int, int, str]] = []
+        for src in sources:
+            for pos, (a, b) in enumerate(split_sentences(src.text)):
+                candidates.append((src.index, pos, " ".join(src.text[a:b].split())))
+        scores = await self._documents.sentence_scores(question, [c[2] for c in candidates])
+        chosen = choose_sentences([(sc, *c) for sc, c in zip(scores, candidates)])
+        if not chosen:
+            return Answer(NO_ANSWER, [], sources, False, manifest.id, {"prompt_tokens": 0, "completion_tokens": 0},
+                          answer_mode="extractive")
+        text, citations = extractive_answer(chosen, sources)
+        spent = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens} if usage else {
+            "prompt_tokens": 0, "completion_tokens": 0}
+        return Answer(text, citations, sources, True, manifest.id, spent, answer_mode="extractive")
+
     async def ask(
         self, tenant: str, collection: str, question: str, *, top_k: int, model: str | None, max_tokens: int,
-        policy: RequestPolicy = OPEN_POLICY, rerank: bool = False,
+        policy: RequestPolicy = OPEN_POLICY, rerank: bool = False, answer_mode: AnswerMode | None = None,
     ) -> Answer:
         quarantined: list[dict[str, str]] = []
         manifest, sources, generation = await self.start(
             tenant, collection, question, top_k=top_k, model=model, max_tokens=max_tokens, policy=policy,
-            quarantined=quarantined, rerank=rerank,
+            quarantined=quarantined, rerank=rerank, answer_mode=answer_mode,
         )
-        if generation is None:
-            return Answer(NO_ANSWER, [], [], False, manifest.id, {"prompt_tokens": 0, "completion_tokens": 0}, quarantined)
-        text, _, usage = await generation.collect()
-        answer = finish(text, sources, manifest, usage)
+        if generation is None and sources:
+            answer = await self.extract(question, sources, manifest)
+        elif generation is None:
+            answer = Answer(NO_ANSWER, [], [], False, manifest.id, {"prompt_tokens": 0, "completion_tokens": 0})
+        else:
+            text, _, usage = await generation.collect()
+            answer = finish(text, sources, manifest, usage)
+            if not answer.grounded and (answer_mode or self._answer_mode) == "auto":
+                # The generated answer failed its citation check: answer from the sources themselves.
+                answer = await self.extract(question, sources, manifest, usage)
         answer.quarantined = quarantined
         return answer
 
     async def stream(
         self, tenant: str, collection: str, question: str, *, top_k: int, model: str | None, max_tokens: int,
-        policy: RequestPolicy = OPEN_POLICY, rerank: bool = False,
+        policy: RequestPolicy = OPEN_POLICY, rerank: bool = False, answer_mode: AnswerMode | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
+        """Server-sent events. An extracted answer comes as one delta; `auto` with an instruction-tuned
+        model streams the generated answer and cannot take it back, so it never falls back here."""
         quarantined: list[dict[str, str]] = []
         manifest, sources, generation = await self.start(
             tenant, collection, question, top_k=top_k, model=model, max_tokens=max_tokens, policy=policy,
-            quarantined=quarantined, rerank=rerank,
+            quarantined=quarantined, rerank=rerank, answer_mode=answer_mode,
         )
 
         async def events() -> AsyncIterator[dict[str, Any]]:
             yield {"type": "sources", "sources": [msgspec.to_builtins(s) for s in sources], "quarantined": quarantined}
+            if generation is None and sources:
+                answer = await self.extract(question, sources, manifest)
+                answer.quarantined = quarantined
+                yield {"type": "delta", "text": answer.answer}
+                yield {"type": "done", **msgspec.to_builtins(answer)}
+                return
             if generation is None:
                 yield {"type": "delta", "text": NO_ANSWER}
                 yield {"type": "done", **msgspec.to_builtins(

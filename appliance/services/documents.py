@@ -63,14 +63,17 @@ class DocumentService:
         embedding_model: str,
         reranker: RerankService | None = None,
         on_search: Callable[[str, float], None] | None = None,
+        context_headers: bool = True,
     ) -> None:
-        """`reranker`: serves searches that ask for `rerank` (with retrieval.rerank_model); None refuses them."""
+        """`reranker`: serves searches that ask for `rerank` (with retrieval.rerank_model); None refuses them.
+        `context_headers`: new collections embed chunks behind their title and heading (retrieval.context_headers)."""
         self._root = root
         self._registry = registry
         self._embedding_name = embedding_model
         self._reranker = reranker or RerankService(registry)
         self._on_search = on_search
         """Told each search's mode and seconds (the retrieval latency metric)."""
+        self._context_headers = context_headers
         self._open: dict[tuple[str, str], Collection] = {}
         self._opening: dict[tuple[str, str], asyncio.Lock] = {}
         self._lock = threading.Lock()
@@ -138,6 +141,7 @@ class DocumentService:
                 embedding_model=manifest.id,
                 ndim=manifest.embedding_dim or 384,
                 chunker=self._leased_chunker(manifest, max_tokens),
+                context_headers=self._context_headers,
             )
             with self._lock:
                 self._open[key] = col
@@ -251,6 +255,27 @@ class DocumentService:
         if self._on_search is not None:
             self._on_search(f"{mode}+rerank" if rerank else mode, time.perf_counter() - started)
         return hits
+
+    async def sentence_scores(self, question: str, sentences: list[str]) -> list[float]:
+        """How well each sentence answers the question (higher is better): the cross-encoder's relevance
+        when retrieval.rerank_model is set, else the cosine of the embedding model's vectors."""
+        if not sentences:
+            return []
+        try:
+            reranker = self._reranker.default()
+        except InvalidRequest:
+            reranker = None
+        if reranker is not None:
+            ranking = await self._reranker.rerank(reranker, question, sentences)
+            scores = [0.0] * len(sentences)
+            for r in ranking.results:
+                scores[r.index] = r.relevance_score
+            return scores
+        manifest = self._registry.resolve(self._embedding_name, kinds=("embedding",))
+        async with self._registry.use(manifest) as engine:
+            embed = self.embed_fn(engine)
+            vectors = await asyncio.to_thread(lambda: embed([_clip(engine, question), *(_clip(engine, s) for s in sentences)]))
+        return [float(v) for v in vectors[1:] @ vectors[0]]
 
     async def resume(self) -> None:
         """Re-ingest documents a crash left pending (their text is kept in the registry)."""
