@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -41,6 +41,8 @@ class ToolGrammar(msgspec.Struct, frozen=True, kw_only=True):
 
 class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True):
     prompt: str
+    prompt_ids: tuple[int, ...] | None = None
+    """The prompt already tokenised by this model's tokenizer (the service does it once, off the loop)."""
     max_tokens: int | None
     """None: generate until a stop condition or the end of the context."""
     stop: tuple[str, ...] = ()
@@ -95,6 +97,37 @@ class Chunk(msgspec.Struct, frozen=True, kw_only=True):
     """Which of the n sequences this chunk belongs to."""
     logprobs: tuple[TokenLogprob, ...] = ()
     """With GenerationRequest.logprobs: one entry per token generated since the previous chunk."""
+
+
+class RpcStatus(msgspec.Struct, kw_only=True):
+    """A split model's link to its RPC workers."""
+
+    state: str
+    """loading, ready, down or closed."""
+    peers: list[str]
+    devices: list[dict[str, Any]]
+    loads: int
+    error: str | None
+
+
+class EngineStats(msgspec.Struct, kw_only=True):
+    """A generative engine's counters, from its scheduler to /health and /metrics. Every field has a
+    value, so a split model whose workers were never reached reports zeros, not missing keys."""
+
+    requests: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    rejected: dict[str, int] = msgspec.field(default_factory=dict)
+    prompt_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    prefix_cache_hit_rate: float = 0.0
+    generated_tokens: int = 0
+    mean_batch_tokens: float = 0.0
+    ttft_p50_s: float | None = None
+    queue_depth: int = 0
+    busy_slots: int = 0
+    rpc: RpcStatus | None = None
+    """Split models only."""
 
 
 class Embeddings(msgspec.Struct, frozen=True, kw_only=True):

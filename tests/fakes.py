@@ -10,7 +10,15 @@ import msgspec
 
 from appliance.errors import ContextLengthExceeded, EngineError
 from appliance.modelstore.manifest import Manifest, ModelFile
-from appliance.types import Chunk, Embeddings, GenerationRequest, TokenAlternative, TokenLogprob, Usage
+from appliance.types import (
+    Chunk,
+    Embeddings,
+    EngineStats,
+    GenerationRequest,
+    TokenAlternative,
+    TokenLogprob,
+    Usage,
+)
 
 GEMMA_TEMPLATE = (
     "{%- for m in messages -%}<{{ m.role }}>{{ m.content }}</{{ m.role }}>{%- endfor -%}"
@@ -45,9 +53,18 @@ class FakeChatEngine:
         self.closed = threading.Event()
         """Set by close(): the registry unloaded this engine."""
 
+    failure: str | None = None
+
+    def tokenize(self, text: str) -> list[int]:
+        """One token per word, as the rest of this fake counts."""
+        return list(range(len(text.split())))
+
+    def engine_stats(self) -> EngineStats:
+        return EngineStats(requests=len(self.requests))
+
     def submit(self, request: GenerationRequest, emit: Callable[[object], None], cancel: threading.Event) -> None:
         self.requests.append(request)
-        prompt_tokens = len(request.prompt.split())
+        prompt_tokens = len(request.prompt_ids) if request.prompt_ids is not None else len(request.prompt.split())
         if prompt_tokens >= self.n_ctx:
             raise ContextLengthExceeded(f"prompt has {prompt_tokens} tokens", param="messages")
 
@@ -101,6 +118,7 @@ class FakeChatEngine:
 
 class FakeEmbeddingEngine:
     max_length = 256
+    failure: str | None = None
 
     def __init__(self, model_id: str) -> None:
         self.model_id = model_id
@@ -118,3 +136,6 @@ class FakeEmbeddingEngine:
 
     def count_tokens(self, texts: list[str], *, special: bool = True) -> list[int]:
         return [len(t.split()) + (2 if special else 0) for t in texts]
+
+    def engine_stats(self) -> None:
+        return None

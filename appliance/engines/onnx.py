@@ -71,6 +71,19 @@ class _OnnxTextModel:
         self._lock = threading.Lock()
         log.info("loaded %s with providers %s", model_id, self._session.get_providers())
 
+    @property
+    def failure(self) -> str | None:
+        return None
+
+    def engine_stats(self) -> None:
+        """Encoders keep no scheduler counters."""
+        return None
+
+    def close(self) -> None:
+        """Drop the session; its memory goes when the last run holding it ends."""
+        with self._lock:
+            self._session = None  # type: ignore[assignment]
+
     def _run(self, encoded: list[Any], what: str, output: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One output of a padded batch (the named one, else the first), and its attention mask."""
         width = max(len(e.ids) for e in encoded)

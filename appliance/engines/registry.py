@@ -24,7 +24,7 @@ from typing import Any, Literal, Protocol
 from appliance.engines.memory import MemoryEstimate, format_bytes, release_freed_memory
 from appliance.errors import ApplianceError, EngineError, ModelNotFound, ModelUnavailable, UnsupportedForModel
 from appliance.modelstore.manifest import Manifest, ModelKind
-from appliance.types import Chunk, Embeddings, GenerationRequest
+from appliance.types import Chunk, Embeddings, EngineStats, GenerationRequest
 
 log = logging.getLogger(__name__)
 LoadState = Literal["pending", "loading", "ready", "failed", "unloaded"]
@@ -32,39 +32,54 @@ RETRY_AFTER_S = 2
 """Retry-After of a request that found no room for its model: in-flight requests usually end within seconds."""
 
 
-class ChatEngine(Protocol):
+class Engine(Protocol):
+    """What the registry needs of every engine it loads."""
+
     model_id: str
+
+    @property
+    def failure(self) -> str | None:
+        """Why a loaded engine cannot serve now (a split model's RPC worker died); None when it can."""
+
+    def engine_stats(self) -> EngineStats | None:
+        """Counters for /health and /metrics; None for engines without a scheduler (encoders)."""
+
+    def close(self) -> None:
+        """Free the model's memory; called once, when no request holds the engine."""
+
+
+class ChatEngine(Engine, Protocol):
     n_ctx: int
+
+    def tokenize(self, text: str) -> list[int]: ...
 
     def submit(
         self, request: GenerationRequest, emit: Callable[[Chunk | ApplianceError], None], cancel: threading.Event
     ) -> None:
-        """Queue a generation; `emit` gets each Chunk (the last has finish_reason) or one error.
+        """Queue a generation; `emit` gets each Chunk (the last has usage) or one error.
 
         Raises at once for requests that can never run (context length, full queue).
         """
 
-    def close(self) -> None: ...
 
-
-class EmbeddingEngine(Protocol):
-    model_id: str
+class EmbeddingEngine(Engine, Protocol):
+    max_length: int
 
     def embed(self, texts: list[str]) -> Embeddings: ...
 
+    def count_tokens(self, texts: list[str], *, special: bool = True) -> list[int]: ...
 
-class ClassifierEngine(Protocol):
-    model_id: str
+
+class ClassifierEngine(Engine, Protocol):
     labels: list[str]
 
     def probabilities(self, texts: list[str]) -> list[dict[str, float]]:
         """{label: probability} per text; never refuses a long text."""
 
 
-class RerankEngine(Protocol):
+class RerankEngine(Engine, Protocol):
     """A cross-encoder: scores (query, document) pairs, each cut to `max_length` tokens, never refused."""
 
-    model_id: str
     max_length: int
 
     def count_tokens(self, query: str, documents: list[str]) -> int:
@@ -74,7 +89,10 @@ class RerankEngine(Protocol):
         """One relevance logit (log-odds) per document, in order; higher is more relevant."""
 
 
-EngineFactory = Callable[[Manifest], Any]
+AnyEngine = ChatEngine | EmbeddingEngine | ClassifierEngine | RerankEngine
+
+
+EngineFactory = Callable[[Manifest], AnyEngine]
 """Builds the engine for a manifest (blocking; runs on the loader thread)."""
 
 
@@ -289,12 +307,11 @@ class ModelRegistry:
             self._notify()
 
     @staticmethod
-    def _close_engine(model_id: str, engine: Any) -> None:
-        close = getattr(engine, "close", None)
-        if close is None:
-            return  # an engine without close() (ONNX) is freed when the last reference goes
+    def _close_engine(model_id: str, engine: AnyEngine | None) -> None:
+        if engine is None:
+            return
         try:
-            close()
+            engine.close()
         except Exception:
             log.exception("closing %s failed", model_id)
 
@@ -438,16 +455,16 @@ class ModelRegistry:
         for model_id, s in self._slots.items():
             # An engine can lose its footing after loading (a split model's RPC worker died): `failure`.
             engine = s.engine
-            error = s.error or getattr(engine, "failure", None)
+            error = s.error or (engine.failure if engine is not None else None)
             out[model_id] = {
                 "state": s.state, "kind": s.manifest.kind, "error": error, "load_seconds": s.load_seconds,
                 "loads": s.loads, "unloads": s.unloads, "in_use": s.leases,
             }
             if s.estimate is not None:
                 out[model_id]["memory_estimate_bytes"] = s.estimate.total
-            stats = getattr(engine, "stats", None)
+            stats = engine.engine_stats() if engine is not None else None
             if stats is not None:
-                out[model_id]["engine"] = stats.snapshot()
+                out[model_id]["engine"] = stats
         return out
 
     def memory(self) -> dict[str, int]:
@@ -458,7 +475,7 @@ class ModelRegistry:
     def health(self) -> Literal["ok", "loading", "degraded"]:
         # An unloaded model is not a fault: it loads again on its next request.
         states = {s.state for s in self._slots.values()}
-        if "failed" in states or any(getattr(s.engine, "failure", None) for s in self._slots.values()):
+        if "failed" in states or any(s.engine is not None and s.engine.failure for s in self._slots.values()):
             return "degraded"
         if "loading" in states or any(s.state == "pending" and s.future is not None for s in self._slots.values()):
             return "loading"

@@ -35,7 +35,15 @@ from appliance.errors import (
     RequestTimeout,
     ServerOverloaded,
 )
-from appliance.types import Chunk, GenerationRequest, SamplingParams, TokenLogprob, ToolGrammar, Usage
+from appliance.types import (
+    Chunk,
+    EngineStats,
+    GenerationRequest,
+    SamplingParams,
+    TokenLogprob,
+    ToolGrammar,
+    Usage,
+)
 
 log = logging.getLogger(__name__)
 Emit = Callable[[Chunk | ApplianceError], None]
@@ -81,22 +89,23 @@ class SchedulerStats:
     queue_depth: int = 0
     busy_slots: int = 0
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> EngineStats:
         hits = self.prefix_hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
         ttft = sorted(self.ttft_s[-1000:])
-        return {
-            "requests": self.requests,
-            "completed": self.completed,
-            "cancelled": self.cancelled,
-            "rejected": dict(self.rejected),
-            "prompt_tokens": self.prompt_tokens,
-            "prefix_cache_hit_rate": round(hits, 4),
-            "generated_tokens": self.generated_tokens,
-            "mean_batch_tokens": round(self.batch_tokens / self.steps, 2) if self.steps else 0.0,
-            "ttft_p50_s": round(ttft[len(ttft) // 2], 4) if ttft else None,
-            "queue_depth": self.queue_depth,
-            "busy_slots": self.busy_slots,
-        }
+        return EngineStats(
+            requests=self.requests,
+            completed=self.completed,
+            cancelled=self.cancelled,
+            rejected=dict(self.rejected),
+            prompt_tokens=self.prompt_tokens,
+            prefix_hit_tokens=self.prefix_hit_tokens,
+            prefix_cache_hit_rate=round(hits, 4),
+            generated_tokens=self.generated_tokens,
+            mean_batch_tokens=round(self.batch_tokens / self.steps, 2) if self.steps else 0.0,
+            ttft_p50_s=round(ttft[len(ttft) // 2], 4) if ttft else None,
+            queue_depth=self.queue_depth,
+            busy_slots=self.busy_slots,
+        )
 
 
 class _Group:
@@ -201,9 +210,17 @@ class BatchScheduler:
     def tokenize(self, text: str) -> list[int]:
         return self.ctx.tokenize(text)
 
+    @property
+    def failure(self) -> str | None:
+        """An in-process model cannot lose its footing after loading: always None."""
+        return None
+
+    def engine_stats(self) -> EngineStats:
+        return self.stats.snapshot()
+
     def submit(self, request: GenerationRequest, emit: Emit, cancel: threading.Event) -> None:
         """Queue a generation. Raises at once if it can never run or the queue is full."""
-        prompt = self.ctx.tokenize(request.prompt)
+        prompt = list(request.prompt_ids) if request.prompt_ids is not None else self.ctx.tokenize(request.prompt)
         if len(prompt) >= self.n_ctx:
             self._count_reject("context_length")
             raise ContextLengthExceeded(

@@ -25,11 +25,13 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from appliance import errors
 from appliance.engines import rpc
 from appliance.errors import ApplianceError, EngineError, PeerUnavailable
 from appliance.observability.logs import server_formatter, setup_child_logging
-from appliance.types import Chunk, GenerationRequest
+from appliance.types import Chunk, EngineStats, GenerationRequest, RpcStatus
 
 log = logging.getLogger(__name__)
 Emit = Callable[[Chunk | ApplianceError], None]
@@ -105,14 +107,6 @@ class _Child:
             self.conn.send(message)
 
 
-class _Stats:
-    def __init__(self, engine: SplitChatEngine) -> None:
-        self._engine = engine
-
-    def snapshot(self) -> dict[str, Any]:
-        return self._engine.snapshot()
-
-
 class SplitChatEngine:
     """ChatEngine whose model runs split over RPC workers in a child process."""
 
@@ -120,7 +114,6 @@ class SplitChatEngine:
         self.model_id = spec.model_id
         self.n_ctx = spec.n_ctx_per_seq
         self.spec = spec
-        self.stats = _Stats(self)
         self._tokenizer = tokenizer
         self._mp = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
@@ -131,7 +124,8 @@ class SplitChatEngine:
         self._retry_at = 0.0
         self._retry_delay = _RETRY_FIRST_S
         self._loads = 0
-        self._last_stats: dict[str, Any] = {}
+        self._last_stats = EngineStats()
+        """The child scheduler's, from its latest heartbeat (zeros until one arrives)."""
         self._devices: list[dict[str, Any]] = []
         try:
             self._start()  # a PeerUnavailable leaves the engine down and retrying; other errors propagate
@@ -179,17 +173,12 @@ class SplitChatEngine:
                 pending.emit(EngineError("the server is shutting down"))
         self._tokenizer.close()
 
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            **self._last_stats,
-            "rpc": {
-                "state": self._state,
-                "peers": list(self.spec.peers),
-                "devices": self._devices,
-                "loads": self._loads,
-                "error": self._failure,
-            },
-        }
+    def engine_stats(self) -> EngineStats:
+        rpc = RpcStatus(
+            state=self._state, peers=list(self.spec.peers), devices=self._devices, loads=self._loads,
+            error=self._failure,
+        )
+        return msgspec.structs.replace(self._last_stats, rpc=rpc)
 
     # -- child lifecycle -----------------------------------------------------------------------
 

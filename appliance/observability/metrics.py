@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from appliance.types import EngineStats
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2)
@@ -65,14 +67,14 @@ class _EngineCollector(Collector):
             unloads.add_metric([model], s.get("unloads", 0))
             if "memory_estimate_bytes" in s:
                 estimate.add_metric([model], s["memory_estimate_bytes"])
-            engine = s.get("engine")
+            engine: EngineStats | None = s.get("engine")
             if engine is None:
                 continue
-            queue.add_metric([model], engine["queue_depth"])
-            busy.add_metric([model], engine["busy_slots"])
-            hit.add_metric([model], engine["prefix_cache_hit_rate"])
-            prompt.add_metric([model], engine["prompt_tokens"])
-            prefix.add_metric([model], round(engine["prompt_tokens"] * engine["prefix_cache_hit_rate"]))
+            queue.add_metric([model], engine.queue_depth)
+            busy.add_metric([model], engine.busy_slots)
+            hit.add_metric([model], engine.prefix_cache_hit_rate)
+            prompt.add_metric([model], engine.prompt_tokens)
+            prefix.add_metric([model], engine.prefix_hit_tokens)
         yield from (state, states, loads, unloads, estimate, queue, busy, hit, prompt, prefix)
         if self._memory is not None:
             memory = self._memory()

@@ -22,7 +22,7 @@ from appliance.errors import ModelNotFound, PeerUnavailable
 from appliance.peering.auth import PROBE_PRINCIPAL_TENANT, SignatureVerifier, sign
 from appliance.protocol.cluster import ModelState, NodeState
 from appliance.settings import ClusterSettings
-from appliance.types import Principal
+from appliance.types import EngineStats, Principal
 
 log = logging.getLogger(__name__)
 
@@ -238,11 +238,11 @@ class Cluster:
         models = []
         for m in self._registry.manifests():
             s = status[m.id]
-            engine = s.get("engine") or {}
+            engine = s.get("engine") or EngineStats()
             models.append(ModelState(
                 id=m.id, kind=m.kind, format=m.format, aliases=list(m.aliases), context_length=self._registry.context_window(m),
                 created=m.created, status="failed" if s.get("error") else s["state"],
-                busy_slots=engine.get("busy_slots", 0), queue_depth=engine.get("queue_depth", 0),
+                busy_slots=engine.busy_slots, queue_depth=engine.queue_depth,
             ))
         return NodeState(node=self.node, health=self._registry.health(), models=models, time=time.time())
 
@@ -270,10 +270,10 @@ class Cluster:
         status = self._registry.status()[manifest.id]
         if status["state"] == "failed" or status.get("error"):
             return ForwardPlan(model=model_name) if least_loaded(self.peers, model_name) else None
-        engine = status.get("engine")
-        if not self.settings.forward_when_saturated or not engine or engine.get("queue_depth", 0) <= 0:
+        engine: EngineStats | None = status.get("engine")
+        if not self.settings.forward_when_saturated or engine is None or engine.queue_depth <= 0:
             return None
-        local = engine["busy_slots"] + engine["queue_depth"]
+        local = engine.busy_slots + engine.queue_depth
         return ForwardPlan(model=model_name, below=local) if least_loaded(
             self.peers, model_name, below=local
         ) else None

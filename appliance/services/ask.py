@@ -18,6 +18,7 @@ fails its citation check).
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
@@ -288,10 +289,11 @@ class AskService:
             return []
         async with self._registry.use(manifest) as engine:
             # Sources get what the answering model's context leaves after the answer and the prompt frame.
-            room = getattr(engine, "n_ctx", 4096) - max_tokens - PROMPT_OVERHEAD_TOKENS - len(question) // 2
-            tokenize = getattr(engine, "tokenize", None)
-            count = (lambda t: len(tokenize(t))) if tokenize else (lambda t: len(t) // 4)
-            chosen = select_context(hits, top_k, count_tokens=count, budget=max(0, min(CONTEXT_TOKENS, room)))
+            room = engine.n_ctx - max_tokens - PROMPT_OVERHEAD_TOKENS - len(question) // 2
+            budget = max(0, min(CONTEXT_TOKENS, room))
+            chosen = await asyncio.to_thread(
+                select_context, hits, top_k, count_tokens=lambda t: len(engine.tokenize(t)), budget=budget
+            )
         return [Source(i + 1, h.document_id, h.chunk_id, h.title, h.source, h.page, h.text) for i, h in enumerate(chosen)]
 
     async def start(

@@ -35,7 +35,6 @@ class EmbeddingService:
             )
         texts = policy.screen_input(texts, instructions=False)
         async with self._registry.use(manifest) as engine:
-            count = getattr(engine, "count_tokens", None)
-            tokens = sum(count(texts)) if count else sum(len(t.split()) for t in texts)
+            tokens = sum(await asyncio.to_thread(engine.count_tokens, texts))
             policy.reserve(manifest, tokens, 0)
             return manifest, await asyncio.to_thread(engine.embed, texts)

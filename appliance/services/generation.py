@@ -263,9 +263,11 @@ class GenerationService:
         # The lease keeps the model loaded until the stream ends; `_run` releases it, whichever way it ends.
         lease = await self._registry.acquire(manifest)
         try:
-            engine = lease.engine
-            tokenize = getattr(engine, "tokenize", None)
-            prompt_tokens = len(tokenize(generation.prompt)) if tokenize else len(generation.prompt.split())
+            engine: ChatEngine = lease.engine
+            # Tokenised once, off the event loop; the engine takes the ids instead of tokenising again.
+            ids = tuple(await asyncio.to_thread(engine.tokenize, generation.prompt))
+            generation = msgspec.structs.replace(generation, prompt_ids=ids)
+            prompt_tokens = len(ids)
             # Without max_tokens a generation may fill the context: that is what it reserves.
             limit = generation.max_tokens if generation.max_tokens is not None else engine.n_ctx - prompt_tokens
             policy.reserve(manifest, prompt_tokens, max(0, limit) * generation.n)
@@ -305,7 +307,8 @@ class GenerationService:
                 cancel.set()
 
         try:
-            engine.submit(request, emit, cancel)
+            # Off the event loop: submitting compiles the request's grammar (response_format, tools).
+            await asyncio.to_thread(engine.submit, request, emit, cancel)
             while True:
                 item = await queue.get()
                 if isinstance(item, ApplianceError):

@@ -252,6 +252,11 @@ def test_a_protocol_mismatch_and_an_absent_worker_are_named(head: Server) -> Non
     assert f"RPC worker {fake} speaks RPC protocol 6.0.0, this node {'.'.join(map(str, rpc.PROTO_VERSION))}" in mismatch
     assert "same llama.cpp build" in mismatch
     assert "is unreachable" in health["models"][ABSENT]["error"]
+    # a split model whose workers were never reached still reports whole statistics (typed, zeros)
+    absent = health["models"][ABSENT]["engine"]
+    assert absent["queue_depth"] == 0 and absent["prefix_hit_tokens"] == 0 and absent["rpc"]["state"] == "down"
+    scrape = httpx.get(f"{head.url}/metrics", timeout=10)
+    assert scrape.status_code == 200 and f'appliance_queue_depth{{model="{ABSENT}"}} 0.0' in scrape.text
     response = _complete(head, MISMATCHED, "Hello")
     assert response.status_code == 503
     error = response.json()["error"]

@@ -11,7 +11,7 @@ from appliance.peering.auth import H_BODY, H_SIGNATURE, H_TENANT, H_TIMESTAMP, S
 from appliance.peering.cluster import Cluster, PeerState, least_loaded
 from appliance.protocol.cluster import ModelState, NodeState
 from appliance.settings import ClusterSettings, load_settings
-from appliance.types import Principal
+from appliance.types import EngineStats, Principal
 
 SECRET = "s" * 40
 CALLER = Principal(tenant="team-a", key_id="ak_12345678", role="user")
@@ -216,7 +216,7 @@ class _Registry:
         return self.models[name]
 
     def status(self) -> dict:
-        return {i: {"state": "ready", "error": None, "engine": dict(self.engine)} for i in self.models}
+        return {i: {"state": "ready", "error": None, "engine": EngineStats(**self.engine)} for i in self.models}
 
     def manifests(self) -> list:
         return list(self.models.values())
