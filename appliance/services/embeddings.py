@@ -33,7 +33,7 @@ class EmbeddingService:
                 f"dimensions={request.dimensions} is not supported.",
                 param="dimensions",
             )
-        texts = policy.screen_input(texts, instructions=False)
+        texts = await asyncio.to_thread(policy.screen_input, texts, instructions=False)
         async with self._registry.use(manifest) as engine:
             tokens = sum(await asyncio.to_thread(engine.count_tokens, texts))
             policy.reserve(manifest, tokens, 0)

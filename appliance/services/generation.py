@@ -156,7 +156,8 @@ class GenerationService:
         request.check()
         manifest = self._registry.resolve(request.model, kinds=("chat",))
         policy.allow_model(manifest)
-        prompt = self.render_chat(manifest, request, policy)
+        # Off the event loop: screening runs the PII detector and the injection classifier, then the template.
+        prompt = await asyncio.to_thread(self.render_chat, manifest, request, policy)
         tools = request.tool_grammar()
         generation = await self._start(
             manifest, prompt, request.token_limit, request, policy, cache_scope,
@@ -171,7 +172,7 @@ class GenerationService:
         request.check()
         manifest = self._registry.resolve(request.model, kinds=("chat", "completion"))
         policy.allow_model(manifest)
-        [prompt] = policy.screen_input([request.prompt_text])
+        [prompt] = await asyncio.to_thread(policy.screen_input, [request.prompt_text])
         return await self._start(manifest, prompt, request.max_tokens, request, policy, cache_scope)
 
     async def generate(

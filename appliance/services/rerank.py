@@ -82,7 +82,7 @@ class RerankService:
         manifest = model if isinstance(model, Manifest) else self._registry.resolve(model, kinds=("rerank",))
         policy.allow_model(manifest)
         # Query and documents are data to this model, never instructions to one: PII policy only.
-        [query, *documents] = policy.screen_input([query, *documents], instructions=False)
+        [query, *documents] = await asyncio.to_thread(policy.screen_input, [query, *documents], instructions=False)
         async with self._registry.use(manifest) as engine:
             ranker: RerankEngine = engine
             tokens = await asyncio.to_thread(ranker.count_tokens, query, documents)
