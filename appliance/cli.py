@@ -638,10 +638,10 @@ def eval_guardrails(
               help="SQuAD JSON (one document per paragraph) or appliance-longqa/1 JSON (long documents, span answers).")
 @click.option("--limit", type=int, help="Evaluate only the first N questions.")
 @click.option("--rerank", is_flag=True, help="Add a hybrid+rerank row: retrieval.rerank_model reorders hybrid's best 20.")
-@click.option("--no-context-headers", is_flag=True, help="Embed bare chunks, as collections made before headers do.")
+@click.option("--context-headers", is_flag=True, help="Embed each chunk behind its title and heading (retrieval.context_headers).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def eval_retrieval(ctx: click.Context, dataset: Path, limit: int | None, rerank: bool, no_context_headers: bool,
+def eval_retrieval(ctx: click.Context, dataset: Path, limit: int | None, rerank: bool, context_headers: bool,
                    as_json: bool) -> None:
     """Recall@1/5/10 and MRR@10 of bm25, vector and hybrid search. SQuAD: the rank of the gold paragraph;
     long documents: the rank of the first chunk of the gold document that contains the answer text."""
@@ -655,7 +655,7 @@ def eval_retrieval(ctx: click.Context, dataset: Path, limit: int | None, rerank:
             return await asyncio.to_thread(
                 evaluate, dataset, service.embed_fn(engine), service.chunker_for(engine),
                 embedding_model=manifest.id, ndim=manifest.embedding_dim or 384, limit=limit, progress=bar.update,
-                rerank=scorer.score if scorer is not None else None, context_headers=not no_context_headers,
+                rerank=scorer.score if scorer is not None else None, context_headers=context_headers,
             )
 
     import asyncio

@@ -151,7 +151,7 @@ class RetrievalSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     """Cross-encoder (kind rerank) that search and ask use when a request sends `"rerank": true`; none: refused."""
     answer_mode: Literal["generative", "extractive", "auto"] = "generative"
     """Grounded answers when a request names no answer_mode: generated, extracted source sentences, or auto."""
-    context_headers: bool = True
+    context_headers: bool = False
     """New collections embed each chunk behind its document title and section heading (existing ones keep theirs)."""
 
 

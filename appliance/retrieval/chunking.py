@@ -50,17 +50,31 @@ class Chunker:
         self._budget = max_tokens - special_tokens
         self._overlap = min(overlap_tokens, self._budget // 4)
 
-    def reserving(self, tokens: int) -> Chunker:
-        """A chunker whose chunks leave `tokens` of the window free (for a contextual header)."""
-        return Chunker(self._count, max_tokens=self.max_tokens - tokens, special_tokens=self._special,
-                       overlap_tokens=self._overlap)
-
     def fit_header(self, header: str, tokens: int) -> str:
-        """`header` cut at a word boundary to at most `tokens` tokens (with the newline after it)."""
+        """`header` cut at a word boundary to at most `tokens` tokens."""
         words = header.split()
-        while words and self._count([" ".join(words) + "\n"])[0] > tokens:
-            words = words[: max(0, min(len(words) - 1, len(words) * 3 // 4))]
+        while words and self._count([" ".join(words)])[0] > tokens:
+            words = words[: min(len(words) - 1, len(words) * 3 // 4)]
         return " ".join(words)
+
+    def behind_header(self, header: str, chunk: Chunk) -> str:
+        """`header`, a line break and the chunk, within the window: the chunk's last words give way when
+        both do not fit (they open the next chunk anyway, which overlaps this one)."""
+        if not header:
+            return chunk.text
+        text = f"{header}\n{chunk.text}"
+        room = self.max_tokens - self._special
+        if chunk.tokens + self._count([header])[0] <= self.max_tokens - 1 and self._count([text])[0] <= room:
+            return text
+        words = chunk.text.split(" ")
+        lo, hi = 0, len(words)  # the most words that fit: binary search on the tokenizer's count
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._count([f"{header}\n{' '.join(words[:mid])}"])[0] <= room:
+                lo = mid
+            else:
+                hi = mid - 1
+        return f"{header}\n{' '.join(words[:lo])}"
 
     def chunk(self, sections: list[Section]) -> list[Chunk]:
         chunks: list[Chunk] = []

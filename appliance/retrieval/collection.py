@@ -129,8 +129,8 @@ class SearchFilter(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 HEADER_TOKENS = 32
-"""Room kept in each chunk's embedding window for its contextual header (title, section heading);
-at most an eighth of the window."""
+"""Most tokens of a chunk's contextual header (title, section heading) in its embedding window; at most
+an eighth of the window. The chunks themselves are cut as without headers (BM25 sees the same chunks)."""
 
 
 def context_header(title: str, heading: str | None) -> str:
@@ -141,7 +141,7 @@ def context_header(title: str, heading: str | None) -> str:
 
 class Collection:
     def __init__(
-        self, path: Path, *, embedding_model: str, ndim: int, chunker: Chunker, context_headers: bool = True,
+        self, path: Path, *, embedding_model: str, ndim: int, chunker: Chunker, context_headers: bool = False,
     ) -> None:
         """`context_headers`: embed each chunk of a *new* collection with its document title and section
         heading. A collection keeps what it was created with (meta `context_headers`; collections made
@@ -155,7 +155,7 @@ class Collection:
         self._lexical = LexicalIndex(path / "lexical")
         self._vectors = VectorIndex(path / "vectors.usearch", ndim)
         self._header_tokens = min(HEADER_TOKENS, chunker.max_tokens // 8)
-        self._chunker = chunker.reserving(self._header_tokens) if self.context_headers else chunker
+        self._chunker = chunker
         self._write = threading.Lock()  # one writer per collection
         self._vector_lock = threading.Lock()  # usearch: no search during add/remove
         self.recover()
@@ -284,7 +284,7 @@ class Collection:
         if not self.context_headers:
             return chunk.text
         header = self._chunker.fit_header(context_header(doc.title, chunk.heading), self._header_tokens)
-        return f"{header}\n{chunk.text}" if header else chunk.text
+        return self._chunker.behind_header(header, chunk)
 
     def _commit_embedded(
         self, batch: list[tuple[DocumentInput, str, list[Chunk]]], vectors: np.ndarray,

@@ -109,7 +109,7 @@ def evaluate(
     progress: Callable[[int], None] | None = None,
     rerank: Rerank | None = None,
     rerank_candidates: int = 20,
-    context_headers: bool = True,
+    context_headers: bool = False,
     rankers: dict[str, Ranker] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Metrics per mode; with `rerank`, also the hybrid search's best `rerank_candidates` chunks

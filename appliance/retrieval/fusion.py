@@ -4,7 +4,12 @@ Plain reciprocal rank fusion throws the scores away, so a confident BM25 hit and
 count the same; on technical text, where BM25 is strong and MiniLM weaker, that loses to BM25 alone.
 The default here is a weighted sum of normalised scores: each list is scaled to [0, 1] by its own
 best score (BM25) or its own range (cosine), so a document both halves like wins, and a half that is
-much surer than the other decides.
+much surer than the other decides. The weights are set per query: each half's confidence is the margin
+of its top hit over its runner-up (on the development sets that margin predicted whether a half's top
+hit was right better than the absolute scores or the halves' agreement did), and BM25 gets more weight
+when it is sure and the vector half is not: on long documents the embedding sees a 256-token window
+with little context and many near-identical neighbours, and must not overrule a confident BM25 hit.
+The constants were chosen on development sets only (scripts/retrieval_study.py; README).
 """
 
 from __future__ import annotations
@@ -59,6 +64,32 @@ class Candidates(msgspec.Struct):
     """The query's words as BM25 searched them."""
 
 
+LEXICAL_MARGIN_FULL = 0.3
+"""BM25's top hit this far (as a share of its score) above the second: BM25 is as sure as it gets."""
+VECTOR_MARGIN_FULL = 0.04
+"""The best cosine this far above the second: the vector half is as sure as it gets."""
+GUARD_GAIN = 0.2
+"""Most lexical weight added when BM25 is sure and the vectors are not."""
+
+
+def confidence(found: Candidates) -> tuple[float, float]:
+    """How sure each half is of its own top hit, 0..1, from the margin to its runner-up."""
+    lex = [s for _, s in found.lexical]
+    vec = [s for _, s in found.vector]
+    lexical = 1.0 if len(lex) == 1 else ((lex[0] - lex[1]) / lex[0] if len(lex) > 1 and lex[0] > 0 else 0.0)
+    vector = 1.0 if len(vec) == 1 else (vec[0] - vec[1] if len(vec) > 1 else 0.0)
+    return min(1.0, lexical / LEXICAL_MARGIN_FULL), min(1.0, max(0.0, vector) / VECTOR_MARGIN_FULL)
+
+
+def adaptive_weight(found: Candidates) -> float:
+    """The lexical weight for this query: LEXICAL_WEIGHT, raised by up to GUARD_GAIN as far as BM25 is
+    surer of its top hit than the vector half is of its own (long documents with a weak embedding)."""
+    if not found.lexical or not found.vector:
+        return LEXICAL_WEIGHT
+    lexical, vector = confidence(found)
+    return LEXICAL_WEIGHT + GUARD_GAIN * max(0.0, lexical - vector)
+
+
 def fuse_hybrid(found: Candidates) -> list[tuple[int, float]]:
-    """The hybrid ranking the collection serves."""
-    return fuse(found.lexical, found.vector)
+    """The hybrid ranking the collection serves: normalised scores, weighted per query."""
+    return fuse(found.lexical, found.vector, lexical_weight=adaptive_weight(found))

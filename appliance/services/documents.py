@@ -63,7 +63,7 @@ class DocumentService:
         embedding_model: str,
         reranker: RerankService | None = None,
         on_search: Callable[[str, float], None] | None = None,
-        context_headers: bool = True,
+        context_headers: bool = False,
     ) -> None:
         """`reranker`: serves searches that ask for `rerank` (with retrieval.rerank_model); None refuses them.
         `context_headers`: new collections embed chunks behind their title and heading (retrieval.context_headers)."""
