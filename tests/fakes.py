@@ -132,10 +132,11 @@ class FakeEmbeddingEngine:
         if self.closed.is_set():
             raise RuntimeError("the engine was closed before embedding")
         self.calls.append(texts)
-        return Embeddings(vectors=[[1.0, 0.0, 0.0, 0.0] for _ in texts], prompt_tokens=sum(len(t.split()) for t in texts))
+        return Embeddings(vectors=[[1.0, 0.0, 0.0, 0.0] for _ in texts], prompt_tokens=sum(self.count_tokens(texts)))
 
     def count_tokens(self, texts: list[str], *, special: bool = True) -> list[int]:
-        return [len(t.split()) + (2 if special else 0) for t in texts]
+        """One token per word, special tokens or not (this fake has none)."""
+        return [len(t.split()) for t in texts]
 
     def engine_stats(self) -> None:
         return None

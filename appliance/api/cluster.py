@@ -63,7 +63,7 @@ async def forward_if_needed(
         raise
     forwards.labels(peer=answer.peer, outcome="ok" if answer.status < 400 else "error").inc()
     # The serving node meters the tokens; this node records that it forwarded the request, and where.
-    ctx.outcome, ctx.peer, ctx.model = "forwarded", answer.peer, answer.model
+    ctx.forwarded(answer.peer, answer.model)
     headers = {**answer.headers, SERVED_BY: answer.peer}
     media_type = headers.pop("content-type", "application/json")
     if answer.events is not None:
@@ -83,7 +83,7 @@ async def _relayed_events(events: AsyncIterator[bytes], ctx: RequestContext, *, 
     try:
         async for event in events:
             if is_final_event(event):
-                ctx.settle(200)
+                ctx.complete()
             yield event
     except ApplianceError as exc:
         error = exc
@@ -94,7 +94,7 @@ async def _relayed_events(events: AsyncIterator[bytes], ctx: RequestContext, *, 
         await events.aclose()  # type: ignore[attr-defined]
     if error is not None:
         ctx.gateway.metrics.forwards.labels(peer=ctx.peer or "", outcome="broken_stream").inc()
-        ctx.settle(200, outcome="error")
+        ctx.complete("error")
         if ndjson:  # Ollama's stream: an error line
             yield msgspec.json.encode({"error": error.message}) + b"\n"
         else:

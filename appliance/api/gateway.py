@@ -70,9 +70,9 @@ def gateway_middleware(gateway: Gateway, peer_auth: PeerAuth | None = None) -> C
                     status = message["status"]
                     message.setdefault("headers", [])
                     message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
-                elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                    # Durable before the last byte: the usage record is written, then the body ends.
-                    if status and not ctx.recorded:
+                elif message["type"] == "http.response.body" and status and not ctx.recorded:
+                    # The one place a request is settled: durable before the bytes that end the answer.
+                    if ctx.ready_to_settle or not message.get("more_body", False):
                         ctx.settle(status)
                 await send(message)
 

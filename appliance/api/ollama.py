@@ -239,8 +239,6 @@ class _Run:
         )
 
     def headers(self) -> dict[str, str]:
-        if self.generation.cached:
-            self.ctx.served_from_cache()
         return {"X-Cache": "hit" if self.generation.cached else "miss"}
 
 
@@ -453,7 +451,7 @@ class OllamaController(Controller):
             vectors, tokens = [], 0
             if body.texts():
                 _, result = await embedding_service.embed(body.embedding_request(manifest), ctx)
-                ctx.embedding_tokens = tokens = result.prompt_tokens
+                tokens = result.prompt_tokens
                 vectors = result.vectors
         keep_alive.after_request(manifest, seconds)
         return _json(EmbedResponse(
@@ -476,7 +474,6 @@ class OllamaController(Controller):
         async with registry.use(manifest):
             if body.prompt:
                 _, result = await embedding_service.embed(body.embedding_request(manifest), ctx)
-                ctx.embedding_tokens = result.prompt_tokens
                 vector = result.vectors[0]
         keep_alive.after_request(manifest, seconds)
         return _json(EmbeddingsResponse(vector))

@@ -198,9 +198,7 @@ def _cache_scope(request: Request, ctx: RequestContext) -> str | None:
     return ctx.tenant.name
 
 
-def _cache_headers(generation: Generation, ctx: RequestContext, base: dict[str, str] | None = None) -> dict[str, str]:
-    if generation.cached:
-        ctx.served_from_cache()
+def _cache_headers(generation: Generation, base: dict[str, str] | None = None) -> dict[str, str]:
     return {**(base or {}), "X-Cache": "hit" if generation.cached else "miss"}
 
 
@@ -240,7 +238,7 @@ class OpenAIController(Controller):
         if (forwarded := await forward_if_needed(cluster, ctx, request, raw, body.model)) is not None:
             return forwarded
         generation = await generation_service.chat(body, ctx, cache_scope=_cache_scope(request, ctx))
-        headers = _cache_headers(generation, ctx)
+        headers = _cache_headers(generation)
         logprobs = body.logprob_count() is not None
         if body.stream:
             events = _chat_events(generation, body.n, logprobs, body.include_usage, ctx)
@@ -270,7 +268,7 @@ class OpenAIController(Controller):
         if (forwarded := await forward_if_needed(cluster, ctx, request, raw, body.model)) is not None:
             return forwarded
         generation = await generation_service.complete(body, ctx, cache_scope=_cache_scope(request, ctx))
-        headers = _cache_headers(generation, ctx)
+        headers = _cache_headers(generation)
         echo = body.prompt_text if body.echo else ""
         logprobs = body.logprob_count() is not None
         if body.stream:
@@ -297,5 +295,4 @@ class OpenAIController(Controller):
         if (forwarded := await forward_if_needed(cluster, ctx, request, raw, body.model)) is not None:
             return forwarded
         manifest, result = await embedding_service.embed(body, ctx)
-        ctx.embedding_tokens = result.prompt_tokens
         return _json(embedding_list(manifest, result, body.encoding_format))

@@ -103,7 +103,7 @@ async def create_response(
 ) -> Response[bytes] | Stream:
     body: ResponsesRequest = decode_request(await request.body(), ResponsesRequest)
     generation = await generation_service.chat(body.to_chat(), ctx, cache_scope=_cache_scope(request, ctx))
-    headers = _cache_headers(generation, ctx)
+    headers = _cache_headers(generation)
     if body.stream:
         return Stream(_events(body, generation), media_type="text/event-stream",
                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})

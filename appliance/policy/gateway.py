@@ -125,6 +125,8 @@ class RequestContext:
         self._journaled = False
         self._checkpoint_at = 0.0
         self.recorded = False
+        self._complete = False
+        """The answer is whole (its usage is known): the middleware settles before the next byte goes out."""
         self._policy: GuardrailPolicy | None = None
         self._mask_session: MaskSession | None = None
         self._output_maskers: list[StreamMasker] = []
@@ -240,12 +242,31 @@ class RequestContext:
             self._checkpoint_at = now
             self.gateway.meter.checkpoint(self.request_id, self.completion_tokens, self._ttft_ms())
 
-    def finish(self, usage: Usage, *, status: int = 200) -> None:
-        """The generation's real count is known: meter it now, before the last byte reaches the client."""
+    def finish(self, usage: Usage) -> None:
+        """The generation's real count is known: the record is written before the last byte goes out."""
         if self.outcome != "cached":  # a cached answer ran no model: it costs no tokens
             self.prompt_tokens, self.completion_tokens = usage.prompt_tokens, usage.completion_tokens
-        if not self.hold_record:
-            self.settle(status)
+        self.complete()
+
+    def complete(self, outcome: Outcome | None = None) -> None:
+        """The answer is whole (or ended with `outcome`): settle before the next byte reaches the client,
+        so a client that hangs up once it has the end cannot turn the request into a cancelled one."""
+        if outcome is not None:
+            self.outcome = outcome
+        self._complete = True
+
+    @property
+    def ready_to_settle(self) -> bool:
+        """Whether the middleware settles now, before sending more (grounded answers hold the record
+        until their citations are checked: they settle with the response's last message)."""
+        return self._complete and not self.hold_record and not self.recorded
+
+    def forwarded(self, peer: str, model: str) -> None:
+        """A peer serves this request: it meters the tokens; this node records the forward and where."""
+        self.outcome, self.peer, self.model = "forwarded", peer, model
+
+    def count_retrieved(self, chunks: int) -> None:
+        self.retrieved_chunks += chunks
 
     def note_grounding(self, grounded: bool) -> None:
         """Grounded answers: an answer whose citations do not check out is flagged in the audit trail."""
@@ -278,7 +299,11 @@ class RequestContext:
         )
 
     def settle(self, status: int, outcome: Outcome | None = None) -> None:
-        """Write the request's usage record (once), release its budget reservation, count metrics."""
+        """Write the request's usage record (once), release its budget reservation, count metrics.
+
+        Called by the gateway middleware only (api/gateway.py), at the first of: the answer is complete,
+        the response's last message, the request ended without one.
+        """
         if self.recorded:
             return
         self.recorded = True

@@ -246,6 +246,7 @@ class GenerationService:
             final = Chunk(text=answer.text, finish_reason=answer.finish_reason, usage=answer.usage)  # type: ignore[arg-type]
             generation = Generation(manifest, final, _nothing())
             generation.cached = True
+            policy.served_from_cache()
             generation.observe(policy.on_chunk)
             return generation
         generation = await self._launch(manifest, request, policy)

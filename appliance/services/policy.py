@@ -45,6 +45,12 @@ class RequestPolicy(Protocol):
     def output_filter(self) -> OutputFilter | None:
         """A filter for this request's generated text, or None."""
 
+    def served_from_cache(self) -> None:
+        """The answer came from the response cache: no model ran, no tokens are billed."""
+
+    def count_retrieved(self, chunks: int) -> None:
+        """Chunks retrieved for this request (search results, sources of a grounded answer)."""
+
 
 class _OpenPolicy:
     def allow_model(self, manifest: Manifest) -> None:
@@ -66,6 +72,12 @@ class _OpenPolicy:
         return requested
 
     def output_filter(self) -> OutputFilter | None:
+        return None
+
+    def served_from_cache(self) -> None:
+        return None
+
+    def count_retrieved(self, chunks: int) -> None:
         return None
 
 
