@@ -37,21 +37,27 @@ def probe_onnx(path: Path) -> int | None:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
         raise ModelStoreError(f"{path} is not a valid ONNX model: {exc}") from None
-    outputs = session.get_outputs()
-    shape = next((o for o in outputs if o.name == "logits"), outputs[0]).shape
+    shape = _logits_output(session).shape
     dim = shape[-1] if shape else None
     return dim if isinstance(dim, int) else None
 
 
+def _logits_output(session: ort.InferenceSession) -> Any:
+    """The output named `logits`, else the first."""
+    outputs = session.get_outputs()
+    return next((o for o in outputs if o.name == "logits"), outputs[0])
+
+
 class _OnnxTextModel:
-    """An encoder session and its HF tokenizer: the set-up and the padded runs both engines share."""
+    """An encoder session and its HF tokenizer: the set-up and the padded runs the engines share."""
 
     def __init__(
-        self, model_path: Path, tokenizer_path: Path, *, model_id: str, max_length: int, n_threads: int | None,
-        gpu: str,
+        self, model_path: Path, tokenizer_path: Path, *, model_id: str, max_length: int, batch_size: int,
+        n_threads: int | None, gpu: str,
     ) -> None:
         self.model_id = model_id
         self.max_length = max_length
+        self._batch_size = batch_size
         options = ort.SessionOptions()
         if n_threads:
             options.intra_op_num_threads = n_threads
@@ -69,7 +75,11 @@ class _OnnxTextModel:
         self._input_names = {i.name for i in self._session.get_inputs()}
         # One session run at a time keeps memory bounded; onnxruntime parallelises inside a run.
         self._lock = threading.Lock()
+        self._configure()
         log.info("loaded %s with providers %s", model_id, self._session.get_providers())
+
+    def _configure(self) -> None:
+        """An engine's own checks and tokenizer settings, once the session and the tokenizer are loaded."""
 
     @property
     def failure(self) -> str | None:
@@ -109,21 +119,6 @@ class _OnnxTextModel:
 
 class OnnxEmbeddingEngine(_OnnxTextModel):
     """Mean-pooled, L2-normalised sentence embeddings, batched."""
-
-    def __init__(
-        self,
-        model_path: Path,
-        tokenizer_path: Path,
-        *,
-        model_id: str,
-        max_length: int,
-        batch_size: int,
-        n_threads: int | None,
-        gpu: str,
-    ) -> None:
-        super().__init__(model_path, tokenizer_path, model_id=model_id, max_length=max_length, n_threads=n_threads,
-                         gpu=gpu)
-        self._batch_size = batch_size
 
     def count_tokens(self, texts: list[str], special: bool = True) -> list[int]:
         """Tokens per text as the model sees them (special tokens included unless asked otherwise)."""
@@ -186,22 +181,22 @@ class OnnxTextClassifier(_OnnxTextModel):
         gpu: str,
         max_windows: int = 8,
     ) -> None:
-        super().__init__(model_path, tokenizer_path, model_id=model_id, max_length=max_length, n_threads=n_threads,
-                         gpu=gpu)
         self.labels = list(labels)
-        self._batch_size = batch_size
         self._max_windows = max(1, max_windows)
-        outputs = self._session.get_outputs()
-        self._output = next((o for o in outputs if o.name == "logits"), outputs[0])
+        super().__init__(model_path, tokenizer_path, model_id=model_id, max_length=max_length, batch_size=batch_size,
+                         n_threads=n_threads, gpu=gpu)
+
+    def _configure(self) -> None:
+        self._output = _logits_output(self._session)
         columns = self._output.shape[-1] if self._output.shape else None
         if isinstance(columns, int) and columns != len(self.labels):
-            raise EngineError(f"model {model_id} has {columns} output columns but {len(self.labels)} labels")
+            raise EngineError(f"model {self.model_id} has {columns} output columns but {len(self.labels)} labels")
         special = self._tokenizer.post_processor.num_special_tokens_to_add(False) if self._tokenizer.post_processor else 0
-        room = max_length - special
+        room = self.max_length - special
         if room < 2:
-            raise EngineError(f"model {model_id}: a window of {max_length} tokens leaves no room for text")
+            raise EngineError(f"model {self.model_id}: a window of {self.max_length} tokens leaves no room for text")
         # Windows overlap by an eighth so an instruction cut at one window's edge is whole in the next.
-        self._tokenizer.enable_truncation(max_length, stride=room // 8)
+        self._tokenizer.enable_truncation(self.max_length, stride=room // 8)
 
     def probabilities(self, texts: list[str]) -> list[dict[str, float]]:
         """Softmax over the labels for each text, {label: probability}."""
@@ -245,29 +240,15 @@ class OnnxCrossEncoder(_OnnxTextModel):
     positive label), so that its sigmoid is the softmax probability of that label.
     """
 
-    def __init__(
-        self,
-        model_path: Path,
-        tokenizer_path: Path,
-        *,
-        model_id: str,
-        max_length: int,
-        batch_size: int,
-        n_threads: int | None,
-        gpu: str,
-    ) -> None:
-        super().__init__(model_path, tokenizer_path, model_id=model_id, max_length=max_length, n_threads=n_threads,
-                         gpu=gpu)
-        self._batch_size = batch_size
-        outputs = self._session.get_outputs()
-        self._output = next((o for o in outputs if o.name == "logits"), outputs[0])
+    def _configure(self) -> None:
+        self._output = _logits_output(self._session)
         columns = self._output.shape[-1] if len(self._output.shape or []) > 1 else 1
         if isinstance(columns, int) and columns not in (1, 2):
-            raise EngineError(f"model {model_id} has {columns} output columns; a cross-encoder has 1 or 2")
+            raise EngineError(f"model {self.model_id} has {columns} output columns; a cross-encoder has 1 or 2")
         special = self._tokenizer.post_processor.num_special_tokens_to_add(True) if self._tokenizer.post_processor else 0
-        if max_length - special < 2:
-            raise EngineError(f"model {model_id}: a window of {max_length} tokens leaves no room for a pair")
-        self._tokenizer.enable_truncation(max_length, strategy="longest_first")
+        if self.max_length - special < 2:
+            raise EngineError(f"model {self.model_id}: a window of {self.max_length} tokens leaves no room for a pair")
+        self._tokenizer.enable_truncation(self.max_length, strategy="longest_first")
 
     def _encode(self, query: str, documents: list[str]) -> list[Any]:
         return self._tokenizer.encode_batch([(query, d) for d in documents], add_special_tokens=True)
