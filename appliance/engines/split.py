@@ -2,7 +2,8 @@
 
 ggml aborts the whole process when an RPC worker dies mid-generation and blocks for good when one
 stops answering (engines/rpc.py). So the model, its RPC connections and its scheduler live in a
-child process; `SplitChatEngine` is the server-side stand-in with the ChatEngine interface. When
+child process (engines/split_child.py); `SplitChatEngine`, here, is the server-side stand-in with
+the ChatEngine interface, and the two talk in typed messages (engines/split_messages.py). When
 the child dies or stops answering, the requests it was serving fail with PeerUnavailable (503
 `peer_unavailable`), /health turns `degraded`, the server's other models are untouched, and the
 model reloads by itself once every worker answers the RPC hello again.
@@ -19,23 +20,22 @@ import logging
 import multiprocessing
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from appliance import errors
 from appliance.engines import rpc
+from appliance.engines import split_messages as messages
+from appliance.engines.factory import BatchSpec
+from appliance.engines.scheduler import Emit
+from appliance.engines.split_child import child_main
 from appliance.errors import ApplianceError, EngineError, PeerUnavailable
-from appliance.observability.logs import server_formatter, setup_child_logging
-from appliance.types import Chunk, EngineStats, GenerationRequest, RpcStatus
+from appliance.observability.logs import server_formatter
+from appliance.types import EngineStats, GenerationRequest, RpcStatus
 
 log = logging.getLogger(__name__)
-Emit = Callable[[Chunk | ApplianceError], None]
-_HEARTBEAT_S = 1.0
 _RETRY_FIRST_S, _RETRY_MAX_S = 2.0, 30.0
 
 
@@ -43,42 +43,15 @@ _RETRY_FIRST_S, _RETRY_MAX_S = 2.0, 30.0
 class SplitSpec:
     """Everything the child needs to load and serve the model (picklable)."""
 
-    model_id: str
-    model_path: Path
+    batch: BatchSpec
+    """The model and its scheduler; `batch.gpu_layers` is how many layers go to the devices."""
     peers: tuple[str, ...]
     tensor_split: tuple[float, ...] | None
-    offload_layers: int
     use_local_gpus: bool
-    n_ctx_per_seq: int
-    n_seq_max: int
-    n_batch: int
-    n_threads: int
-    max_queue: int
-    prefix_min_tokens: int
-    queue_timeout_s: float
-    request_timeout_s: float
     connect_timeout_s: float
     stall_timeout_s: float
     load_timeout_s: float
     log_level: int = logging.INFO
-
-
-# -- errors across the pipe ----------------------------------------------------------------------
-
-
-def _encode_error(exc: ApplianceError) -> tuple[str, str, str | None, str | None, int | None]:
-    return (type(exc).__name__, exc.message, exc.param, exc.code, exc.retry_after)
-
-
-def _decode_error(data: tuple[str, str, str | None, str | None, int | None]) -> ApplianceError:
-    name, message, param, code, retry_after = data
-    cls = getattr(errors, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, ApplianceError)):
-        cls = EngineError
-    return cls(message, param=param, code=code, retry_after=retry_after)
-
-
-# -- the server side -----------------------------------------------------------------------------
 
 
 @dataclass
@@ -96,23 +69,25 @@ class _Child:
     last_heartbeat: float = field(default_factory=time.monotonic)
     loaded: threading.Event = field(default_factory=threading.Event)
     load_error: ApplianceError | None = None
-    info: dict[str, Any] = field(default_factory=dict)
+    ready: messages.Ready | None = None
+    """What the child said once it had loaded the model."""
     fatal: str | None = None
     """ggml's abort message, sent by the child just before it dies."""
     reason: str | None = None
     """Why the server killed it (it stopped answering)."""
 
-    def send(self, message: tuple[Any, ...]) -> None:
+    def send(self, message: messages.ToChild) -> None:
+        data = messages.encode(message)
         with self.send_lock:
-            self.conn.send(message)
+            self.conn.send_bytes(data)
 
 
 class SplitChatEngine:
     """ChatEngine whose model runs split over RPC workers in a child process."""
 
     def __init__(self, spec: SplitSpec, tokenizer: Any) -> None:
-        self.model_id = spec.model_id
-        self.n_ctx = spec.n_ctx_per_seq
+        self.model_id = spec.batch.model_id
+        self.n_ctx = spec.batch.n_ctx_per_seq
         self.spec = spec
         self._tokenizer = tokenizer
         self._mp = multiprocessing.get_context("spawn")
@@ -132,7 +107,7 @@ class SplitChatEngine:
         except BaseException:
             tokenizer.close()
             raise
-        self._watchdog = threading.Thread(target=self._watch, name=f"split-{spec.model_id}", daemon=True)
+        self._watchdog = threading.Thread(target=self._watch, name=f"split-{self.model_id}", daemon=True)
         self._watchdog.start()
 
     # -- ChatEngine ----------------------------------------------------------------------------
@@ -153,7 +128,7 @@ class SplitChatEngine:
             rid = next(self._ids)
             child.pending[rid] = _Pending(emit, cancel)
         try:
-            child.send(("submit", rid, request))
+            child.send(messages.Submit(rid=rid, request=request))
         except (OSError, ValueError):
             child.pending.pop(rid, None)
             raise PeerUnavailable(self._unavailable_message()) from None
@@ -164,7 +139,7 @@ class SplitChatEngine:
             child, self._child = self._child, None
         if child is not None:
             try:
-                child.send(("close",))
+                child.send(messages.Close())
             except (OSError, ValueError):
                 pass
             child.proc.join(timeout=10)
@@ -198,9 +173,10 @@ class SplitChatEngine:
             if not child.loaded.wait(spec.load_timeout_s):
                 self._reap(child)
                 raise PeerUnavailable(f"loading over RPC took longer than {spec.load_timeout_s:g} s")
-            if child.load_error is not None:
+            ready = child.ready
+            if child.load_error is not None or ready is None:  # loaded is set by Ready or by a failure
                 self._reap(child)
-                raise child.load_error
+                raise child.load_error or PeerUnavailable("the model process did not say it had loaded")
         except PeerUnavailable as exc:
             self._down(exc.message)
             return
@@ -211,8 +187,8 @@ class SplitChatEngine:
             self._child, self._state, self._failure = child, "ready", None
             self._retry_delay = _RETRY_FIRST_S
             self._loads += 1
-            self._devices = child.info.get("devices", [])
-            self.n_ctx = child.info.get("n_ctx", self.n_ctx)
+            self._devices = [msgspec.structs.asdict(d) for d in ready.devices]
+            self.n_ctx = ready.n_ctx
         log.info(
             "model %s: split over %s (%s)",
             self.model_id,
@@ -223,7 +199,7 @@ class SplitChatEngine:
     def _spawn(self) -> _Child:
         parent_end, child_end = self._mp.Pipe()
         proc = self._mp.Process(
-            target=_child_main,
+            target=child_main,
             args=(child_end, self.spec, server_formatter()),
             name=f"appliance-split-{self.model_id}",
             daemon=True,
@@ -256,31 +232,37 @@ class SplitChatEngine:
     def _dispatch(self, child: _Child) -> None:
         while True:
             try:
-                message = child.conn.recv()
+                data = child.conn.recv_bytes()
             except (EOFError, OSError):
                 return
-            kind = message[0]
-            if kind == "item":
-                _, rid, payload = message
-                pending = child.pending.get(rid)
-                if pending is None:
-                    continue
-                item = _decode_error(payload) if isinstance(payload, tuple) else payload
-                if isinstance(item, ApplianceError) or item.finish_reason is not None:
-                    child.pending.pop(rid, None)
-                pending.emit(item)
-            elif kind == "heartbeat":
-                child.last_heartbeat = time.monotonic()
-                self._last_stats = message[1]
-            elif kind == "ready":
-                child.info = message[1]
-                child.last_heartbeat = time.monotonic()
-                child.loaded.set()
-            elif kind == "load_failed":
-                child.load_error = _decode_error(message[1])
-                child.loaded.set()
-            elif kind == "fatal":
-                child.fatal = message[1]
+            try:
+                message = messages.decode_to_server(data)
+            except messages.MalformedMessage as exc:
+                log.error("model %s: %s", self.model_id, exc)
+                continue
+            match message:
+                case messages.Item(rid=rid, chunk=chunk):
+                    pending = child.pending.get(rid)
+                    if pending is not None:
+                        if chunk.finish_reason is not None:
+                            child.pending.pop(rid, None)
+                        pending.emit(chunk)
+                case messages.Failed(rid=rid, error=error):
+                    pending = child.pending.pop(rid, None)
+                    if pending is not None:
+                        pending.emit(error.exception())
+                case messages.Heartbeat(stats=stats):
+                    child.last_heartbeat = time.monotonic()
+                    self._last_stats = stats
+                case messages.Ready():
+                    child.ready = message
+                    child.last_heartbeat = time.monotonic()
+                    child.loaded.set()
+                case messages.LoadFailed(error=error):
+                    child.load_error = error.exception()
+                    child.loaded.set()
+                case messages.Fatal(message=fatal):
+                    child.fatal = fatal
 
     def _lost(self, child: _Child) -> None:
         """The child died or hangs: fail its requests and say which workers are gone."""
@@ -330,7 +312,7 @@ class SplitChatEngine:
                     if pending.cancel.is_set():
                         child.pending.pop(rid, None)
                         try:
-                            child.send(("cancel", rid))
+                            child.send(messages.Cancel(rid=rid))
                         except (OSError, ValueError):
                             pass
                 silent = time.monotonic() - child.last_heartbeat
@@ -345,124 +327,3 @@ class SplitChatEngine:
                 except Exception as exc:
                     log.exception("model %s: reload failed", self.model_id)
                     self._down(f"reload failed ({type(exc).__name__})")
-
-
-# -- the child process ---------------------------------------------------------------------------
-
-
-def _child_main(conn: Connection, spec: SplitSpec, formatter: logging.Formatter | None = None) -> None:
-    """Load the model over the workers and serve submit/cancel messages until told to close.
-
-    The child writes to the server's stderr: with the server's formatter its lines (llama.cpp's too,
-    engines/llama.py) are the server's JSON lines, redacted alike.
-    """
-    setup_child_logging(spec.log_level, formatter)
-    send_lock = threading.Lock()
-
-    def send(message: tuple[Any, ...]) -> None:
-        with send_lock:
-            try:
-                conn.send(message)
-            except (OSError, ValueError):  # the server is gone; the main loop sees EOF and exits
-                pass
-
-    rpc.on_abort(lambda message: send(("fatal", message)))
-    try:
-        scheduler, peers, devices = _load(spec)
-    except ApplianceError as exc:
-        send(("load_failed", _encode_error(exc)))
-        return
-    except Exception as exc:  # anything else is a bug or a broken model file: say so, don't hang the parent
-        log.exception("loading %s over RPC failed", spec.model_id)
-        send(("load_failed", _encode_error(EngineError(f"model {spec.model_id} failed to load: {type(exc).__name__}"))))
-        return
-    send((
-        "ready",
-        {
-            "n_ctx": scheduler.n_ctx,
-            "devices": [
-                {"name": d.name, "endpoint": d.endpoint, "memory_free": d.memory_free, "memory_total": d.memory_total}
-                for d in devices
-            ],
-        },
-    ))
-    running = threading.Event()
-    running.set()
-
-    def heartbeat() -> None:
-        while running.is_set():
-            for device in peers:
-                rpc.ping(device)  # aborts the process if the worker died; blocks if it hangs
-            send(("heartbeat", scheduler.stats.snapshot()))
-            time.sleep(_HEARTBEAT_S)
-
-    threading.Thread(target=heartbeat, name="heartbeat", daemon=True).start()
-    cancels: dict[int, threading.Event] = {}
-    while True:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):  # the server is gone
-            break
-        if message[0] == "submit":
-            _, rid, request = message
-            cancel = cancels[rid] = threading.Event()
-            emit = _child_emit(send, rid, cancels)
-            try:
-                scheduler.submit(request, emit, cancel)
-            except ApplianceError as exc:
-                emit(exc)
-        elif message[0] == "cancel":
-            cancel = cancels.pop(message[1], None)
-            if cancel is not None:
-                cancel.set()
-        elif message[0] == "close":
-            break
-    running.clear()
-    scheduler.close()
-
-
-def _child_emit(send: Callable[[tuple[Any, ...]], None], rid: int, cancels: dict[int, threading.Event]) -> Emit:
-    def emit(item: Chunk | ApplianceError) -> None:
-        if isinstance(item, ApplianceError):
-            cancels.pop(rid, None)
-            send(("item", rid, _encode_error(item)))
-            return
-        if item.finish_reason is not None:
-            cancels.pop(rid, None)
-        send(("item", rid, item))
-
-    return emit
-
-
-def _load(spec: SplitSpec) -> tuple[Any, list[rpc.Device], list[rpc.Device]]:
-    from appliance.engines.llama import LlamaBatchContext
-    from appliance.engines.scheduler import BatchScheduler
-
-    peers = rpc.register_peers(spec.peers, timeout=spec.connect_timeout_s)
-    local = [d for d in rpc.local_devices() if d.type in ("GPU", "IGPU")] if spec.use_local_gpus else []
-    devices = peers + local
-    if spec.tensor_split is not None and len(spec.tensor_split) != len(devices):
-        raise EngineError(
-            f"tensor_split of {spec.model_id} has {len(spec.tensor_split)} shares for {len(devices)} devices "
-            f"({', '.join(d.name + ' ' + (d.endpoint or 'local') for d in devices)})"
-        )
-    ctx = LlamaBatchContext(
-        spec.model_path,
-        model_id=spec.model_id,
-        n_ctx_per_seq=spec.n_ctx_per_seq,
-        n_seq_max=spec.n_seq_max,
-        n_batch=spec.n_batch,
-        n_threads=spec.n_threads,
-        gpu_layers=spec.offload_layers,
-        devices=[d.handle for d in devices],
-        tensor_split=spec.tensor_split,
-    )
-    scheduler = BatchScheduler(
-        ctx,
-        model_id=spec.model_id,
-        max_queue=spec.max_queue,
-        prefix_min_tokens=spec.prefix_min_tokens,
-        queue_timeout_s=spec.queue_timeout_s,
-        request_timeout_s=spec.request_timeout_s,
-    )
-    return scheduler, peers, devices

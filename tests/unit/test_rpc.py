@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from appliance.engines import rpc
-from appliance.engines.split import _decode_error, _encode_error
-from appliance.errors import ApplianceError, PeerUnavailable, ServerOverloaded, SettingsError
+from appliance.errors import PeerUnavailable, SettingsError
 from appliance.peering.worker import UNAUTHENTICATED_FLAG, parse_bind
 from appliance.settings import load_settings
 
@@ -212,9 +211,3 @@ def test_an_absent_worker_is_unreachable() -> None:
         rpc.probe(f"127.0.0.1:{port}", timeout=1)
     assert not rpc.listening(f"127.0.0.1:{port}", timeout=1)
 
-
-def test_errors_cross_the_process_boundary_with_their_class_and_fields() -> None:
-    error = _decode_error(_encode_error(ServerOverloaded("full", retry_after=7)))
-    assert type(error) is ServerOverloaded and error.message == "full" and error.retry_after == 7
-    assert type(_decode_error(("NoSuchError", "x", None, None, None))).__name__ == "EngineError"
-    assert isinstance(_decode_error(_encode_error(PeerUnavailable("gone"))), ApplianceError)
