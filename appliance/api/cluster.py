@@ -93,7 +93,7 @@ async def _relayed_events(events: AsyncIterator[bytes], ctx: RequestContext, *, 
     finally:
         await events.aclose()  # type: ignore[attr-defined]
     if error is not None:
-        ctx.gateway.metrics.forwards.labels(peer=ctx.peer or "", outcome="broken_stream").inc()
+        ctx.gateway.metrics.forwards.labels(peer=ctx.usage.peer or "", outcome="broken_stream").inc()
         ctx.complete("error")
         if ndjson:  # Ollama's stream: an error line
             yield msgspec.json.encode({"error": error.message}) + b"\n"

@@ -85,7 +85,7 @@ class DocumentsController(Controller):
             raise InvalidRequest("filter.page_from is after filter.page_to.", param="filter")
         hits = await document_service.search(ctx.tenant.name, name, body.query, top_k=body.top_k, mode=body.mode, flt=f,
                                              rerank=body.rerank)
-        ctx.retrieved_chunks = len(hits)
+        ctx.count_retrieved(len(hits))
         data = [
             SearchHit(h.document_id, h.chunk_id, h.title, h.source, h.page, h.heading, h.text, h.start, h.end,
                       h.score, h.snippet, h.highlights, h.metadata)
@@ -101,7 +101,7 @@ class DocumentsController(Controller):
         body: AskRequest = decode_request(await request.body(), AskRequest)
         args = dict(top_k=body.top_k, model=body.model, max_tokens=body.max_tokens, policy=ctx, rerank=body.rerank,
                     answer_mode=body.answer_mode)
-        ctx.hold_record = True
+        ctx.hold_record()
         if not body.stream:
             answer = await ask_service.ask(ctx.tenant.name, name, body.question, **args)
             ctx.note_grounding(answer.grounded or not answer.sources)

@@ -70,17 +70,17 @@ def gateway_middleware(gateway: Gateway, peer_auth: PeerAuth | None = None) -> C
                     status = message["status"]
                     message.setdefault("headers", [])
                     message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
-                elif message["type"] == "http.response.body" and status and not ctx.recorded:
+                elif message["type"] == "http.response.body" and status and not ctx.usage.recorded:
                     # The one place a request is settled: durable before the bytes that end the answer.
-                    if ctx.ready_to_settle or not message.get("more_body", False):
-                        ctx.settle(status)
+                    if ctx.usage.ready_to_settle or not message.get("more_body", False):
+                        ctx.usage.settle(status)
                 await send(message)
 
             try:
                 if route in PUBLIC_ROUTES:
-                    ctx.metered = False
+                    ctx.usage.metered = False
                 elif route == METRICS_ROUTE:
-                    ctx.metered = False
+                    ctx.usage.metered = False
                     _authorize_metrics(gateway, ctx, scope, headers)
                 else:
                     principal = peer_auth(headers, scope["method"], scope["path"]) if peer_auth else None
@@ -101,9 +101,9 @@ def gateway_middleware(gateway: Gateway, peer_auth: PeerAuth | None = None) -> C
                 status = status or error_status(exc)
                 raise
             finally:
-                if not ctx.recorded:
+                if not ctx.usage.recorded:
                     # No final body was sent: the client went away mid-stream, or the handler failed.
-                    ctx.settle(status or 499, outcome="cancelled" if status and status < 400 else None)
+                    ctx.usage.settle(status or 499, outcome="cancelled" if status and status < 400 else None)
                 _finish(gateway, ctx, status or 499)
                 request_id_var.reset(token)
 
@@ -137,8 +137,8 @@ def _authorize_metrics(gateway: Gateway, ctx: RequestContext, scope: Scope, head
 
 
 def _finish(gateway: Gateway, ctx: RequestContext, status: int) -> None:
-    if not ctx.recorded:
-        ctx.settle(status)
+    if not ctx.usage.recorded:
+        ctx.usage.settle(status)
     tenant = ctx.principal.tenant if ctx.principal else ""
     route = f"{ctx.method} {ctx.route}"
     elapsed = time.monotonic() - ctx.started
@@ -146,7 +146,7 @@ def _finish(gateway: Gateway, ctx: RequestContext, status: int) -> None:
     gateway.metrics.latency.labels(route=route).observe(elapsed)
     # Health probes (load balancers, peers) would drown the log: they go at debug level.
     level = logging.DEBUG if ctx.route in PUBLIC_ROUTES else logging.INFO
-    log.log(level, "request", extra={"fields": {**ctx.summary(), "status": status, "ms": round(elapsed * 1000, 1)}})
+    log.log(level, "request", extra={"fields": {**ctx.usage.summary(), "status": status, "ms": round(elapsed * 1000, 1)}})
 
 
 async def _send_error(send: Send, exc: ApplianceError, *, ollama: bool = False) -> None:

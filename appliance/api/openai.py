@@ -133,7 +133,7 @@ async def _grounded_chat(body: ChatCompletionRequest, ask: AskService, ctx: Requ
     body.check()
     args = dict(top_k=body.collection_top_k, model=body.model, max_tokens=body.token_limit or 256, policy=ctx)
     tenant = ctx.tenant.name
-    ctx.hold_record = True
+    ctx.hold_record()
     if body.stream:
         events = await ask.stream(tenant, body.collection or "", body.question(), **args)
         return Stream(_grounded_events(events, ctx), media_type="text/event-stream", headers=_SSE_HEADERS)

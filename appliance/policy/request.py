@@ -1,0 +1,342 @@
+"""One request as the gateway sees it, in three parts:
+
+- `Identity`: who is calling (principal, key, tenant), resolved once at the edge;
+- `RequestPolicy` side of `RequestContext`: what the caller may do (model allow-list, limits and budget,
+  guardrails), which the services call while they run;
+- `RequestUsage`: what the request used, accumulated as it runs and written as one usage record by
+  `settle`, which only the gateway middleware calls (api/gateway.py).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from appliance.errors import ModelNotFound, RateLimited
+from appliance.modelstore.manifest import Manifest
+from appliance.policy.guardrails import GuardrailAction, GuardrailBlocked, GuardrailPolicy, MaskSession, StreamMasker
+from appliance.policy.limits import Reservation
+from appliance.policy.metering import Outcome, UsageRecord
+from appliance.policy.tenancy import ApiKey, Tenant, policy_of
+from appliance.types import Chunk, Principal, Usage
+
+if TYPE_CHECKING:
+    from appliance.policy.gateway import Gateway
+
+_CHECKPOINT_EVERY_S = 1.0
+
+
+class Identity:
+    """Who is calling: set once by the middleware (a key, or a peer's signature), read by everyone."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+        self.principal: Principal | None = None
+        self.key: ApiKey | None = None
+        self._tenant: Tenant | None = None
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        self.principal, self.key = self._gateway.authenticate(authorization)
+        return self.principal
+
+    def act_as(self, principal: Principal) -> None:
+        """A request a peer forwarded on behalf of its caller (the cluster signature was checked)."""
+        self.principal, self.key = principal, None
+        self._gateway.tenants.ensure_tenant(principal.tenant)
+
+    @property
+    def tenant(self) -> Tenant:
+        if self._tenant is None:
+            assert self.principal is not None
+            self._tenant = self._gateway.tenants.tenant(self.principal.tenant)
+        return self._tenant
+
+
+class RequestUsage:
+    """What one request used, and its one usage record."""
+
+    def __init__(self, gateway: Gateway, identity: Identity, request_id: str, route: str, method: str) -> None:
+        self._gateway = gateway
+        self._identity = identity
+        self.request_id = request_id
+        self.route = route
+        self.method = method
+        self.ts = time.time()
+        self.started = time.monotonic()
+        self.model: str | None = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.embedding_tokens = 0
+        self.retrieved_chunks = 0
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.guardrails: list[GuardrailAction] = []
+        self.output_maskers: list[StreamMasker] = []
+        """One per output stream (n > 1 sequences each have one); their actions join the record."""
+        self.outcome: Outcome | None = None
+        self.peer: str | None = None
+        self.metered = True
+        self.hold_record = False
+        """Grounded answers check citations after the last token: their record waits for the end of the
+        response (still written before its last byte; the in-flight journal covers a crash meanwhile)."""
+        self.reservation: Reservation | None = None
+        self._journaled = False
+        self._checkpoint_at = 0.0
+        self._complete = False
+        self.recorded = False
+
+    # -- while it runs -------------------------------------------------------------------------
+
+    def reserved(self, manifest: Manifest, prompt_tokens: int, reservation: Reservation) -> None:
+        self.model = manifest.id
+        self.reservation = reservation
+        if manifest.kind == "embedding":
+            self.embedding_tokens = prompt_tokens
+            return
+        self.prompt_tokens = prompt_tokens
+        self._journaled = True
+        self._gateway.meter.begin(self._record("ok", 200))
+
+    def on_chunk(self, chunk: Chunk) -> None:
+        now = time.monotonic()
+        if chunk.text or chunk.generated:
+            if self.first_token_at is None:
+                self.first_token_at = now
+            self.last_token_at = now
+        if self.outcome != "cached":
+            self.completion_tokens = max(self.completion_tokens, chunk.generated or self.completion_tokens + 1)
+        if chunk.usage is not None:
+            self.finish(chunk.usage)
+        elif self._journaled and now - self._checkpoint_at >= _CHECKPOINT_EVERY_S:
+            self._checkpoint_at = now
+            self._gateway.meter.checkpoint(self.request_id, self.completion_tokens, self._ttft_ms())
+
+    def finish(self, usage: Usage) -> None:
+        """The generation's real count is known: the record is written before the last byte goes out."""
+        if self.outcome != "cached":  # a cached answer ran no model: it costs no tokens
+            self.prompt_tokens, self.completion_tokens = usage.prompt_tokens, usage.completion_tokens
+        self.complete()
+
+    def complete(self, outcome: Outcome | None = None) -> None:
+        """The answer is whole (or ended with `outcome`): settle before the next byte reaches the client,
+        so a client that hangs up once it has the end cannot turn the request into a cancelled one."""
+        if outcome is not None:
+            self.outcome = outcome
+        self._complete = True
+
+    @property
+    def ready_to_settle(self) -> bool:
+        """Whether the middleware settles now, before sending more (grounded answers hold the record
+        until their citations are checked: they settle with the response's last message)."""
+        return self._complete and not self.hold_record and not self.recorded
+
+    def guardrail_actions(self) -> list[GuardrailAction]:
+        """What the guardrails did so far, output masking of a finished generation included."""
+        done = [a for masker in self.output_maskers for a in masker.actions()]
+        return [*self.guardrails, *done]
+
+    def _ttft_ms(self) -> float | None:
+        return None if self.first_token_at is None else (self.first_token_at - self.started) * 1000
+
+    # -- the usage record ----------------------------------------------------------------------
+
+    def _record(self, outcome: Outcome, status: int) -> UsageRecord:
+        p = self._identity.principal
+        return UsageRecord(
+            request_id=self.request_id, ts=self.ts, tenant=p.tenant if p else None, key_id=p.key_id if p else None,
+            model=self.model, route=f"{self.method} {self.route}", status=status, outcome=outcome,
+            prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+            embedding_tokens=self.embedding_tokens, retrieved_chunks=self.retrieved_chunks,
+            latency_ms=(time.monotonic() - self.started) * 1000, ttft_ms=self._ttft_ms(),
+            guardrails=list(self.guardrails), peer=self.peer,
+        )
+
+    def settle(self, status: int, outcome: Outcome | None = None) -> None:
+        """Write the request's usage record (once), release its budget reservation, count metrics.
+
+        Called by the gateway middleware only (api/gateway.py), at the first of: the answer is complete,
+        the response's last message, the request ended without one.
+        """
+        if self.recorded:
+            return
+        self.recorded = True
+        self.guardrails = self.guardrail_actions()
+        self.output_maskers = []
+        outcome = outcome or self.outcome or ("ok" if status < 400 else "error")
+        if status >= 400 and self.first_token_at is None:
+            # Refused or failed before any output (queue full, timeout, engine error): nothing to bill.
+            self.prompt_tokens = self.completion_tokens = self.embedding_tokens = 0
+        used = self.prompt_tokens + self.completion_tokens + self.embedding_tokens
+        self._gateway.budgets.settle(self.reservation, used)
+        if self._identity.principal is None or not self.metered:
+            return
+        self._gateway.meter.record(self._record(outcome, status))
+        self._count(outcome)
+
+    def _count(self, outcome: Outcome) -> None:
+        m = self._gateway.metrics
+        p = self._identity.principal
+        tenant = p.tenant if p else ""
+        model = self.model or ""
+        for direction, n in (
+            ("prompt", self.prompt_tokens), ("completion", self.completion_tokens), ("embedding", self.embedding_tokens)
+        ):
+            if n:
+                m.tokens.labels(direction=direction, model=model, tenant=tenant).inc(n)
+        if self.first_token_at is not None and outcome != "cached":
+            m.ttft.labels(model=model).observe(self.first_token_at - self.started)
+            if self.last_token_at is not None and self.completion_tokens > 1:
+                m.tpot.labels(model=model).observe(
+                    (self.last_token_at - self.first_token_at) / (self.completion_tokens - 1)
+                )
+        for action in self.guardrails:
+            m.guardrails.labels(stage=action.stage, kind=action.kind, action=action.action).inc(action.count)
+
+    def summary(self) -> dict[str, Any]:
+        """Fields for the access log line (never request or response text)."""
+        p = self._identity.principal
+        return {
+            "request_id": self.request_id, "tenant": p.tenant if p else None, "key_id": p.key_id if p else None,
+            "route": f"{self.method} {self.route}", "model": self.model,
+            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+            "embedding_tokens": self.embedding_tokens,
+        }
+
+
+class RequestContext:
+    """One request: its `identity`, its `usage`, and the policy the services call (implements
+    services.policy.RequestPolicy). Only the gateway middleware settles `usage`."""
+
+    def __init__(self, gateway: Gateway, request_id: str, route: str, method: str) -> None:
+        self.gateway = gateway
+        self.request_id = request_id
+        self.route = route
+        self.method = method
+        self.identity = Identity(gateway)
+        self.usage = RequestUsage(gateway, self.identity, request_id, route, method)
+        self._policy: GuardrailPolicy | None = None
+        self._mask_session: MaskSession | None = None
+        self.pii_map: dict[str, str] | None = None
+        """{placeholder: original} of masked input, only when the tenant's policy asks for a reversible mask."""
+
+    # -- identity, for the edge ----------------------------------------------------------------
+
+    @property
+    def principal(self) -> Principal | None:
+        return self.identity.principal
+
+    @property
+    def tenant(self) -> Tenant:
+        return self.identity.tenant
+
+    @property
+    def started(self) -> float:
+        return self.usage.started
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        return self.identity.authenticate(authorization)
+
+    def act_as(self, principal: Principal) -> None:
+        self.identity.act_as(principal)
+        self.usage.peer = principal.forwarded_by
+
+    def admit_request(self) -> None:
+        """Count the request against requests-per-minute (every authenticated route)."""
+        try:
+            self.gateway.rates.admit_request(self.tenant, self.identity.key)
+        except RateLimited as exc:
+            self.gateway.metrics.rejections.labels(reason=exc.code or "rate_limit", tenant=self.tenant.name).inc()
+            raise
+
+    # -- RequestPolicy -------------------------------------------------------------------------
+
+    def allow_model(self, manifest: Manifest) -> None:
+        allowed = self.tenant.allowed_models
+        if allowed is not None and manifest.id not in allowed:
+            raise ModelNotFound(f"The model '{manifest.id}' does not exist.", param="model")
+
+    def reserve(self, manifest: Manifest, prompt_tokens: int, max_tokens: int) -> None:
+        self.allow_model(manifest)
+        self.usage.model = manifest.id
+        tokens = prompt_tokens + max_tokens
+        try:
+            self.gateway.rates.admit_tokens(self.tenant, self.identity.key, tokens)
+            reservation = self.gateway.budgets.reserve(self.tenant, tokens)
+        except RateLimited as exc:
+            self.gateway.metrics.rejections.labels(reason=exc.code or "rate_limit", tenant=self.tenant.name).inc()
+            raise
+        self.usage.reserved(manifest, prompt_tokens, reservation)
+
+    @property
+    def guardrail_policy(self) -> GuardrailPolicy:
+        if self._policy is None:
+            self._policy = policy_of(self.tenant.guardrails)
+        return self._policy
+
+    def screen_input(self, texts: list[str], *, instructions: bool = True) -> list[str]:
+        """Apply the tenant's input guardrails; `instructions=False` for data (embeddings, system prompts)."""
+        policy = self.guardrail_policy
+        if not instructions and policy.injection != "allow":
+            policy = msgspec.structs.replace(policy, injection="allow")
+        if self._mask_session is None:
+            self._mask_session = MaskSession(reversible=policy.reversible_mask)
+        out = []
+        try:
+            for text in texts:
+                decision = self.gateway.guardrails.check_input(text, policy, session=self._mask_session)
+                self.usage.guardrails.extend(decision.actions)
+                out.append(decision.text)
+                if decision.mapping:
+                    self.pii_map = dict(decision.mapping)
+        except GuardrailBlocked as exc:
+            self.usage.guardrails.append(GuardrailAction(stage="input", kind=exc.kind, action="block"))
+            raise
+        return out
+
+    def cap_max_tokens(self, requested: int | None) -> int | None:
+        return self.guardrail_policy.cap_max_tokens(requested)
+
+    def output_filter(self) -> StreamMasker | None:
+        masker = self.gateway.guardrails.output_masker(self.guardrail_policy)
+        if masker is not None:
+            self.usage.output_maskers.append(masker)
+        return masker
+
+    def screen_retrieved(self, texts: list[str]) -> list[int]:
+        self.usage.retrieved_chunks += len(texts)
+        kept, actions = self.gateway.guardrails.check_retrieved(texts, self.guardrail_policy)
+        self.usage.guardrails.extend(actions)
+        return kept
+
+    def on_chunk(self, chunk: Chunk) -> None:
+        self.usage.on_chunk(chunk)
+
+    def served_from_cache(self) -> None:
+        self.usage.outcome = "cached"
+        self.gateway.metrics.cache.labels(result="hit").inc()
+
+    def count_retrieved(self, chunks: int) -> None:
+        self.usage.retrieved_chunks += chunks
+
+    def note_grounding(self, grounded: bool) -> None:
+        """Grounded answers: an answer whose citations do not check out is flagged in the audit trail."""
+        if not grounded:
+            self.usage.guardrails.append(GuardrailAction(stage="output", kind="ungrounded", action="flag"))
+
+    def hold_record(self) -> None:
+        """Grounded answers: settle with the response's last message, after the citations are checked."""
+        self.usage.hold_record = True
+
+    def guardrail_actions(self) -> list[GuardrailAction]:
+        return self.usage.guardrail_actions()
+
+    # -- the edge's view of the outcome --------------------------------------------------------
+
+    def complete(self, outcome: Outcome | None = None) -> None:
+        self.usage.complete(outcome)
+
+    def forwarded(self, peer: str, model: str) -> None:
+        """A peer serves this request: it meters the tokens; this node records the forward and where."""
+        self.usage.outcome, self.usage.peer, self.usage.model = "forwarded", peer, model
