@@ -171,14 +171,17 @@ def local_engine(threads: int, parallel: int) -> Any:
 
 
 def split_engine(peers: list[str], threads: int, parallel: int) -> Any:
+    from appliance.engines.factory import BatchSpec
     from appliance.engines.llama import LlamaTokenizer
     from appliance.engines.split import SplitChatEngine, SplitSpec
 
+    batch = BatchSpec(
+        model_id="split", model_path=MODEL, n_ctx_per_seq=1024, n_seq_max=parallel, n_batch=512, n_threads=threads,
+        gpu_layers=-1, max_queue=16, prefix_min_tokens=32, queue_timeout_s=600, request_timeout_s=600,
+    )
     spec = SplitSpec(
-        model_id="split", model_path=MODEL, peers=tuple(peers), tensor_split=None, offload_layers=-1,
-        use_local_gpus=False, n_ctx_per_seq=1024, n_seq_max=parallel, n_batch=512, n_threads=threads, max_queue=16,
-        prefix_min_tokens=32, queue_timeout_s=600, request_timeout_s=600, connect_timeout_s=5, stall_timeout_s=120,
-        load_timeout_s=300, log_level=30,
+        batch=batch, peers=tuple(peers), tensor_split=None, use_local_gpus=False, connect_timeout_s=5,
+        stall_timeout_s=120, load_timeout_s=300, log_level=30,
     )
     engine = SplitChatEngine(spec, LlamaTokenizer(MODEL))
     if engine.failure:
