@@ -153,6 +153,8 @@ class RetrievalSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     """Grounded answers when a request names no answer_mode: generated, extracted source sentences, or auto."""
     context_headers: bool = False
     """New collections embed each chunk behind its document title and section heading (existing ones keep theirs)."""
+    fusion: Literal["fixed", "adaptive"] = "fixed"
+    """Hybrid search weights: fixed 0.6 BM25 / 0.4 vectors, or adaptive (more BM25 when it is sure and the vectors are not)."""
 
 
 class Price(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -2,8 +2,8 @@
 
 `dump` ingests a dataset (either eval format) into a temporary collection, with or without contextual
 chunk headers, and saves each question's BM25 and vector candidates (pool 150, as a search for 30 hits
-asks) with the chunk texts; `score` replays every ranker of appliance.retrieval.fusion on the saved
-candidates and prints MRR@10 and R@1 per ranker. Choices are made on dev sets only; the test split and
+asks) with the chunk texts; `score` replays each ranker (each half alone, the fixed fusion, RRF, the per-query
+fusion, with and without a document prior) on the saved candidates and prints MRR@10 and R@1. Choices are made on dev sets only; the test split and
 XQuAD are scored once, with what was chosen.
 
     .venv/bin/python scripts/retrieval_study.py dump DATASET --out CACHE.pkl [--no-headers]
@@ -65,21 +65,50 @@ def dump(dataset: Path, out: Path, headers: bool) -> None:
     print(f"{out}: {len(rows)} questions in {time.time() - started:.0f} s")
 
 
+def with_document_prior(rank, weight: float, best: int = 1):
+    """`rank`, then each chunk raised by `weight` x its document's score (the sum of the document's `best`
+    best fused chunk scores, over the best document's): a long document's many chunks rank as a whole."""
+
+    def ranked(found: fusion.Candidates) -> list[tuple[int, float]]:
+        base = rank(found)
+        per_doc: dict[str, list[float]] = {}
+        for key, value in base:
+            per_doc.setdefault(found.documents[key], []).append(value)
+        doc_score = {d: sum(sorted(v, reverse=True)[:best]) for d, v in per_doc.items()}
+        top = max(doc_score.values(), default=1.0) or 1.0
+        return sorted(((k, v + weight * doc_score[found.documents[k]] / top) for k, v in base), key=lambda kv: (-kv[1], kv[0]))
+
+    return ranked
+
+
+RANKERS = {
+    "bm25": lambda c: c.lexical,
+    "vector": lambda c: c.vector,
+    "fixed 0.6/0.4": lambda c: fusion.fuse_hybrid(c, "fixed"),
+    "rrf k=60": lambda c: fusion.rrf(c.lexical, c.vector),
+    "adaptive (per query)": lambda c: fusion.fuse_hybrid(c, "adaptive"),
+    "fixed + doc prior (best)": with_document_prior(lambda c: fusion.fuse_hybrid(c, "fixed"), 0.2),
+    "fixed + doc prior (top 3)": with_document_prior(lambda c: fusion.fuse_hybrid(c, "fixed"), 0.1, best=3),
+    "adaptive + doc prior (best)": with_document_prior(lambda c: fusion.fuse_hybrid(c, "adaptive"), 0.2),
+}
+
+
 def score(paths: list[Path]) -> None:
-    rankers = fusion.study_rankers()
+    caches = []
     for path in paths:
         with path.open("rb") as f:
-            cache = pickle.load(f)
-        print(f"== {path.name} ({len(cache['rows'])} questions)")
-        texts = cache["texts"]
-        for name, rank in rankers.items():
-            ranks = []
-            for q, found in cache["rows"]:
-                found.texts = texts
-                ranking = [k for k, _ in rank(found)[:30]]
-                ranks.append(_rank_of(q, ranking, found.documents, texts, cache["spans"]))
+            caches.append((path.stem, pickle.load(f)))
+    print(f"{'MRR@10 / R@1':<32}" + "".join(f"{name:>22}" for name, _ in caches))
+    for name, rank in RANKERS.items():
+        cells = []
+        for _, cache in caches:
+            ranks = [
+                _rank_of(q, [k for k, _ in rank(found)[:30]], found.documents, cache["texts"], cache["spans"])
+                for q, found in cache["rows"]
+            ]
             m = _metrics(ranks)
-            print(f"  {name:<28} MRR@10 {m['mrr@10']:.4f}  R@1 {m['recall@1']:.4f}  R@10 {m['recall@10']:.4f}")
+            cells.append(f"{m['mrr@10']:.4f} / {m['recall@1']:.4f}")
+        print(f"{name:<32}" + "".join(f"{c:>22}" for c in cells), flush=True)
 
 
 def _rank_of(q, ranking: list[int], documents: dict[int, str], texts: dict[int, str], spans: bool) -> int | None:

@@ -142,12 +142,15 @@ def context_header(title: str, heading: str | None) -> str:
 class Collection:
     def __init__(
         self, path: Path, *, embedding_model: str, ndim: int, chunker: Chunker, context_headers: bool = False,
+        fusion: str = "fixed",
     ) -> None:
         """`context_headers`: embed each chunk of a *new* collection with its document title and section
         heading. A collection keeps what it was created with (meta `context_headers`; collections made
-        before it existed have none and keep embedding the bare chunk), so its vectors never mix kinds."""
+        before it existed have none and keep embedding the bare chunk), so its vectors never mix kinds.
+        `fusion`: how hybrid search weighs its halves (fusion.FUSIONS), a query-time choice."""
         self.path = path
         self.name = path.name
+        self.fusion = fusion
         path.mkdir(parents=True, exist_ok=True)
         self._db = connect(path / "registry.sqlite")
         migrate(self._db, MIGRATIONS)
@@ -468,7 +471,7 @@ class Collection:
         elif mode == "vector":
             ranked = found.vector
         else:
-            ranked = fuse_hybrid(found)
+            ranked = fuse_hybrid(found, self.fusion)
         ranked = ranked[:top_k]
         details = self._details([k for k, _ in ranked])
         hits = []

@@ -110,16 +110,18 @@ def evaluate(
     rerank: Rerank | None = None,
     rerank_candidates: int = 20,
     context_headers: bool = False,
+    fusion: str = "fixed",
     rankers: dict[str, Ranker] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Metrics per mode; with `rerank`, also the hybrid search's best `rerank_candidates` chunks
     reordered by the cross-encoder (the "hybrid+rerank" row). `rankers` replaces the modes with named
     functions of the two halves' candidates (for comparing fusions on one index)."""
     data = load_dataset(dataset, limit)
-    rankers = rankers or {"bm25": lambda c: c.lexical, "vector": lambda c: c.vector, "hybrid": fuse_hybrid}
+    rankers = rankers or {"bm25": lambda c: c.lexical, "vector": lambda c: c.vector,
+                          "hybrid": lambda c: fuse_hybrid(c, fusion)}
     with tempfile.TemporaryDirectory(prefix="appliance-eval-") as tmp:
         col = Collection(Path(tmp) / "eval", embedding_model=embedding_model, ndim=ndim, chunker=chunker,
-                         context_headers=context_headers)
+                         context_headers=context_headers, fusion=fusion)
         col.ingest(data.documents, embed)
         scores = evaluate_on(col, data, embed, rankers, progress=progress, rerank=rerank,
                              rerank_candidates=rerank_candidates)

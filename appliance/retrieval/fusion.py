@@ -4,12 +4,16 @@ Plain reciprocal rank fusion throws the scores away, so a confident BM25 hit and
 count the same; on technical text, where BM25 is strong and MiniLM weaker, that loses to BM25 alone.
 The default here is a weighted sum of normalised scores: each list is scaled to [0, 1] by its own
 best score (BM25) or its own range (cosine), so a document both halves like wins, and a half that is
-much surer than the other decides. The weights are set per query: each half's confidence is the margin
-of its top hit over its runner-up (on the development sets that margin predicted whether a half's top
-hit was right better than the absolute scores or the halves' agreement did), and BM25 gets more weight
-when it is sure and the vector half is not: on long documents the embedding sees a 256-token window
-with little context and many near-identical neighbours, and must not overrule a confident BM25 hit.
-The constants were chosen on development sets only (scripts/retrieval_study.py; README).
+much surer than the other decides.
+
+`adaptive` fusion sets the weights per query: each half's confidence is the margin of its top hit over
+its runner-up (on the development sets that margin predicted whether a half's top hit was right better
+than the absolute scores or the halves' agreement did), and BM25 gets more weight when it is sure and
+the vector half is not, so that an embedding that sees a 256-token window of a long document, among
+many near-identical neighbours, cannot overrule a confident BM25 hit. Measured on the sets here it is a
+wash against the fixed weights (+0.001 to -0.003 MRR@10; README), so `fixed` stays the default and
+`adaptive` is a setting (retrieval.fusion) to measure where the vector half is weak. Constants were
+chosen on development sets only (scripts/retrieval_study.py).
 """
 
 from __future__ import annotations
@@ -90,6 +94,11 @@ def adaptive_weight(found: Candidates) -> float:
     return LEXICAL_WEIGHT + GUARD_GAIN * max(0.0, lexical - vector)
 
 
-def fuse_hybrid(found: Candidates) -> list[tuple[int, float]]:
-    """The hybrid ranking the collection serves: normalised scores, weighted per query."""
-    return fuse(found.lexical, found.vector, lexical_weight=adaptive_weight(found))
+FUSIONS = ("fixed", "adaptive")
+
+
+def fuse_hybrid(found: Candidates, fusion: str = "fixed") -> list[tuple[int, float]]:
+    """The hybrid ranking the collection serves: normalised scores, weighted LEXICAL_WEIGHT / the rest
+    (`fixed`) or per query (`adaptive`)."""
+    weight = adaptive_weight(found) if fusion == "adaptive" else LEXICAL_WEIGHT
+    return fuse(found.lexical, found.vector, lexical_weight=weight)

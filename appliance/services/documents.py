@@ -64,9 +64,11 @@ class DocumentService:
         reranker: RerankService | None = None,
         on_search: Callable[[str, float], None] | None = None,
         context_headers: bool = False,
+        fusion: str = "fixed",
     ) -> None:
         """`reranker`: serves searches that ask for `rerank` (with retrieval.rerank_model); None refuses them.
-        `context_headers`: new collections embed chunks behind their title and heading (retrieval.context_headers)."""
+        `context_headers`: new collections embed chunks behind their title and heading (retrieval.context_headers);
+        `fusion`: hybrid search's weighting, fixed or adaptive (retrieval.fusion)."""
         self._root = root
         self._registry = registry
         self._embedding_name = embedding_model
@@ -74,6 +76,7 @@ class DocumentService:
         self._on_search = on_search
         """Told each search's mode and seconds (the retrieval latency metric)."""
         self._context_headers = context_headers
+        self._fusion = fusion
         self._open: dict[tuple[str, str], Collection] = {}
         self._opening: dict[tuple[str, str], asyncio.Lock] = {}
         self._lock = threading.Lock()
@@ -142,6 +145,7 @@ class DocumentService:
                 ndim=manifest.embedding_dim or 384,
                 chunker=self._leased_chunker(manifest, max_tokens),
                 context_headers=self._context_headers,
+                fusion=self._fusion,
             )
             with self._lock:
                 self._open[key] = col

@@ -40,16 +40,17 @@ def test_a_sure_bm25_is_not_overruled_by_an_unsure_vector_half() -> None:
     lexical = [(1, 12.0), (2, 8.0), (5, 2.0)]
     vector = [(2, 0.61), *[(10 + i, 0.60 - 0.001 * i) for i in range(20)], (1, 0.45), (5, 0.30)]
     found = cands(lexical, vector)
-    assert fuse(lexical, vector)[0][0] == 2  # the fixed 0.6 / 0.4 lets the vector half flip it
+    assert fuse_hybrid(found)[0][0] == 2  # the fixed 0.6 / 0.4 (the default) lets the vector half flip it
+    assert fuse_hybrid(found) == fuse(lexical, vector)
     assert adaptive_weight(found) > LEXICAL_WEIGHT
-    assert fuse_hybrid(found)[0][0] == 1
+    assert fuse_hybrid(found, "adaptive")[0][0] == 1
 
 
 def test_weights_stay_fixed_when_the_halves_are_equally_sure_or_one_is_missing() -> None:
     assert adaptive_weight(cands([(1, 10.0), (2, 5.0)], [(3, 0.9), (4, 0.5)])) == LEXICAL_WEIGHT
     assert adaptive_weight(cands([(1, 10.0), (2, 9.9)], [(3, 0.9), (4, 0.5)])) == LEXICAL_WEIGHT
     assert adaptive_weight(cands([], [(3, 0.9)])) == LEXICAL_WEIGHT
-    assert fuse_hybrid(cands([], [])) == []
+    assert fuse_hybrid(cands([], []), "adaptive") == []
 
 
 # -- contextual chunk headers -------------------------------------------------------------------
