@@ -27,10 +27,10 @@ def doctor(ctx: click.Context, as_json: bool, full: bool, probe_cpu: bool) -> No
 
         click.echo(system_info())
         return
-    from appliance import cli
+    from appliance.cli_common import cli_settings
 
     try:
-        settings = cli._settings(ctx)
+        settings = cli_settings(ctx)
     except click.UsageError as exc:
         checks = [Check(name="settings", status="FAIL", detail=exc.message,
                         fix="correct the setting named (config file, APPLIANCE_* variable or flag)")]

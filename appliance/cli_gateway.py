@@ -15,6 +15,7 @@ from typing import Any
 import click
 import msgspec
 
+from appliance.cli_common import data_settings
 from appliance.errors import ApplianceError
 from appliance.policy.db import open_gateway_db
 from appliance.policy.metering import UsageMeter, parse_time
@@ -22,9 +23,7 @@ from appliance.policy.tenancy import TenantStore, TenantUpdate
 
 @contextmanager
 def _db(ctx: click.Context) -> Iterator[tuple[TenantStore, UsageMeter]]:
-    from appliance import cli
-
-    settings = cli._data_settings(ctx)
+    settings = data_settings(ctx)
     conn = open_gateway_db(settings.data_dir)
     try:
         yield TenantStore(conn), UsageMeter(conn, settings.gateway.prices)

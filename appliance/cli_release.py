@@ -12,6 +12,7 @@ import click
 import msgspec
 
 from appliance import __version__
+from appliance.cli_common import cli_settings, data_settings
 from appliance.errors import ApplianceError
 
 
@@ -31,10 +32,9 @@ def _mb(n: int) -> str:
 @click.pass_context
 def backup_command(ctx: click.Context, file: Path, no_models: bool) -> None:
     """Write a consistent snapshot of the data directory to FILE (.tar, or .tar.gz), safe while serving."""
-    from appliance import cli
     from appliance.lifecycle.backup import backup
 
-    settings = cli._settings(ctx)
+    settings = cli_settings(ctx)
     started = time.monotonic()
     try:
         manifest = backup(settings.data_dir, file, include_models=not no_models)
@@ -92,10 +92,9 @@ def data_status(ctx: click.Context, as_json: bool) -> None:
 
     Exit status: 0 readable by this release (perhaps after a migration), 3 written by a newer release.
     """
-    from appliance import cli
     from appliance.lifecycle.datadir import DATA_FORMAT, read_format, schema_versions
 
-    settings = cli._settings(ctx)
+    settings = cli_settings(ctx)
     record = read_format(settings.data_dir) if settings.data_dir.is_dir() else None
     info = {
         "data_dir": str(settings.data_dir),
@@ -128,12 +127,11 @@ def data_status(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def data_migrate(ctx: click.Context) -> None:
     """Migrate the data directory to this release's format now (the server also does it at start)."""
-    from appliance import cli
     from appliance.lifecycle.datadir import read_format
 
-    settings = cli._settings(ctx)
+    settings = cli_settings(ctx)
     before = read_format(settings.data_dir) if settings.data_dir.is_dir() else None
-    settings = cli._data_settings(ctx)
+    settings = data_settings(ctx)
     after = read_format(settings.data_dir)
     if after is None:
         _fail(f"{settings.data_dir} has no data format record")

@@ -1,0 +1,177 @@
+"""Command line for the quality measurements: `appliance eval guardrails | retrieval | answers`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from appliance.cli_common import build_registry, data_settings, fail, progress_bar, setup_logging
+from appliance.cli_documents import run_documents
+from appliance.errors import ApplianceError
+
+
+@click.group("eval")
+def eval_group() -> None:
+    """Measure retrieval, answer and guardrail quality."""
+
+
+def _injection_classifier(ctx: click.Context, name: str) -> tuple[Any, Any]:
+    """The registered classifier `name`, loaded, as the guardrails' InjectionClassifier, and its registry."""
+    import asyncio
+
+    from appliance.modelstore.store import ModelStore
+    from appliance.services.injection_classifier import RegistryInjectionClassifier, classifier_manifest
+
+    settings = data_settings(ctx)
+    setup_logging("warning")
+    label = settings.gateway.injection_label
+    try:
+        manifest = classifier_manifest(ModelStore(settings.models_dir).manifests(), name, label)
+    except ApplianceError as exc:
+        raise click.BadParameter(exc.message, param_hint="--classifier") from None
+    registry, _ = build_registry(settings, keep=lambda m: m.id == manifest.id, load_timeout_s=600)
+    try:
+        asyncio.run(registry.engine(manifest))
+    except ApplianceError as exc:
+        registry.close()
+        fail(exc)
+    return RegistryInjectionClassifier(registry, manifest, label), registry
+
+
+@eval_group.command("guardrails")
+@click.option("--bipia", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="BIPIA directory with email/table_train.jsonl and text/code_attack_train.json.")
+@click.option("--pii-texts", type=int, default=500, show_default=True, help="Synthetic PII texts to generate.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for attack placement and PII texts.")
+@click.option("--classifier", "classifier_id",
+              help="Score injection with this registered ONNX classifier (label: gateway.injection_label).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def eval_guardrails(
+    ctx: click.Context, bipia: Path, pii_texts: int, seed: int, classifier_id: str | None, as_json: bool,
+) -> None:
+    """Injection detection on BIPIA (precision/recall) and PII detection on synthetic text (per kind)."""
+    from appliance.policy.guardrails.evaluate import evaluate_injection, evaluate_pii
+
+    classifier, registry = _injection_classifier(ctx, classifier_id) if classifier_id else (None, None)
+    try:
+        injection = evaluate_injection(bipia, seed=seed, classifier=classifier)
+    finally:
+        if registry is not None:
+            registry.close()
+    injection["classifier"] = classifier_id
+    pii = evaluate_pii(seed, pii_texts)
+    if as_json:
+        click.echo(json.dumps({"injection": injection, "pii": pii}, indent=2))
+        return
+    by = f"classifier {classifier_id}" if classifier_id else "rules"
+    click.echo(f"injection (BIPIA, {by}, threshold {injection['threshold']}): {injection['benign']} benign, "
+               f"{injection['attacked']} attacked texts")
+    click.echo(f"  precision {injection['precision']:.3f}  recall {injection['recall']:.3f}  f1 {injection['f1']:.3f}"
+               f"  false-positive rate {injection['false_positive_rate']:.3f}")
+    for title, key in (("position", "recall_by_position"), ("category", "recall_by_category")):
+        click.echo(f"  recall by {title}:")
+        for name, value in injection[key].items():
+            click.echo(f"    {name:<48} {value:.3f}")
+    click.echo(f"pii (synthetic, {pii['texts']} texts, {pii['hard_negatives']} hard negatives)")
+    click.echo(f"  {'kind':<16} {'precision':>9} {'recall':>7} {'tp':>5} {'fp':>4} {'fn':>4}")
+    for kind, m in {**pii["per_kind"], "overall": pii["overall"]}.items():
+        click.echo(f"  {kind:<16} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['tp']:>5} {m['fp']:>4} {m['fn']:>4}")
+
+
+@eval_group.command("retrieval")
+@click.option("--dataset", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="SQuAD JSON (one document per paragraph) or appliance-longqa/1 JSON (long documents, span answers).")
+@click.option("--limit", type=int, help="Evaluate only the first N questions.")
+@click.option("--rerank", is_flag=True, help="Add a hybrid+rerank row: retrieval.rerank_model reorders hybrid's best 20.")
+@click.option("--context-headers", is_flag=True, help="Embed each chunk behind its title and heading (retrieval.context_headers).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def eval_retrieval(ctx: click.Context, dataset: Path, limit: int | None, rerank: bool, context_headers: bool,
+                   as_json: bool) -> None:
+    """Recall@1/5/10 and MRR@10 of bm25, vector and hybrid search. SQuAD: the rank of the gold paragraph;
+    long documents: the rank of the first chunk of the gold document that contains the answer text."""
+    from appliance.retrieval.evaluate import evaluate, load_dataset
+
+    async def work(service: Any) -> dict[str, dict[str, float]]:
+        manifest, engine = await service.embedder()
+        scorer = await service.reranker_engine() if rerank else None
+        n = len(load_dataset(dataset, limit).questions)
+        with progress_bar(n, "questions") as bar:
+            return await asyncio.to_thread(
+                evaluate, dataset, service.embed_fn(engine), service.chunker_for(engine),
+                embedding_model=manifest.id, ndim=manifest.embedding_dim or 384, limit=limit, progress=bar.update,
+                rerank=scorer.score if scorer is not None else None, context_headers=context_headers,
+            )
+
+    import asyncio
+
+    scores = run_documents(ctx, work)
+    if as_json:
+        click.echo(json.dumps(scores, indent=2))
+        return
+    click.echo(f"{'mode':<14} {'R@1':>7} {'R@5':>7} {'R@10':>7} {'MRR@10':>7}")
+    for mode, m in scores.items():
+        click.echo(f"{mode:<14} {m['recall@1']:>7.3f} {m['recall@5']:>7.3f} {m['recall@10']:>7.3f} {m['mrr@10']:>7.3f}")
+    first = next(iter(scores.values()))
+    if "unreachable" in first:
+        click.echo(f"{first['questions']} questions; {first['unreachable']} with no chunk holding the whole answer")
+
+
+@eval_group.command("answers")
+@click.option("--dataset", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="SQuAD-format JSON.")
+@click.option("--limit", type=int, default=100, show_default=True, help="Questions to ask (each runs the model).")
+@click.option("--model", help="Model answering (default: the first chat/completion model).")
+@click.option("--answer-mode", type=click.Choice(["generative", "extractive", "auto"]), default="generative",
+              show_default=True, help="How answers are made (see ask's answer_mode).")
+@click.pass_context
+def eval_answers(ctx: click.Context, dataset: Path, limit: int, model: str | None, answer_mode: str) -> None:
+    """Share of grounded answers containing the gold answer, and citing the gold paragraph."""
+    import asyncio
+    import tempfile
+
+    from appliance.retrieval.evaluate import answer_hits, load_squad, load_squad_answers
+    from appliance.services.ask import AskService
+    from appliance.services.documents import DocumentService
+    from appliance.services.generation import GenerationService
+
+    settings = data_settings(ctx)
+    setup_logging("warning")
+    registry, _ = build_registry(settings, load_timeout_s=600)
+    docs, _ = load_squad(dataset)
+    questions = load_squad_answers(dataset, limit)
+
+    async def work(tmp: str) -> dict[str, float]:
+        documents = DocumentService(Path(tmp), registry, embedding_model=settings.retrieval.embedding_model)
+        ask = AskService(documents, GenerationService(registry), registry, default_model=model)
+        await documents.create("eval", "squad")
+        await documents.ingest("eval", "squad", docs)
+        found = cited = grounded = 0
+        with progress_bar(len(questions), "questions") as bar:
+            for question, gold_doc, gold in questions:
+                answer = await ask.ask("eval", "squad", question, top_k=3, model=model, max_tokens=48,
+                                       answer_mode=answer_mode)  # type: ignore[arg-type]
+                found += answer_hits(answer.answer, gold)
+                cited += any(c.document_id == gold_doc for c in answer.citations)
+                grounded += answer.grounded
+                bar.update(1)
+        documents.close()
+        n = max(1, len(questions))
+        return {"answer_contains_gold": found / n, "cites_gold_paragraph": cited / n, "grounded": grounded / n}
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="appliance-eval-") as tmp:
+            scores = asyncio.run(work(tmp))
+    except ApplianceError as exc:
+        fail(exc)
+    finally:
+        registry.close()
+    for key, value in scores.items():
+        click.echo(f"{key:<22} {value:.3f}")
+
+
+def register(main: click.Group) -> None:
+    main.add_command(eval_group)
