@@ -7,6 +7,7 @@ its usage record (if the handler has not already), counts it in /metrics and log
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -73,7 +74,7 @@ def gateway_middleware(gateway: Gateway, peer_auth: PeerAuth | None = None) -> C
                 elif message["type"] == "http.response.body" and status and not ctx.usage.recorded:
                     # The one place a request is settled: durable before the bytes that end the answer.
                     if ctx.usage.ready_to_settle or not message.get("more_body", False):
-                        ctx.usage.settle(status)
+                        await asyncio.to_thread(ctx.usage.settle, status)  # an fsync'd write: off the loop
                 await send(message)
 
             try:
@@ -102,7 +103,8 @@ def gateway_middleware(gateway: Gateway, peer_auth: PeerAuth | None = None) -> C
                 raise
             finally:
                 if not ctx.usage.recorded:
-                    # No final body was sent: the client went away mid-stream, or the handler failed.
+                    # No final body was sent: the client went away mid-stream, or the handler failed. Settled
+                    # here on the loop: awaiting in this `finally` could itself be cancelled, losing the record.
                     ctx.usage.settle(status or 499, outcome="cancelled" if status and status < 400 else None)
                 _finish(gateway, ctx, status or 499)
                 request_id_var.reset(token)

@@ -13,6 +13,7 @@ check and the reservation, so concurrent requests cannot overspend.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass
 
@@ -105,6 +106,9 @@ class BudgetLedger:
     def __init__(self, meter: UsageMeter) -> None:
         self._meter = meter
         self._tenants: dict[str, _Spent] = {}
+        # Reservations and settlements run on worker threads (off the event loop): checking a budget and
+        # reserving from it is one step, or two requests could both pass the check and overspend it.
+        self._lock = threading.Lock()
 
     def _spent(self, tenant: str) -> _Spent:
         day_start, month_start = period_starts()
@@ -119,6 +123,10 @@ class BudgetLedger:
     def reserve(self, tenant: Tenant, tokens: int) -> Reservation | None:
         if tenant.daily_tokens is None and tenant.monthly_tokens is None:
             return None
+        with self._lock:
+            return self._reserve(tenant, tokens)
+
+    def _reserve(self, tenant: Tenant, tokens: int) -> Reservation:
         spent = self._spent(tenant.name)
         for period, budget, used in (
             ("daily", tenant.daily_tokens, spent.day),
@@ -135,18 +143,22 @@ class BudgetLedger:
         return Reservation(tenant.name, tokens)
 
     def settle(self, reservation: Reservation | None, tokens_used: int) -> None:
-        if reservation is None or reservation.settled:
+        if reservation is None:
             return
-        reservation.settled = True
-        spent = self._tenants.get(reservation.tenant)
-        if spent is None:
-            return
-        spent.reserved -= reservation.tokens
-        spent.day += tokens_used
-        spent.month += tokens_used
+        with self._lock:
+            if reservation.settled:
+                return
+            reservation.settled = True
+            spent = self._tenants.get(reservation.tenant)
+            if spent is None:
+                return
+            spent.reserved -= reservation.tokens
+            spent.day += tokens_used
+            spent.month += tokens_used
 
     def remaining(self, tenant: Tenant) -> dict[str, int | None]:
-        spent = self._spent(tenant.name)
+        with self._lock:
+            spent = self._spent(tenant.name)
         return {
             "daily": None if tenant.daily_tokens is None else tenant.daily_tokens - spent.day - spent.reserved,
             "monthly": None if tenant.monthly_tokens is None else tenant.monthly_tokens - spent.month - spent.reserved,

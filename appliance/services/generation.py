@@ -272,7 +272,8 @@ class GenerationService:
             prompt_tokens = len(ids)
             # Without max_tokens a generation may fill the context: that is what it reserves.
             limit = generation.max_tokens if generation.max_tokens is not None else engine.n_ctx - prompt_tokens
-            policy.reserve(manifest, prompt_tokens, max(0, limit) * generation.n)
+            # Off the loop: reserving journals the request (an fsync'd SQLite write).
+            await asyncio.to_thread(policy.reserve, manifest, prompt_tokens, max(0, limit) * generation.n)
         except BaseException:
             lease.release()
             raise
