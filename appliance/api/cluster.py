@@ -10,7 +10,7 @@ import msgspec
 from litestar import Request, Response, get
 from litestar.response import Stream
 
-from appliance.api.errors import error_body
+from appliance.api.http import SSE_HEADERS, sse_error
 from appliance.errors import ApplianceError, EngineError, ModelNotFound, PermissionDenied
 from appliance.peering.auth import CLUSTER_HEADERS
 from appliance.peering.cluster import STATE_PATH, Cluster
@@ -20,7 +20,6 @@ from appliance.protocol.cluster import NodeState
 
 log = logging.getLogger(__name__)
 SERVED_BY = "x-appliance-served-by"
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 _STATE = {"response": NodeState, "security": [{"bearer": []}], "summary": "This node's state, for peers (cluster signature) and admin keys"}
@@ -68,7 +67,7 @@ async def forward_if_needed(
     media_type = headers.pop("content-type", "application/json")
     if answer.events is not None:
         events = _relayed_events(answer.events, ctx, ndjson=media_type.startswith(NDJSON))
-        stream_headers = _SSE_HEADERS if media_type.startswith("text/event-stream") else {"Cache-Control": "no-cache"}
+        stream_headers = SSE_HEADERS if media_type.startswith("text/event-stream") else {"Cache-Control": "no-cache"}
         return Stream(events, media_type=media_type, headers={**stream_headers, **headers})
     return Response(answer.body, status_code=answer.status, media_type=media_type, headers=headers)
 
@@ -98,7 +97,7 @@ async def _relayed_events(events: AsyncIterator[bytes], ctx: RequestContext, *, 
         if ndjson:  # Ollama's stream: an error line
             yield msgspec.json.encode({"error": error.message}) + b"\n"
         else:
-            yield b"data: " + msgspec.json.encode(error_body(error)) + b"\n\n"
+            yield sse_error(error)
 
 
 def cluster_model_list(cluster: Cluster, cards: list[Any], allowed: list[str] | None) -> dict[str, Any]:

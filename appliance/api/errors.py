@@ -42,7 +42,7 @@ def error_body(exc: ApplianceError) -> ErrorBody:
     return ErrorBody(ErrorDetail(exc.message, exc.type, exc.param, exc.code))
 
 
-def _json(status: int, body: ErrorBody, headers: dict[str, str] | None = None) -> Response[bytes]:
+def _error_response(status: int, body: ErrorBody, headers: dict[str, str] | None = None) -> Response[bytes]:
     return Response(
         content=msgspec.json.encode(body), status_code=status, media_type="application/json", headers=headers
     )
@@ -52,7 +52,7 @@ def handle_appliance_error(_: Request, exc: ApplianceError) -> Response[bytes]:
     if exc.status >= 500:
         log.error("%s: %s", type(exc).__name__, exc.message, exc_info=exc.__cause__ is not None)
     headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
-    return _json(exc.status, error_body(exc), headers)
+    return _error_response(exc.status, error_body(exc), headers)
 
 
 def handle_http_exception(_: Request, exc: HTTPException) -> Response[bytes]:
@@ -69,10 +69,10 @@ def handle_http_exception(_: Request, exc: HTTPException) -> Response[bytes]:
         )
     )
     headers = {k: v for k, v in (exc.headers or {}).items() if k.lower() in {"allow", "retry-after"}}
-    return _json(status, body, headers)
+    return _error_response(status, body, headers)
 
 
 def handle_unexpected(_: Request, exc: Exception) -> Response[bytes]:
     log.exception("unhandled error", exc_info=exc)
     body = ErrorBody(ErrorDetail("The server had an internal error.", "server_error", None, "internal_error"))
-    return _json(500, body)
+    return _error_response(500, body)

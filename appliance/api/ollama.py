@@ -23,6 +23,7 @@ from litestar.response import Stream
 
 from appliance import __version__
 from appliance.api.cluster import forward_if_needed
+from appliance.api.http import json_response
 from appliance.engines.registry import ModelRegistry
 from appliance.errors import ApplianceError, EngineError, InvalidRequest, ModelNotFound
 from appliance.modelstore.manifest import Manifest, ModelKind
@@ -160,10 +161,6 @@ def provide_keep_alive(request: Request, registry: ModelRegistry) -> KeepAlive:
 # -- helpers ---------------------------------------------------------------------------------------
 
 
-def _json(obj: object, headers: dict[str, str] | None = None) -> Response[bytes]:
-    return Response(_encode(obj), status_code=200, media_type="application/json", headers=headers)
-
-
 def _resolve(registry: ModelRegistry, ctx: RequestContext, name: str, kinds: tuple[ModelKind, ...] | None) -> Manifest:
     """The model an Ollama name means (`gemma3:latest` is `gemma3`); 404 in Ollama's words otherwise.
 
@@ -291,7 +288,7 @@ async def _answer(run: _Run, shape: _Shape, stream: bool, after: Callable[[], No
     if run.generation.tools_offered:
         content, calls, _ = split_calls(text)  # an answer that opens with a call is calls only
         text = content or ""
-    return _json(shape.final(text, finish, run.counters(Chunk(text="", usage=usage)), run.ctx, calls), headers)
+    return json_response(shape.final(text, finish, run.counters(Chunk(text="", usage=usage)), run.ctx, calls), headers=headers)
 
 
 async def _ndjson(run: _Run, shape: _Shape, after: Callable[[], None]) -> AsyncIterator[bytes]:
@@ -329,11 +326,11 @@ async def _load_only(
     """No prompt: load the model (or unload it with keep_alive 0), as Ollama does."""
     if seconds == 0:
         keep_alive.after_request(manifest, 0)
-        return _json(shape.final("", "unload", None, None))
+        return json_response(shape.final("", "unload", None, None))
     async with registry.use(manifest):
         pass
     keep_alive.after_request(manifest, seconds)
-    return _json(shape.final("", "load", None, None))
+    return json_response(shape.final("", "load", None, None))
 
 
 _GENERATE_OPT = {
@@ -368,13 +365,13 @@ class OllamaController(Controller):
 
     @get("/version", opt=_opt("the Ollama API version these routes follow", None, VersionResponse))
     async def ollama_version(self) -> Response[bytes]:
-        return _json(VersionResponse(OLLAMA_API_VERSION, __version__))
+        return json_response(VersionResponse(OLLAMA_API_VERSION, __version__))
 
     @get("/tags", opt=_opt("list the models", None, TagsResponse))
     async def ollama_tags(self, registry: ModelRegistry, ctx: RequestContext) -> Response[bytes]:
         allowed = ctx.tenant.allowed_models
         models = [listed_model(m) for m in registry.manifests() if allowed is None or m.id in allowed]
-        return _json(TagsResponse(models))
+        return json_response(TagsResponse(models))
 
     @get("/ps", opt=_opt("list the loaded models", None, PsResponse))
     async def ollama_ps(self, registry: ModelRegistry, ctx: RequestContext, keep_alive: KeepAlive) -> Response[bytes]:
@@ -385,13 +382,13 @@ class OllamaController(Controller):
             for m in registry.manifests()
             if status[m.id]["state"] == "ready" and (allowed is None or m.id in allowed)
         ]
-        return _json(PsResponse(running))
+        return json_response(PsResponse(running))
 
     @post("/show", status_code=200, opt=_opt("show a model", ModelRequest, ShowResponse))
     async def ollama_show(self, request: Request, registry: ModelRegistry, ctx: RequestContext) -> Response[bytes]:
         body: ModelRequest = decode_request(await request.body(), ModelRequest)
         manifest = _resolve(registry, ctx, body.model_name, None)
-        return _json(show_response(manifest, registry.context_window(manifest)))
+        return json_response(show_response(manifest, registry.context_window(manifest)))
 
     @post("/generate", status_code=200, opt=_GENERATE_OPT)
     async def ollama_generate(
@@ -454,7 +451,7 @@ class OllamaController(Controller):
                 tokens = result.prompt_tokens
                 vectors = result.vectors
         keep_alive.after_request(manifest, seconds)
-        return _json(EmbedResponse(
+        return json_response(EmbedResponse(
             model=body.model, embeddings=vectors, total_duration=_ns(time.monotonic() - ctx.started),
             load_duration=_ns(loaded - began), prompt_eval_count=tokens,
         ))
@@ -476,7 +473,7 @@ class OllamaController(Controller):
                 _, result = await embedding_service.embed(body.embedding_request(manifest), ctx)
                 vector = result.vectors[0]
         keep_alive.after_request(manifest, seconds)
-        return _json(EmbeddingsResponse(vector))
+        return json_response(EmbeddingsResponse(vector))
 
     # -- model management: offline, from the command line --------------------------------------
 

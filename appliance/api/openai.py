@@ -12,11 +12,10 @@ from litestar.params import Parameter
 from litestar.response import Stream
 
 from appliance.api.cluster import cluster_model_list, forward_if_needed
-from appliance.api.errors import error_body
+from appliance.api.http import SSE_HEADERS, json_response, sse, sse_event
 from appliance.peering.cluster import Cluster
 from appliance.policy.gateway import RequestContext
 from appliance.engines.registry import ModelRegistry
-from appliance.errors import ApplianceError, EngineError
 from appliance.protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, decode_request
 from appliance.protocol.responses import (
     AssistantMessage,
@@ -49,31 +48,6 @@ from appliance.services.generation import Generation, GenerationService
 from appliance.services.tools import ToolCallStream, split_calls
 
 log = logging.getLogger(__name__)
-_encode = msgspec.json.encode
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-def _json(obj: object, headers: dict[str, str] | None = None) -> Response[bytes]:
-    return Response(content=_encode(obj), media_type="application/json", status_code=200, headers=headers)
-
-
-def _event(obj: object) -> bytes:
-    return b"data: " + _encode(obj) + b"\n\n"
-
-
-async def _sse(events: AsyncIterator[bytes], generation: Generation) -> AsyncIterator[bytes]:
-    """Frame a generation as SSE; a failure mid-stream becomes an error event, never a dropped socket."""
-    try:
-        async for event in events:
-            yield event
-        yield b"data: [DONE]\n\n"
-    except ApplianceError as exc:
-        yield _event(error_body(exc))
-    except Exception:
-        log.exception("stream failed")
-        yield _event(error_body(EngineError("The stream failed inside the server.")))
-    finally:
-        await generation.aclose()
 
 
 async def _chat_events(
@@ -82,7 +56,7 @@ async def _chat_events(
     cid, created, model = new_id("chatcmpl"), now(), generation.manifest.id
 
     def chunk(index: int, delta: Delta, finish: str | None = None, lp: Any = None, **extra: Any) -> bytes:
-        return _event(ChatCompletionChunk(cid, created, model, [ChunkChoice(index, delta, finish, lp)], **extra))
+        return sse_event(ChatCompletionChunk(cid, created, model, [ChunkChoice(index, delta, finish, lp)], **extra))
 
     for i in range(n):
         yield chunk(i, Delta(role="assistant", content=""))
@@ -106,7 +80,7 @@ async def _chat_events(
             # On the last chunk the usage record is written: the guardrail actions are final.
             yield chunk(i, Delta(), finish, **(_guardrail_fields(ctx) if piece.usage is not None else {}))
         if include_usage and piece.usage is not None:
-            yield _event(ChatCompletionChunk(cid, created, model, [], usage=usage_out(piece.usage)))
+            yield sse_event(ChatCompletionChunk(cid, created, model, [], usage=usage_out(piece.usage)))
 
 
 async def _completion_events(
@@ -116,16 +90,16 @@ async def _completion_events(
     offsets = dict.fromkeys(range(n), len(echo))
     if echo:
         for i in range(n):
-            yield _event(TextCompletion(cid, created, model, [TextChoice(i, echo, None)]))
+            yield sse_event(TextCompletion(cid, created, model, [TextChoice(i, echo, None)]))
     async for piece in generation:
         i = piece.index
         if piece.text or piece.finish_reason is not None or piece.logprobs:
             lp = text_logprobs(piece.logprobs, offsets[i]) if logprobs else None
             offsets[i] += len(piece.text)
             extra = _guardrail_fields(ctx) if piece.usage is not None else {}
-            yield _event(TextCompletion(cid, created, model, [TextChoice(i, piece.text, piece.finish_reason, lp)], **extra))
+            yield sse_event(TextCompletion(cid, created, model, [TextChoice(i, piece.text, piece.finish_reason, lp)], **extra))
         if piece.usage is not None and include_usage:
-            yield _event(TextCompletion(cid, created, model, [], usage=usage_out(piece.usage)))
+            yield sse_event(TextCompletion(cid, created, model, [], usage=usage_out(piece.usage)))
 
 
 async def _grounded_chat(body: ChatCompletionRequest, ask: AskService, ctx: RequestContext) -> Response[bytes] | Stream:
@@ -136,12 +110,12 @@ async def _grounded_chat(body: ChatCompletionRequest, ask: AskService, ctx: Requ
     ctx.hold_record()
     if body.stream:
         events = await ask.stream(tenant, body.collection or "", body.question(), **args)
-        return Stream(_grounded_events(events, ctx), media_type="text/event-stream", headers=_SSE_HEADERS)
+        return Stream(sse(_grounded_events(events, ctx)), media_type="text/event-stream", headers=SSE_HEADERS)
     answer = await ask.ask(tenant, body.collection or "", body.question(), **args)
     ctx.note_grounding(answer.grounded or not answer.sources)
     usage = Usage(prompt_tokens=answer.usage["prompt_tokens"], completion_tokens=answer.usage["completion_tokens"])
     choice = ChatChoice(0, AssistantMessage(answer.answer), "stop")
-    return _json(
+    return json_response(
         ChatCompletion(new_id("chatcmpl"), now(), answer.model, [choice], usage_out(usage),
                        citations=answer.citations, grounded=answer.grounded, quarantined=answer.quarantined)
     )
@@ -150,22 +124,18 @@ async def _grounded_chat(body: ChatCompletionRequest, ask: AskService, ctx: Requ
 async def _grounded_events(events: AsyncIterator[dict], ctx: RequestContext) -> AsyncIterator[bytes]:
     cid, created = new_id("chatcmpl"), now()
     model = ""
-    try:
-        async for event in events:
-            if event["type"] == "delta":
-                yield _event(ChatCompletionChunk(cid, created, model, [ChunkChoice(0, Delta(content=event["text"]))]))
-            elif event["type"] == "sources":
-                yield _event(ChatCompletionChunk(cid, created, model, [ChunkChoice(0, Delta(role="assistant", content=""))]))
-            elif event["type"] == "done":
-                model = event["model"]
-                ctx.note_grounding(event["grounded"] or not event["sources"])
-                final = msgspec.to_builtins(ChatCompletionChunk(cid, created, model, [ChunkChoice(0, Delta(), "stop")]))
-                final["citations"], final["grounded"] = event["citations"], event["grounded"]
-                final["quarantined"] = event["quarantined"]
-                yield b"data: " + _encode(final) + b"\n\n"
-        yield b"data: [DONE]\n\n"
-    except ApplianceError as exc:
-        yield _event(error_body(exc))
+    async for event in events:
+        if event["type"] == "delta":
+            yield sse_event(ChatCompletionChunk(cid, created, model, [ChunkChoice(0, Delta(content=event["text"]))]))
+        elif event["type"] == "sources":
+            yield sse_event(ChatCompletionChunk(cid, created, model, [ChunkChoice(0, Delta(role="assistant", content=""))]))
+        elif event["type"] == "done":
+            model = event["model"]
+            ctx.note_grounding(event["grounded"] or not event["sources"])
+            final = msgspec.to_builtins(ChatCompletionChunk(cid, created, model, [ChunkChoice(0, Delta(), "stop")]))
+            final["citations"], final["grounded"] = event["citations"], event["grounded"]
+            final["quarantined"] = event["quarantined"]
+            yield sse_event(final)
 
 
 def _assistant_message(text: str, finish: str, tools_offered: bool) -> tuple[AssistantMessage, str]:
@@ -214,14 +184,14 @@ class OpenAIController(Controller):
         allowed = ctx.tenant.allowed_models
         cards = [model_card(m, status[m.id], registry.context_window(m)) for m in registry.manifests() if allowed is None or m.id in allowed]
         if where == "cluster":  # appliance extension: the peers' models too, each with its `location`
-            return _json(cluster_model_list(cluster, cards, allowed))
-        return _json(ModelList(cards))
+            return json_response(cluster_model_list(cluster, cards, allowed))
+        return json_response(ModelList(cards))
 
     @get("/models/{model_id:str}", opt={"response": ModelCard, "summary": "One model, by id or alias"})
     async def get_model(self, model_id: str, registry: ModelRegistry, ctx: RequestContext) -> Response[bytes]:
         manifest = registry.resolve(model_id)
         ctx.allow_model(manifest)
-        return _json(model_card(manifest, registry.status()[manifest.id], registry.context_window(manifest)))
+        return json_response(model_card(manifest, registry.status()[manifest.id], registry.context_window(manifest)))
 
     @post("/chat/completions", status_code=200, opt={
         "request": ChatCompletionRequest, "response": ChatCompletion, "stream": ChatCompletionChunk,
@@ -242,18 +212,18 @@ class OpenAIController(Controller):
         logprobs = body.logprob_count() is not None
         if body.stream:
             events = _chat_events(generation, body.n, logprobs, body.include_usage, ctx)
-            return Stream(_sse(events, generation), media_type="text/event-stream", headers={**_SSE_HEADERS, **headers})
+            return Stream(sse(events, close=generation.aclose), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
         results, usage = await generation.collect_all()
         choices = [
             ChatChoice(i, *_assistant_message(text, finish, generation.tools_offered),
                        logprobs=chat_logprobs(lp) if logprobs else None)
             for i, (text, finish, lp) in enumerate(results)
         ]
-        return _json(
+        return json_response(
             ChatCompletion(
                 new_id("chatcmpl"), now(), generation.manifest.id, choices, usage_out(usage), **_guardrail_fields(ctx)
             ),
-            headers,
+            headers=headers,
         )
 
     @post("/completions", status_code=200, opt={
@@ -273,7 +243,7 @@ class OpenAIController(Controller):
         logprobs = body.logprob_count() is not None
         if body.stream:
             events = _completion_events(generation, body.n, logprobs, body.include_usage, echo, ctx)
-            return Stream(_sse(events, generation), media_type="text/event-stream", headers={**_SSE_HEADERS, **headers})
+            return Stream(sse(events, close=generation.aclose), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
         results, usage = await generation.collect_all()
         choices = [
             TextChoice(i, echo + text, finish, text_logprobs(lp, len(echo)) if logprobs else None)
@@ -282,7 +252,7 @@ class OpenAIController(Controller):
         completion = TextCompletion(
             new_id("cmpl"), now(), generation.manifest.id, choices, usage_out(usage), **_guardrail_fields(ctx)
         )
-        return _json(completion, headers)
+        return json_response(completion, headers=headers)
 
     @post("/embeddings", status_code=200, opt={
         "request": EmbeddingRequest, "response": EmbeddingList, "summary": "Embeddings of one or more texts",
@@ -295,4 +265,4 @@ class OpenAIController(Controller):
         if (forwarded := await forward_if_needed(cluster, ctx, request, raw, body.model)) is not None:
             return forwarded
         manifest, result = await embedding_service.embed(body, ctx)
-        return _json(embedding_list(manifest, result, body.encoding_format))
+        return json_response(embedding_list(manifest, result, body.encoding_format))

@@ -4,7 +4,6 @@ as its typed events (response.created ... response.output_text.delta ... respons
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -12,8 +11,9 @@ from litestar import Request, Response, post
 from litestar.response import Stream
 
 from appliance.api.errors import error_body
+from appliance.api.http import SSE_HEADERS, json_response, sse, sse_event
 from appliance.api.openai import _cache_headers, _cache_scope
-from appliance.errors import ApplianceError, EngineError
+from appliance.errors import ApplianceError
 from appliance.policy.gateway import RequestContext
 from appliance.protocol.openai import decode_request
 from appliance.protocol.openai_responses import (
@@ -31,9 +31,6 @@ from appliance.protocol.responses import now
 from appliance.services.generation import Generation, GenerationService
 from appliance.types import Usage
 
-log = logging.getLogger(__name__)
-
-
 def _response(
     body: ResponsesRequest, rid: str, created: int, model: str, mid: str, text: str | None,
     finish: str | None, usage: Usage | None,
@@ -49,11 +46,6 @@ def _response(
     )
 
 
-def _event(kind: str, seq: int, **fields: object) -> bytes:
-    data = msgspec.json.encode({"type": kind, "sequence_number": seq, **fields})
-    return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
-
-
 async def _events(body: ResponsesRequest, generation: Generation) -> AsyncIterator[bytes]:
     rid, mid, created, model = new_response_id(), new_message_id(), now(), generation.manifest.id
     seq = 0
@@ -61,9 +53,12 @@ async def _events(body: ResponsesRequest, generation: Generation) -> AsyncIterat
     def event(kind: str, **fields: object) -> bytes:
         nonlocal seq
         seq += 1
-        return _event(kind, seq - 1, **fields)
+        return sse_event({"type": kind, "sequence_number": seq - 1, **fields}, kind)
 
-    try:
+    def error(exc: ApplianceError) -> bytes:
+        return event("error", **msgspec.to_builtins(error_body(exc).error))
+
+    async def events() -> AsyncIterator[bytes]:
         yield event("response.created", response=_response(body, rid, created, model, mid, None, None, None))
         yield event("response.in_progress", response=_response(body, rid, created, model, mid, None, None, None))
         item = OutputMessage(mid, [], "in_progress")
@@ -85,13 +80,9 @@ async def _events(body: ResponsesRequest, generation: Generation) -> AsyncIterat
                 yield event("response.output_item.done", output_index=0, item=done.output[0])
                 kind = "response.completed" if done.status == "completed" else "response.incomplete"
                 yield event(kind, response=done)
-    except ApplianceError as exc:
-        yield event("error", **msgspec.to_builtins(error_body(exc).error))
-    except Exception:
-        log.exception("responses stream failed")
-        yield event("error", **msgspec.to_builtins(error_body(EngineError("The stream failed inside the server.")).error))
-    finally:
-        await generation.aclose()
+
+    async for chunk in sse(events(), done=False, on_error=error, close=generation.aclose):
+        yield chunk
 
 
 @post("/v1/responses", status_code=200, opt={
@@ -105,8 +96,7 @@ async def create_response(
     generation = await generation_service.chat(body.to_chat(), ctx, cache_scope=_cache_scope(request, ctx))
     headers = _cache_headers(generation)
     if body.stream:
-        return Stream(_events(body, generation), media_type="text/event-stream",
-                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
+        return Stream(_events(body, generation), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
     text, finish, usage = await generation.collect()
     out = _response(body, new_response_id(), now(), generation.manifest.id, new_message_id(), text, finish, usage)
-    return Response(content=msgspec.json.encode(out), media_type="application/json", headers=headers)
+    return json_response(out, headers=headers)
