@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -11,6 +11,17 @@ DEFAULT_TENANT = "default"
 """The tenant of open local mode (no keys yet) and of the CLI's document commands by default."""
 PRIORITY_INTERACTIVE = 0
 PRIORITY_BATCH = 1
+
+
+class Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """A model's sampling defaults (its manifest's [sampling]), used when a request leaves a parameter out."""
+
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] = 0.8
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.95
+    top_k: Annotated[int, msgspec.Meta(ge=0)] = 40
+    min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.05
+    repeat_penalty: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):

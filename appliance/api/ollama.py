@@ -24,6 +24,7 @@ from litestar.response import Stream
 from appliance import __version__
 from appliance.api.cluster import forward_if_needed
 from appliance.api.http import json_response
+from appliance.api.ollama_models import listed_model, running_model, show_response
 from appliance.engines.registry import ModelRegistry
 from appliance.errors import ApplianceError, EngineError, InvalidRequest, ModelNotFound
 from appliance.modelstore.manifest import Manifest, ModelKind
@@ -51,11 +52,8 @@ from appliance.protocol.ollama import (
     TagsResponse,
     VersionResponse,
     created_at,
-    listed_model,
     lookup_names,
     not_found_message,
-    running_model,
-    show_response,
     tool_calls_out,
 )
 from appliance.protocol.openai import decode_request
@@ -405,10 +403,10 @@ class OllamaController(Controller):
         if not body.prompt and not body.system:
             return await _load_only(registry, keep_alive, manifest, seconds, shape)
         window, scope = registry.context_window(manifest), _cache_scope(request, ctx)
-        if body.uses_template(manifest):
-            start = partial(generation_service.chat, body.chat_completion(manifest, window), ctx, cache_scope=scope)
+        if body.uses_template(manifest.kind == "chat"):
+            start = partial(generation_service.chat, body.chat_completion(manifest.id, window), ctx, cache_scope=scope)
         else:
-            start = partial(generation_service.complete, body.completion(manifest, window), ctx, cache_scope=scope)
+            start = partial(generation_service.complete, body.completion(manifest.id, window), ctx, cache_scope=scope)
         run = await _start(registry, manifest, ctx, start)
         return await _answer(run, shape, body.stream, lambda: keep_alive.after_request(manifest, seconds))
 
@@ -426,7 +424,7 @@ class OllamaController(Controller):
         seconds, shape = body.keep_alive_s(), _Shape(body.model, chat=True)
         if not body.messages:
             return await _load_only(registry, keep_alive, manifest, seconds, shape)
-        chat = body.chat_completion(manifest, registry.context_window(manifest))
+        chat = body.chat_completion(manifest.id, registry.context_window(manifest))
         scope = _cache_scope(request, ctx)
         run = await _start(registry, manifest, ctx, partial(generation_service.chat, chat, ctx, cache_scope=scope))
         return await _answer(run, shape, body.stream, lambda: keep_alive.after_request(manifest, seconds))
@@ -447,7 +445,7 @@ class OllamaController(Controller):
             loaded = time.monotonic()
             vectors, tokens = [], 0
             if body.texts():
-                _, result = await embedding_service.embed(body.embedding_request(manifest), ctx)
+                _, result = await embedding_service.embed(body.embedding_request(manifest.id), ctx)
                 tokens = result.prompt_tokens
                 vectors = result.vectors
         keep_alive.after_request(manifest, seconds)
@@ -470,7 +468,7 @@ class OllamaController(Controller):
         vector: list[float] = []
         async with registry.use(manifest):
             if body.prompt:
-                _, result = await embedding_service.embed(body.embedding_request(manifest), ctx)
+                _, result = await embedding_service.embed(body.embedding_request(manifest.id), ctx)
                 vector = result.vectors[0]
         keep_alive.after_request(manifest, seconds)
         return json_response(EmbeddingsResponse(vector))

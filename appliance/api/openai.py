@@ -16,6 +16,7 @@ from appliance.api.http import SSE_HEADERS, json_response, sse, sse_event
 from appliance.peering.cluster import Cluster
 from appliance.policy.gateway import RequestContext
 from appliance.engines.registry import ModelRegistry
+from appliance.modelstore.manifest import Manifest
 from appliance.protocol.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, decode_request
 from appliance.protocol.responses import (
     AssistantMessage,
@@ -35,7 +36,6 @@ from appliance.protocol.responses import (
     ToolCallOut,
     chat_logprobs,
     embedding_list,
-    model_card,
     new_id,
     now,
     text_logprobs,
@@ -172,6 +172,20 @@ def _cache_headers(generation: Generation, base: dict[str, str] | None = None) -
     return {**(base or {}), "X-Cache": "hit" if generation.cached else "miss"}
 
 
+def model_card(manifest: Manifest, status: dict[str, Any], context_window: int | None) -> ModelCard:
+    return ModelCard(
+        id=manifest.id,
+        created=manifest.created,
+        owned_by="appliance",
+        kind=manifest.kind,
+        format=manifest.format,
+        aliases=manifest.aliases,
+        context_length=context_window,
+        trained_context_length=manifest.context_length,
+        status=status.get("state", "pending"),
+    )
+
+
 class OpenAIController(Controller):
     path = "/v1"
 
@@ -265,4 +279,4 @@ class OpenAIController(Controller):
         if (forwarded := await forward_if_needed(cluster, ctx, request, raw, body.model)) is not None:
             return forwarded
         manifest, result = await embedding_service.embed(body, ctx)
-        return json_response(embedding_list(manifest, result, body.encoding_format))
+        return json_response(embedding_list(manifest.id, result, body.encoding_format))

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from appliance.errors import ModelStoreError
+from appliance.types import Sampling
 
 ModelKind = Literal["chat", "completion", "embedding", "rerank", "classifier"]
 ModelFormat = Literal["gguf", "onnx"]
@@ -39,17 +40,6 @@ class ModelFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_d
     sha256: Sha256
     size: Annotated[int, msgspec.Meta(ge=1)]
     source: FileSource | None = None
-
-
-class Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
-    """Defaults used when a request leaves a parameter out."""
-
-    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] = 0.8
-    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.95
-    top_k: Annotated[int, msgspec.Meta(ge=0)] = 40
-    min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.05
-    repeat_penalty: Annotated[float, msgspec.Meta(gt=0)] = 1.0
-    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
 class Manifest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):

@@ -20,7 +20,6 @@ from typing import Annotated, Any
 import msgspec
 
 from appliance.errors import InvalidRequest
-from appliance.modelstore.manifest import Manifest, Sampling
 from appliance.protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -31,7 +30,7 @@ from appliance.protocol.openai import (
     Temperature,
     TopP,
 )
-from appliance.types import SamplingParams
+from appliance.types import Sampling, SamplingParams
 
 OLLAMA_API_VERSION = "0.6.0"
 """The Ollama release whose API these routes follow (structured outputs, /api/embed, tools, done_reason
@@ -155,20 +154,20 @@ class GenerateRequest(_GenerationFields, kw_only=True):
             )
         keep_alive_seconds(self.keep_alive)
 
-    def uses_template(self, manifest: Manifest) -> bool:
+    def uses_template(self, chat_model: bool) -> bool:
         """Through the model's chat template: a chat model, unless the request is raw."""
-        return manifest.kind == "chat" and not self.raw
+        return chat_model and not self.raw
 
-    def chat_completion(self, manifest: Manifest, context_window: int | None) -> ChatCompletionRequest:
+    def chat_completion(self, model_id: str, context_window: int | None) -> ChatCompletionRequest:
         """`system` and `prompt` as a system and a user turn, through the model's chat template."""
         messages = [{"role": "system", "content": self.system}] if self.system else []
         messages.append({"role": "user", "content": self.prompt or ""})
-        fields = {**self._common(manifest.id, context_window), "messages": messages}
+        fields = {**self._common(model_id, context_window), "messages": messages}
         if (fmt := response_format(self.format)) is not None:
             fields["response_format"] = fmt
         return _convert(fields, OllamaChatCompletion)
 
-    def completion(self, manifest: Manifest, context_window: int | None) -> CompletionRequest:
+    def completion(self, model_id: str, context_window: int | None) -> CompletionRequest:
         """The prompt as it is (raw, or a model without a chat template: `system` goes in front)."""
         if response_format(self.format) is not None:
             raise InvalidRequest(
@@ -177,7 +176,7 @@ class GenerateRequest(_GenerationFields, kw_only=True):
         prompt = self.prompt or ""
         if self.system and not self.raw:
             prompt = f"{self.system}\n\n{prompt}"
-        fields = {**self._common(manifest.id, context_window), "prompt": prompt}
+        fields = {**self._common(model_id, context_window), "prompt": prompt}
         if self.suffix:
             fields["suffix"] = self.suffix  # CompletionRequest refuses it, naming `suffix`
         return _convert(fields, OllamaCompletion)
@@ -194,8 +193,8 @@ class ChatRequest(_GenerationFields, kw_only=True):
                 raise InvalidRequest(_NO_IMAGES, param=f"messages[{i}].images")
         keep_alive_seconds(self.keep_alive)
 
-    def chat_completion(self, manifest: Manifest, context_window: int | None) -> ChatCompletionRequest:
-        fields = {**self._common(manifest.id, context_window), "messages": openai_messages(self.messages or [])}
+    def chat_completion(self, model_id: str, context_window: int | None) -> ChatCompletionRequest:
+        fields = {**self._common(model_id, context_window), "messages": openai_messages(self.messages or [])}
         if (fmt := response_format(self.format)) is not None:
             fields["response_format"] = fmt
         if self.tools:
@@ -242,8 +241,8 @@ class EmbedRequest(msgspec.Struct, kw_only=True):
             return [self.input] if self.input else []
         return self.input or []
 
-    def embedding_request(self, manifest: Manifest) -> EmbeddingRequest:
-        return EmbeddingRequest(model=manifest.id, input=self.texts(), dimensions=self.dimensions)
+    def embedding_request(self, model_id: str) -> EmbeddingRequest:
+        return EmbeddingRequest(model=model_id, input=self.texts(), dimensions=self.dimensions)
 
     def keep_alive_s(self) -> float | None:
         return keep_alive_seconds(self.keep_alive)
@@ -257,8 +256,8 @@ class EmbeddingsRequest(msgspec.Struct, kw_only=True):
     options: dict[str, Any] | None = None
     keep_alive: KeepAlive = None
 
-    def embedding_request(self, manifest: Manifest) -> EmbeddingRequest:
-        return EmbeddingRequest(model=manifest.id, input=[self.prompt or ""])
+    def embedding_request(self, model_id: str) -> EmbeddingRequest:
+        return EmbeddingRequest(model=model_id, input=[self.prompt or ""])
 
     def keep_alive_s(self) -> float | None:
         return keep_alive_seconds(self.keep_alive)
@@ -566,95 +565,3 @@ def tool_calls_out(calls: list[tuple[str, str]]) -> list[ToolCall]:
             parsed = None
         out.append(ToolCall(function=ToolCallFunction(name=name, arguments=parsed if isinstance(parsed, dict) else {})))
     return out
-
-
-_QUANT = re.compile(r"(?i)(?<![A-Za-z0-9])(I?Q\d(?:_[A-Z0-9]+)*|BF16|F16|F32)(?=[-_.]|$)")
-_SIZE = re.compile(r"(?i)(?<![A-Za-z0-9.])(\d+(?:\.\d+)?)([MBK])(?=[-_.]|$)")
-
-
-def model_details(manifest: Manifest) -> ModelDetails:
-    family = manifest.architecture or ""
-    stem = manifest.file.name.rsplit(".", 1)[0]
-    quant = _QUANT.search(stem) if manifest.format == "gguf" else None
-    size = _SIZE.search(stem) or _SIZE.search(manifest.id)
-    return ModelDetails(
-        format=manifest.format,
-        family=family,
-        families=[family] if family else None,
-        parameter_size=f"{size.group(1)}{size.group(2).upper()}" if size else "",
-        quantization_level=quant.group(1).upper() if quant else "",
-    )
-
-
-def listed_model(manifest: Manifest) -> ListedModel:
-    name = listed_name(manifest.id)
-    return ListedModel(
-        name=name,
-        model=name,
-        modified_at=created_at(manifest.created),
-        size=sum(f.size for f in manifest.files()),
-        digest=manifest.file.sha256,
-        details=model_details(manifest),
-    )
-
-
-def running_model(
-    manifest: Manifest, status: dict[str, Any], context_window: int | None, expires_at: float | None
-) -> RunningModel:
-    name = listed_name(manifest.id)
-    return RunningModel(
-        name=name,
-        model=name,
-        size=status.get("memory_estimate_bytes") or sum(f.size for f in manifest.files()),
-        digest=manifest.file.sha256,
-        details=model_details(manifest),
-        context_length=context_window,
-        expires_at=msgspec.UNSET if expires_at is None else created_at(expires_at),
-    )
-
-
-# Every chat model takes tools: through its template when the template knows them, else the fallback format.
-_CAPABILITIES = {"chat": ["completion", "tools"], "completion": ["completion"], "embedding": ["embedding"]}
-
-
-def show_response(manifest: Manifest, context_window: int | None) -> ShowResponse:
-    arch = manifest.architecture
-    info: dict[str, Any] = {"general.basename": manifest.id}
-    if arch:
-        info["general.architecture"] = arch
-    prefix = arch or manifest.format
-    if context_window is not None:
-        info[f"{prefix}.context_length"] = context_window
-    if manifest.embedding_dim is not None:
-        info[f"{prefix}.embedding_length"] = manifest.embedding_dim
-    params = _parameters(manifest)
-    template = manifest.chat_template or ""
-    modelfile = "\n".join(
-        [
-            "# Modelfile generated by the appliance, for reading: models are added with `appliance models import`",
-            f"FROM {manifest.id}",
-            *([f'TEMPLATE """{template}"""'] if template else []),
-            *(f"PARAMETER {name} {value}" for name, value in params),
-        ]
-    )
-    return ShowResponse(
-        modelfile=modelfile + "\n",
-        parameters="\n".join(f"{name:<30} {value}" for name, value in params),
-        template=template,
-        details=model_details(manifest),
-        model_info=info,
-        capabilities=list(_CAPABILITIES.get(manifest.kind, [])),
-        modified_at=created_at(manifest.created),
-        aliases=list(manifest.aliases),
-    )
-
-
-def _parameters(manifest: Manifest) -> list[tuple[str, str]]:
-    if manifest.kind not in ("chat", "completion"):
-        return []
-    s = manifest.sampling
-    params = [(name, str(getattr(s, name))) for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty")]
-    if s.max_tokens is not None:
-        params.append(("num_predict", str(s.max_tokens)))
-    params.extend(("stop", msgspec.json.encode(stop).decode()) for stop in manifest.stop)
-    return params

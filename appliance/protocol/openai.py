@@ -12,8 +12,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from appliance.errors import InvalidRequest
-from appliance.modelstore.manifest import Sampling
-from appliance.types import PRIORITY_BATCH, PRIORITY_INTERACTIVE, SamplingParams, ToolGrammar
+from appliance.types import PRIORITY_BATCH, PRIORITY_INTERACTIVE, Sampling, SamplingParams, ToolGrammar
 
 Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
 TopP = Annotated[float, msgspec.Meta(gt=0, le=1)]

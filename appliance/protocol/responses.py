@@ -10,7 +10,6 @@ from typing import Any, Literal
 import msgspec
 import numpy as np
 
-from appliance.modelstore.manifest import Manifest
 from appliance.protocol.openai import EmbeddingUsage, UsageOut
 from appliance.types import Embeddings, TokenLogprob, Usage
 
@@ -214,7 +213,7 @@ def now() -> int:
     return int(time.time())
 
 
-def embedding_list(manifest: Manifest, result: Embeddings, encoding: str) -> EmbeddingList:
+def embedding_list(model_id: str, result: Embeddings, encoding: str) -> EmbeddingList:
     items = []
     for i, vector in enumerate(result.vectors):
         value: list[float] | str = vector
@@ -222,19 +221,5 @@ def embedding_list(manifest: Manifest, result: Embeddings, encoding: str) -> Emb
             value = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
         items.append(EmbeddingItem(index=i, embedding=value))
     return EmbeddingList(
-        data=items, model=manifest.id, usage=EmbeddingUsage(result.prompt_tokens, result.prompt_tokens)
-    )
-
-
-def model_card(manifest: Manifest, status: dict[str, Any], context_window: int | None) -> ModelCard:
-    return ModelCard(
-        id=manifest.id,
-        created=manifest.created,
-        owned_by="appliance",
-        kind=manifest.kind,
-        format=manifest.format,
-        aliases=manifest.aliases,
-        context_length=context_window,
-        trained_context_length=manifest.context_length,
-        status=status.get("state", "pending"),
+        data=items, model=model_id, usage=EmbeddingUsage(result.prompt_tokens, result.prompt_tokens)
     )

@@ -103,7 +103,7 @@ def test_details_come_from_the_file_name_when_it_says() -> None:
     import msgspec
 
     from appliance.modelstore.manifest import ModelFile
-    from appliance.protocol.ollama import model_details
+    from appliance.api.ollama_models import model_details
 
     m = manifest("gemma3-270m", architecture="gemma3")
     m = msgspec.structs.replace(m, file=ModelFile(name="gemma-3-270m-q4_k_m.gguf", sha256="1" * 64, size=10))
