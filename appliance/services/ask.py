@@ -277,7 +277,10 @@ class AskService:
         policy: RequestPolicy = OPEN_POLICY,
         quarantined: list[dict[str, str]] | None = None,
         rerank: bool = False,
+        extractive: bool = False,
     ) -> list[Source]:
+        """`extractive`: no model will read the sources, so none is loaded to count their tokens; they get
+        the default context budget."""
         hits = await self._documents.search(
             tenant, collection, question, top_k=top_k * 3, mode="hybrid", flt=None, rerank=rerank
         )
@@ -292,6 +295,9 @@ class AskService:
         vector_hits = await self._documents.search(tenant, collection, question, top_k=1, mode="vector", flt=None)
         if not vector_hits or vector_hits[0].score < MIN_SIMILARITY:
             return []
+        if extractive:
+            chosen = select_context(hits, top_k)
+            return [Source(i + 1, h.document_id, h.chunk_id, h.title, h.source, h.page, h.text) for i, h in enumerate(chosen)]
         async with self._registry.use(manifest) as engine:
             # Sources get what the answering model's context leaves after the answer and the prompt frame.
             room = engine.n_ctx - max_tokens - PROMPT_OVERHEAD_TOKENS - len(question) // 2
@@ -324,7 +330,7 @@ class AskService:
         [question] = policy.screen_input([question])
         sources = await self.retrieve(
             tenant, collection, question, top_k, manifest=manifest, max_tokens=max_tokens, policy=policy,
-            quarantined=quarantined, rerank=rerank,
+            quarantined=quarantined, rerank=rerank, extractive=self.extracts(manifest, answer_mode),
         )
         if not sources or self.extracts(manifest, answer_mode):
             return manifest, sources, None
@@ -374,7 +380,8 @@ class AskService:
         if generation is None and sources:
             answer = await self.extract(question, sources, manifest)
         elif generation is None:
-            answer = Answer(NO_ANSWER, [], [], False, manifest.id, {"prompt_tokens": 0, "completion_tokens": 0})
+            answer = Answer(NO_ANSWER, [], [], False, manifest.id, {"prompt_tokens": 0, "completion_tokens": 0},
+                            answer_mode="extractive" if self.extracts(manifest, answer_mode) else "generative")
         else:
             text, _, usage = await generation.collect()
             answer = finish(text, sources, manifest, usage)
@@ -407,7 +414,8 @@ class AskService:
             if generation is None:
                 yield {"type": "delta", "text": NO_ANSWER}
                 yield {"type": "done", **msgspec.to_builtins(
-                    Answer(NO_ANSWER, [], [], False, manifest.id, {"prompt_tokens": 0, "completion_tokens": 0}, quarantined))}
+                    Answer(NO_ANSWER, [], [], False, manifest.id, {"prompt_tokens": 0, "completion_tokens": 0}, quarantined,
+                           "extractive" if self.extracts(manifest, answer_mode) else "generative"))}
                 return
             parts: list[str] = []
             usage = Usage(prompt_tokens=0)
