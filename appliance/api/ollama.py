@@ -189,6 +189,48 @@ async def _forward(
     return await forward_if_needed(cluster, ctx, request, raw, planned)
 
 
+async def _decoded(
+    request: Request, type_: type[Any], cluster: Cluster, registry: ModelRegistry, ctx: RequestContext
+) -> tuple[Any, Response[bytes] | Stream | None]:
+    """The request body decoded, and a peer's answer when federation sends the request there."""
+    raw = await request.body()
+    body = decode_request(raw, type_)
+    return body, await _forward(cluster, registry, ctx, request, raw, body.model)
+
+
+async def _embed(
+    registry: ModelRegistry, service: EmbeddingService, ctx: RequestContext, keep_alive: KeepAlive,
+    body: EmbedRequest | EmbeddingsRequest, texts: list[str],
+) -> tuple[list[list[float]], int, float]:
+    """Vectors, tokens and seconds spent loading the model; no texts only loads it (as in Ollama)."""
+    seconds = body.keep_alive_s()  # a bad keep_alive is refused before any work
+    manifest = _resolve(registry, ctx, body.model, ("embedding",))
+    began = time.monotonic()
+    async with registry.use(manifest):  # loads it (load_duration), and holds it for the service
+        load_s = time.monotonic() - began
+        vectors: list[list[float]] = []
+        tokens = 0
+        if texts:
+            _, result = await service.embed(body.embedding_request(manifest.id), ctx)
+            vectors, tokens = result.vectors, result.prompt_tokens
+    keep_alive.after_request(manifest, seconds)
+    return vectors, tokens, load_s
+
+
+async def _generation(
+    registry: ModelRegistry, keep_alive: KeepAlive, ctx: RequestContext, body: GenerateRequest | ChatRequest,
+    kinds: tuple[ModelKind, ...], empty: bool,
+    start: Callable[[Manifest, int | None], Callable[[], Awaitable[Generation]]],
+) -> Response[bytes] | Stream:
+    """Serve /api/generate or /api/chat: load only (an empty request), or run the generation `start` makes."""
+    manifest = _resolve(registry, ctx, body.model, kinds)
+    seconds, shape = body.keep_alive_s(), _Shape(body.model, chat=isinstance(body, ChatRequest))
+    if empty:
+        return await _load_only(registry, keep_alive, manifest, seconds, shape)
+    run = await _start(registry, manifest, ctx, start(manifest, registry.context_window(manifest)))
+    return await _answer(run, shape, body.stream, lambda: keep_alive.after_request(manifest, seconds))
+
+
 def _cache_scope(request: Request, ctx: RequestContext) -> str | None:
     directives = request.headers.get("cache-control", "").lower()
     if "no-cache" in directives or "no-store" in directives:
@@ -393,85 +435,58 @@ class OllamaController(Controller):
         self, request: Request, registry: ModelRegistry, generation_service: GenerationService, ctx: RequestContext,
         keep_alive: KeepAlive, cluster: Cluster,
     ) -> Response[bytes] | Stream:
-        raw = await request.body()
-        body: GenerateRequest = decode_request(raw, GenerateRequest)
-        if (forwarded := await _forward(cluster, registry, ctx, request, raw, body.model)) is not None:
+        body, forwarded = await _decoded(request, GenerateRequest, cluster, registry, ctx)
+        if forwarded is not None:
             return forwarded
         body.check()
-        manifest = _resolve(registry, ctx, body.model, ("chat", "completion"))
-        seconds, shape = body.keep_alive_s(), _Shape(body.model, chat=False)
-        if not body.prompt and not body.system:
-            return await _load_only(registry, keep_alive, manifest, seconds, shape)
-        window, scope = registry.context_window(manifest), _cache_scope(request, ctx)
-        if body.uses_template(manifest.kind == "chat"):
-            start = partial(generation_service.chat, body.chat_completion(manifest.id, window), ctx, cache_scope=scope)
-        else:
-            start = partial(generation_service.complete, body.completion(manifest.id, window), ctx, cache_scope=scope)
-        run = await _start(registry, manifest, ctx, start)
-        return await _answer(run, shape, body.stream, lambda: keep_alive.after_request(manifest, seconds))
+        scope = _cache_scope(request, ctx)
+
+        def start(manifest: Manifest, window: int | None) -> Callable[[], Awaitable[Generation]]:
+            if body.uses_template(manifest.kind == "chat"):
+                return partial(generation_service.chat, body.chat_completion(manifest.id, window), ctx, cache_scope=scope)
+            return partial(generation_service.complete, body.completion(manifest.id, window), ctx, cache_scope=scope)
+
+        empty = not body.prompt and not body.system
+        return await _generation(registry, keep_alive, ctx, body, ("chat", "completion"), empty, start)
 
     @post("/chat", status_code=200, opt=_CHAT_OPT)
-    async def ollama_chat(
-        self, request: Request, registry: ModelRegistry, generation_service: GenerationService, ctx: RequestContext,
-        keep_alive: KeepAlive, cluster: Cluster,
-    ) -> Response[bytes] | Stream:
-        raw = await request.body()
-        body: ChatRequest = decode_request(raw, ChatRequest)
-        if (forwarded := await _forward(cluster, registry, ctx, request, raw, body.model)) is not None:
-            return forwarded
-        body.check()
-        manifest = _resolve(registry, ctx, body.model, ("chat",))
-        seconds, shape = body.keep_alive_s(), _Shape(body.model, chat=True)
-        if not body.messages:
-            return await _load_only(registry, keep_alive, manifest, seconds, shape)
-        chat = body.chat_completion(manifest.id, registry.context_window(manifest))
-        scope = _cache_scope(request, ctx)
-        run = await _start(registry, manifest, ctx, partial(generation_service.chat, chat, ctx, cache_scope=scope))
-        return await _answer(run, shape, body.stream, lambda: keep_alive.after_request(manifest, seconds))
+    async def ollama_chat(self, request: Request, ctx: RequestContext, generation_service: GenerationService,
+                          registry: ModelRegistry, keep_alive: KeepAlive, cluster: Cluster) -> Response[bytes] | Stream:
+        chat_body, forwarded = await _decoded(request, ChatRequest, cluster, registry, ctx)
+        if forwarded is None:
+            chat_body.check()
+            scope = _cache_scope(request, ctx)
+
+            def start(manifest: Manifest, window: int | None) -> Callable[[], Awaitable[Generation]]:
+                chat = chat_body.chat_completion(manifest.id, window)
+                return partial(generation_service.chat, chat, ctx, cache_scope=scope)
+
+            forwarded = await _generation(registry, keep_alive, ctx, chat_body, ("chat",), not chat_body.messages, start)
+        return forwarded
 
     @post("/embed", status_code=200, opt=_opt("embed one input or a list", EmbedRequest, EmbedResponse))
     async def ollama_embed(
         self, request: Request, registry: ModelRegistry, embedding_service: EmbeddingService, ctx: RequestContext,
         keep_alive: KeepAlive, cluster: Cluster,
     ) -> Response[bytes]:
-        raw = await request.body()
-        body: EmbedRequest = decode_request(raw, EmbedRequest)
-        if (forwarded := await _forward(cluster, registry, ctx, request, raw, body.model)) is not None:
+        body, forwarded = await _decoded(request, EmbedRequest, cluster, registry, ctx)
+        if forwarded is not None:
             return forwarded
-        seconds = body.keep_alive_s()
-        manifest = _resolve(registry, ctx, body.model, ("embedding",))
-        began = time.monotonic()
-        async with registry.use(manifest):  # loads it (load_duration), and holds it for the service
-            loaded = time.monotonic()
-            vectors, tokens = [], 0
-            if body.texts():
-                _, result = await embedding_service.embed(body.embedding_request(manifest.id), ctx)
-                tokens = result.prompt_tokens
-                vectors = result.vectors
-        keep_alive.after_request(manifest, seconds)
+        vectors, tokens, load_s = await _embed(registry, embedding_service, ctx, keep_alive, body, body.texts())
         return json_response(EmbedResponse(
             model=body.model, embeddings=vectors, total_duration=_ns(time.monotonic() - ctx.started),
-            load_duration=_ns(loaded - began), prompt_eval_count=tokens,
+            load_duration=_ns(load_s), prompt_eval_count=tokens,
         ))
 
     @post("/embeddings", status_code=200, opt=_opt("embed one prompt (older route)", EmbeddingsRequest, EmbeddingsResponse))
-    async def ollama_embeddings(
-        self, request: Request, registry: ModelRegistry, embedding_service: EmbeddingService, ctx: RequestContext,
-        keep_alive: KeepAlive, cluster: Cluster,
-    ) -> Response[bytes]:
-        raw = await request.body()
-        body: EmbeddingsRequest = decode_request(raw, EmbeddingsRequest)
-        if (forwarded := await _forward(cluster, registry, ctx, request, raw, body.model)) is not None:
-            return forwarded
-        seconds = body.keep_alive_s()
-        manifest = _resolve(registry, ctx, body.model, ("embedding",))
-        vector: list[float] = []
-        async with registry.use(manifest):
-            if body.prompt:
-                _, result = await embedding_service.embed(body.embedding_request(manifest.id), ctx)
-                vector = result.vectors[0]
-        keep_alive.after_request(manifest, seconds)
-        return json_response(EmbeddingsResponse(vector))
+    async def ollama_embeddings(self, request: Request, ctx: RequestContext, embedding_service: EmbeddingService,
+                                registry: ModelRegistry, keep_alive: KeepAlive, cluster: Cluster) -> Response[bytes]:
+        older, forwarded = await _decoded(request, EmbeddingsRequest, cluster, registry, ctx)
+        if forwarded is None:
+            texts = [older.prompt] if older.prompt else []
+            vectors, _, _ = await _embed(registry, embedding_service, ctx, keep_alive, older, texts)
+            forwarded = json_response(EmbeddingsResponse(vectors[0] if vectors else []))
+        return forwarded
 
     # -- model management: offline, from the command line --------------------------------------
 
@@ -505,19 +520,15 @@ class OllamaController(Controller):
     @post("/copy", status_code=200, opt=_opt("copy: refused, add an alias from the command line", CopyRequest, None))
     async def ollama_copy(self, request: Request, registry: ModelRegistry, ctx: RequestContext) -> Response[bytes]:
         body: CopyRequest = decode_request(await request.body(), CopyRequest)
-        manifest = _resolve(registry, ctx, body.source, None)
+        model_id = _resolve(registry, ctx, body.source, None).id
         raise InvalidRequest(
-            f"Copying models is not supported: to give {manifest.id} another name, import its file again with "
-            f"`appliance models import <file> --id {manifest.id} --alias {body.destination}`.",
-            param="destination",
+            f"Copying models is not supported: to give {model_id} another name, import its file again with "
+            f"`appliance models import <file> --id {model_id} --alias {body.destination}`.", param="destination"
         )
 
     @delete("/delete", status_code=200, opt=_opt("delete: refused, remove from the command line", ModelRequest, None))
     async def ollama_delete(self, request: Request, registry: ModelRegistry, ctx: RequestContext) -> Response[bytes]:
-        body: ModelRequest = decode_request(await request.body(), ModelRequest)
-        manifest = _resolve(registry, ctx, body.model_name, None)
-        raise InvalidRequest(
-            f"Deleting models over the API is not supported: stop the server and run "
-            f"`appliance models remove {manifest.id}`.",
-            param="model",
-        )
+        name = decode_request(await request.body(), ModelRequest).model_name
+        model_id = _resolve(registry, ctx, name, None).id
+        message = f"Deleting models over the API is not supported: stop the server and run `appliance models remove {model_id}`."
+        raise InvalidRequest(message, param="model")

@@ -138,6 +138,15 @@ async def _grounded_events(events: AsyncIterator[dict], ctx: RequestContext) -> 
             yield sse_event(final)
 
 
+async def _decoded(
+    request: Request, type_: type[Any], cluster: Cluster, ctx: RequestContext
+) -> tuple[Any, Response[bytes] | Stream | None]:
+    """The request body decoded, and a peer's answer when federation sends the request there."""
+    raw = await request.body()
+    body = decode_request(raw, type_)
+    return body, await forward_if_needed(cluster, ctx, request, raw, body.model)
+
+
 def _assistant_message(text: str, finish: str, tools_offered: bool) -> tuple[AssistantMessage, str]:
     """The message and finish reason of a whole answer; an answer that is tool calls becomes `tool_calls`."""
     if not tools_offered:
@@ -247,9 +256,8 @@ class OpenAIController(Controller):
     async def completions(
         self, request: Request, generation_service: GenerationService, ctx: RequestContext, cluster: Cluster
     ) -> Response[bytes] | Stream:
-        raw = await request.body()
-        body: CompletionRequest = decode_request(raw, CompletionRequest)
-        if (forwarded := await forward_if_needed(cluster, ctx, request, raw, body.model)) is not None:
+        body, forwarded = await _decoded(request, CompletionRequest, cluster, ctx)
+        if forwarded is not None:
             return forwarded
         generation = await generation_service.complete(body, ctx, cache_scope=_cache_scope(request, ctx))
         headers = _cache_headers(generation)
@@ -274,9 +282,8 @@ class OpenAIController(Controller):
     async def embeddings(
         self, request: Request, embedding_service: EmbeddingService, ctx: RequestContext, cluster: Cluster
     ) -> Response[bytes] | Stream:
-        raw = await request.body()
-        body: EmbeddingRequest = decode_request(raw, EmbeddingRequest)
-        if (forwarded := await forward_if_needed(cluster, ctx, request, raw, body.model)) is not None:
-            return forwarded
-        manifest, result = await embedding_service.embed(body, ctx)
-        return json_response(embedding_list(manifest.id, result, body.encoding_format))
+        body, forwarded = await _decoded(request, EmbeddingRequest, cluster, ctx)
+        if forwarded is None:
+            manifest, result = await embedding_service.embed(body, ctx)
+            forwarded = json_response(embedding_list(manifest.id, result, body.encoding_format))
+        return forwarded
