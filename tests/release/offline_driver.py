@@ -77,6 +77,8 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
         out["server_log_tail"] = (base / "server.log").read_text(errors="replace")[-3000:]
+        # on a failure the test shows stderr: what the server said is what explains it
+        print(f"server exit code {proc.returncode}; log tail:\n{out['server_log_tail']}", file=sys.stderr)
     print(json.dumps(out))
 
 
