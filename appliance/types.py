@@ -162,3 +162,13 @@ class Principal(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+
+class SearchFilter(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Which chunks a search may return (all given conditions hold)."""
+
+    document_id: str | list[str] | None = None
+    source: str | None = None
+    page_from: int | None = None
+    page_to: int | None = None
+    metadata: dict[str, str | int | float | bool] = {}

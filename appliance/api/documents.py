@@ -2,31 +2,23 @@
 
 from __future__ import annotations
 
-import msgspec
-from collections.abc import AsyncIterator
-from typing import Any
 
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.response import Stream
 from litestar.datastructures import UploadFile
 
 from appliance.errors import InvalidRequest
-from appliance.api.errors import error_body
-from appliance.errors import ApplianceError
+from appliance.api.http import SSE_HEADERS, json_response, sse, sse_event
 from appliance.api.openapi import (
     AskEvent, CollectionDeleted, CollectionInfo, DocumentDeleted, DocumentInfo, IngestReport, ObjectList,
 )
-from appliance.protocol.documents import AskRequest, CreateCollection, DocumentIn, SearchHit, SearchRequest, SearchResponse
-from appliance.services.ask import Answer, AskService
+from appliance.protocol.documents import Answer, AskRequest, CreateCollection, DocumentIn, SearchHit, SearchRequest, SearchResponse
+from appliance.services.ask import AskService
 from appliance.protocol.openai import decode_request
 from appliance.policy.gateway import RequestContext
 from appliance.services.documents import DocumentService
 
 MAX_UPLOAD_BYTES = 256 * 1024 * 1024
-
-
-def _json(obj: object, status: int = 200) -> Response[bytes]:
-    return Response(content=msgspec.json.encode(obj), media_type="application/json", status_code=status)
 
 
 class DocumentsController(Controller):
@@ -35,16 +27,16 @@ class DocumentsController(Controller):
     @post("/", status_code=201, opt={"request": CreateCollection, "response": CollectionInfo, "summary": "Create a collection"})
     async def create_collection(self, request: Request, document_service: DocumentService, ctx: RequestContext) -> Response[bytes]:
         body: CreateCollection = decode_request(await request.body(), CreateCollection)
-        return _json(await document_service.create(ctx.tenant.name, body.name), 201)
+        return json_response(await document_service.create(ctx.tenant.name, body.name), 201)
 
     @get("/", opt={"response": ObjectList[CollectionInfo], "summary": "List collections"})
     async def list_collections(self, document_service: DocumentService, ctx: RequestContext) -> Response[bytes]:
-        return _json({"object": "list", "data": document_service.list(ctx.tenant.name)})
+        return json_response({"object": "list", "data": document_service.list(ctx.tenant.name)})
 
     @delete("/{name:str}", status_code=200, opt={"response": CollectionDeleted, "summary": "Delete a collection"})
     async def delete_collection(self, name: str, document_service: DocumentService, ctx: RequestContext) -> Response[bytes]:
         await document_service.delete(ctx.tenant.name, name)
-        return _json({"name": name, "deleted": True})
+        return json_response({"name": name, "deleted": True})
 
     @post(
         "/{name:str}/documents", status_code=200, request_max_body_size=MAX_UPLOAD_BYTES,
@@ -66,16 +58,16 @@ class DocumentsController(Controller):
             )
             results = [res]
         counts = {s: sum(1 for r in results if r.status == s) for s in ("ingested", "unchanged", "failed")}
-        return _json({"collection": name, "results": results, **counts})
+        return json_response({"collection": name, "results": results, **counts})
 
     @get("/{name:str}/documents", opt={"response": ObjectList[DocumentInfo], "summary": "List documents"})
     async def list_documents(self, name: str, document_service: DocumentService, ctx: RequestContext) -> Response[bytes]:
-        return _json({"object": "list", "data": await document_service.documents(ctx.tenant.name, name)})
+        return json_response({"object": "list", "data": await document_service.documents(ctx.tenant.name, name)})
 
     @delete("/{name:str}/documents/{doc_id:str}", status_code=200, opt={"response": DocumentDeleted, "summary": "Delete a document"})
     async def delete_document(self, name: str, doc_id: str, document_service: DocumentService, ctx: RequestContext) -> Response[bytes]:
         await document_service.delete_document(ctx.tenant.name, name, doc_id)
-        return _json({"id": doc_id, "deleted": True})
+        return json_response({"id": doc_id, "deleted": True})
 
     @post("/{name:str}/search", status_code=200, opt={"request": SearchRequest, "response": SearchResponse, "summary": "Search a collection"})
     async def search(self, name: str, request: Request, document_service: DocumentService, ctx: RequestContext) -> Response[bytes]:
@@ -91,7 +83,7 @@ class DocumentsController(Controller):
                       h.score, h.snippet, h.highlights, h.metadata)
             for h in hits
         ]
-        return _json(SearchResponse(body.query, body.mode, data))
+        return json_response(SearchResponse(body.query, body.mode, data))
 
     @post(
         "/{name:str}/ask", status_code=200,
@@ -101,26 +93,7 @@ class DocumentsController(Controller):
         body: AskRequest = decode_request(await request.body(), AskRequest)
         args = dict(top_k=body.top_k, model=body.model, max_tokens=body.max_tokens, policy=ctx, rerank=body.rerank,
                     answer_mode=body.answer_mode)
-        ctx.hold_record()
         if not body.stream:
-            answer = await ask_service.ask(ctx.tenant.name, name, body.question, **args)
-            ctx.note_grounding(answer.grounded or not answer.sources)
-            return _json(answer)
-        events = _noting_grounding(await ask_service.stream(ctx.tenant.name, name, body.question, **args), ctx)
-        return Stream(_sse(events), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-async def _noting_grounding(events: AsyncIterator[dict[str, Any]], ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
-    async for event in events:
-        if event["type"] == "done":
-            ctx.note_grounding(event["grounded"] or not event["sources"])
-        yield event
-
-
-async def _sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
-    try:
-        async for event in events:
-            yield b"data: " + msgspec.json.encode(event) + b"\n\n"
-        yield b"data: [DONE]\n\n"
-    except ApplianceError as exc:
-        yield b"data: " + msgspec.json.encode(error_body(exc)) + b"\n\n"
+            return json_response(await ask_service.ask(ctx.tenant.name, name, body.question, **args))
+        events = await ask_service.stream(ctx.tenant.name, name, body.question, **args)
+        return Stream(sse(sse_event(e) async for e in events), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -107,12 +107,10 @@ async def _grounded_chat(body: ChatCompletionRequest, ask: AskService, ctx: Requ
     body.check()
     args = dict(top_k=body.collection_top_k, model=body.model, max_tokens=body.token_limit or 256, policy=ctx)
     tenant = ctx.tenant.name
-    ctx.hold_record()
     if body.stream:
         events = await ask.stream(tenant, body.collection or "", body.question(), **args)
-        return Stream(sse(_grounded_events(events, ctx)), media_type="text/event-stream", headers=SSE_HEADERS)
+        return Stream(sse(_grounded_events(events)), media_type="text/event-stream", headers=SSE_HEADERS)
     answer = await ask.ask(tenant, body.collection or "", body.question(), **args)
-    ctx.note_grounding(answer.grounded or not answer.sources)
     usage = Usage(prompt_tokens=answer.usage["prompt_tokens"], completion_tokens=answer.usage["completion_tokens"])
     choice = ChatChoice(0, AssistantMessage(answer.answer), "stop")
     return json_response(
@@ -121,7 +119,7 @@ async def _grounded_chat(body: ChatCompletionRequest, ask: AskService, ctx: Requ
     )
 
 
-async def _grounded_events(events: AsyncIterator[dict], ctx: RequestContext) -> AsyncIterator[bytes]:
+async def _grounded_events(events: AsyncIterator[dict]) -> AsyncIterator[bytes]:
     cid, created = new_id("chatcmpl"), now()
     model = ""
     async for event in events:
@@ -131,7 +129,6 @@ async def _grounded_events(events: AsyncIterator[dict], ctx: RequestContext) -> 
             yield sse_event(ChatCompletionChunk(cid, created, model, [ChunkChoice(0, Delta(role="assistant", content=""))]))
         elif event["type"] == "done":
             model = event["model"]
-            ctx.note_grounding(event["grounded"] or not event["sources"])
             final = msgspec.to_builtins(ChatCompletionChunk(cid, created, model, [ChunkChoice(0, Delta(), "stop")]))
             final["citations"], final["grounded"] = event["citations"], event["grounded"]
             final["quarantined"] = event["quarantined"]

@@ -28,7 +28,7 @@ from litestar.routes import HTTPRoute
 from appliance.api.errors import ErrorBody
 from appliance.api.gateway import METRICS_ROUTE, PUBLIC_ROUTES
 from appliance.policy.tenancy import ApiKey, Tenant
-from appliance.services.ask import Answer, Citation, Source
+from appliance.protocol.documents import Answer, Citation, Source
 
 OPT_KEYS = {
     "request": "the JSON body's type (what the handler passes to decode_request)",

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from appliance.retrieval.collection import SearchFilter
+from appliance.types import SearchFilter
 
 
 class CreateCollection(msgspec.Struct, forbid_unknown_fields=True):
@@ -64,3 +64,43 @@ class AskRequest(msgspec.Struct, forbid_unknown_fields=True):
     """generative: the model writes the answer; extractive: the best source sentences, verbatim, with
     citations, no generation; auto: extractive for base models and when a generated answer fails its
     citation check. Default: the server's retrieval.answer_mode."""
+
+
+# -- grounded answers ---------------------------------------------------------------------------
+
+
+class Source(msgspec.Struct):
+    index: int
+    document_id: str
+    chunk_id: int
+    title: str
+    source: str
+    page: int | None
+    text: str
+
+
+class Citation(msgspec.Struct):
+    index: int
+    document_id: str
+    chunk_id: int
+    title: str
+    page: int | None
+    quote: str
+    """The passage of the source that best supports the sentence."""
+    sentence: str
+    supported: bool
+    inferred: bool = False
+    """True when the model gave no marker and the source was matched by content."""
+
+
+class Answer(msgspec.Struct):
+    answer: str
+    citations: list[Citation]
+    sources: list[Source]
+    grounded: bool
+    model: str
+    usage: dict[str, int]
+    quarantined: list[dict[str, str]] = msgspec.field(default_factory=list)
+    """Retrieved chunks the injection guardrail kept out of the prompt (document and chunk ids)."""
+    answer_mode: str = "generative"
+    """How this answer was made: "generative" (written by the model) or "extractive" (source sentences)."""

@@ -31,6 +31,7 @@ from appliance.retrieval.fusion import Candidates, fuse_hybrid
 from appliance.retrieval.lexical import LexicalChunk, LexicalIndex
 from appliance.retrieval.parsing import Section
 from appliance.retrieval.vector import VectorIndex
+from appliance.types import SearchFilter
 from appliance.storage.files import commit_lock
 from appliance.storage.sqlite import connect, migrate
 
@@ -118,14 +119,6 @@ class Hit(msgspec.Struct):
     metadata: dict[str, Any]
     snippet: str = ""
     highlights: list[tuple[int, int]] = []
-
-
-class SearchFilter(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    document_id: str | list[str] | None = None
-    source: str | None = None
-    page_from: int | None = None
-    page_to: int | None = None
-    metadata: dict[str, str | int | float | bool] = {}
 
 
 HEADER_TOKENS = 32

@@ -30,6 +30,7 @@ from appliance.errors import InvalidRequest
 from appliance.modelstore.manifest import Manifest
 from appliance.retrieval.collection import Hit
 from appliance.services.documents import DocumentService
+from appliance.protocol.documents import Answer, Citation, Source
 from appliance.services.policy import OPEN_POLICY, RequestPolicy
 from appliance.services.generation import Generation, GenerationService
 from appliance.types import Usage
@@ -63,43 +64,6 @@ _STOPWORDS = frozenset(
     "as not no but if then than so such can could should would will may might do does did has have had what which "
     "who whom when where why how i you he she we they them their our your there here about into over under".split()
 )
-
-
-class Source(msgspec.Struct):
-    index: int
-    document_id: str
-    chunk_id: int
-    title: str
-    source: str
-    page: int | None
-    text: str
-
-
-class Citation(msgspec.Struct):
-    index: int
-    document_id: str
-    chunk_id: int
-    title: str
-    page: int | None
-    quote: str
-    """The passage of the source that best supports the sentence."""
-    sentence: str
-    supported: bool
-    inferred: bool = False
-    """True when the model gave no marker and the source was matched by content."""
-
-
-class Answer(msgspec.Struct):
-    answer: str
-    citations: list[Citation]
-    sources: list[Source]
-    grounded: bool
-    model: str
-    usage: dict[str, int]
-    quarantined: list[dict[str, str]] = msgspec.field(default_factory=list)
-    """Retrieved chunks the injection guardrail kept out of the prompt (document and chunk ids)."""
-    answer_mode: str = "generative"
-    """How this answer was made: "generative" (written by the model) or "extractive" (source sentences)."""
 
 
 def _content_words(text: str) -> set[str]:
@@ -325,6 +289,8 @@ class AskService:
         the answer will be extracted (see `extracts`)."""
         if not question.strip():
             raise InvalidRequest("The question is empty.", param="question")
+        # Citations are checked after the last token: the request's record waits for the answer's end.
+        policy.hold_record()
         manifest = self._model(model)
         policy.allow_model(manifest)
         [question] = policy.screen_input([question])
@@ -389,6 +355,7 @@ class AskService:
                 # The generated answer failed its citation check: answer from the sources themselves.
                 answer = await self.extract(question, sources, manifest, usage)
         answer.quarantined = quarantined
+        policy.note_grounding(answer.grounded or not answer.sources)
         return answer
 
     async def stream(
@@ -403,19 +370,22 @@ class AskService:
             quarantined=quarantined, rerank=rerank, answer_mode=answer_mode,
         )
 
+        def done(answer: Answer) -> dict[str, Any]:
+            policy.note_grounding(answer.grounded or not answer.sources)
+            return {"type": "done", **msgspec.to_builtins(answer)}
+
         async def events() -> AsyncIterator[dict[str, Any]]:
             yield {"type": "sources", "sources": [msgspec.to_builtins(s) for s in sources], "quarantined": quarantined}
             if generation is None and sources:
                 answer = await self.extract(question, sources, manifest)
                 answer.quarantined = quarantined
                 yield {"type": "delta", "text": answer.answer}
-                yield {"type": "done", **msgspec.to_builtins(answer)}
+                yield done(answer)
                 return
             if generation is None:
                 yield {"type": "delta", "text": NO_ANSWER}
-                yield {"type": "done", **msgspec.to_builtins(
-                    Answer(NO_ANSWER, [], [], False, manifest.id, {"prompt_tokens": 0, "completion_tokens": 0}, quarantined,
-                           "extractive" if self.extracts(manifest, answer_mode) else "generative"))}
+                yield done(Answer(NO_ANSWER, [], [], False, manifest.id, {"prompt_tokens": 0, "completion_tokens": 0},
+                                  quarantined, "extractive" if self.extracts(manifest, answer_mode) else "generative"))
                 return
             parts: list[str] = []
             usage = Usage(prompt_tokens=0)
@@ -430,7 +400,7 @@ class AskService:
                 await generation.aclose()
             answer = finish("".join(parts), sources, manifest, usage)
             answer.quarantined = quarantined
-            yield {"type": "done", **msgspec.to_builtins(answer)}
+            yield done(answer)
 
         return events()
 

@@ -51,6 +51,12 @@ class RequestPolicy(Protocol):
     def count_retrieved(self, chunks: int) -> None:
         """Chunks retrieved for this request (search results, sources of a grounded answer)."""
 
+    def hold_record(self) -> None:
+        """A grounded answer: keep the usage record open until the response's last message."""
+
+    def note_grounding(self, grounded: bool) -> None:
+        """Whether the answer's citations checked out (an ungrounded answer is flagged in the audit trail)."""
+
 
 class _OpenPolicy:
     def allow_model(self, manifest: Manifest) -> None:
@@ -78,6 +84,12 @@ class _OpenPolicy:
         return None
 
     def count_retrieved(self, chunks: int) -> None:
+        return None
+
+    def hold_record(self) -> None:
+        return None
+
+    def note_grounding(self, grounded: bool) -> None:
         return None
 
 
