@@ -88,10 +88,12 @@ def eval_guardrails(
 @click.option("--limit", type=int, help="Evaluate only the first N questions.")
 @click.option("--rerank", is_flag=True, help="Add a hybrid+rerank row: retrieval.rerank_model reorders hybrid's best 20.")
 @click.option("--context-headers", is_flag=True, help="Embed each chunk behind its title and heading (retrieval.context_headers).")
+@click.option("--fusion", type=click.Choice(["fixed", "adaptive"]), default="fixed", show_default=True,
+              help="Hybrid weighting (retrieval.fusion).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def eval_retrieval(ctx: click.Context, dataset: Path, limit: int | None, rerank: bool, context_headers: bool,
-                   as_json: bool) -> None:
+                   fusion: str, as_json: bool) -> None:
     """Recall@1/5/10 and MRR@10 of bm25, vector and hybrid search. SQuAD: the rank of the gold paragraph;
     long documents: the rank of the first chunk of the gold document that contains the answer text."""
     from appliance.retrieval.evaluate import evaluate, load_dataset
@@ -104,7 +106,7 @@ def eval_retrieval(ctx: click.Context, dataset: Path, limit: int | None, rerank:
             return await asyncio.to_thread(
                 evaluate, dataset, service.embed_fn(engine), service.chunker_for(engine),
                 embedding_model=manifest.id, ndim=manifest.embedding_dim or 384, limit=limit, progress=bar.update,
-                rerank=scorer.score if scorer is not None else None, context_headers=context_headers,
+                rerank=scorer.score if scorer is not None else None, context_headers=context_headers, fusion=fusion,
             )
 
     import asyncio
