@@ -152,9 +152,14 @@ def create_app(settings: Settings, registry: ModelRegistry) -> Litestar:
         embedding_model=settings.retrieval.embedding_model,
         reranker=reranker,
         on_search=lambda mode, seconds: gateway.metrics.retrieval.labels(mode=mode).observe(seconds),
+        context_headers=settings.retrieval.context_headers,
+        fusion=settings.retrieval.fusion,
     )
 
-    ask = AskService(documents, generation, registry, default_model=settings.retrieval.answer_model)
+    ask = AskService(
+        documents, generation, registry, default_model=settings.retrieval.answer_model,
+        answer_mode=settings.retrieval.answer_mode,
+    )
     cluster = Cluster(settings.cluster, registry, port=settings.server.port)
 
     background: list[asyncio.Task[None]] = []

@@ -105,7 +105,8 @@ async def _completion_events(
 async def _grounded_chat(body: ChatCompletionRequest, ask: AskService, ctx: RequestContext) -> Response[bytes] | Stream:
     """`collection` in a chat request: the same retrieval, prompt and checks as /ask, in OpenAI's shape."""
     body.check()
-    args = dict(top_k=body.collection_top_k, model=body.model, max_tokens=body.token_limit or 256, policy=ctx)
+    args = dict(top_k=body.collection_top_k, model=body.model, max_tokens=body.token_limit or 256, policy=ctx,
+                answer_mode=body.answer_mode)
     tenant = ctx.tenant.name
     if body.stream:
         events = await ask.stream(tenant, body.collection or "", body.question(), **args)

@@ -167,6 +167,8 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     collection: str | None = None
     """Appliance extension: answer from this document collection, with citations."""
     collection_top_k: Annotated[int, msgspec.Meta(ge=1, le=20)] = 5
+    answer_mode: Literal["generative", "extractive", "auto"] | None = None
+    """Appliance extension, with `collection`: how the answer is made (default: retrieval.answer_mode)."""
 
     def question(self) -> str:
         for i in range(len(self.messages) - 1, -1, -1):

@@ -66,3 +66,35 @@ def test_generative_stays_the_default_and_bad_modes_are_refused(world: World) ->
         assert body["answer_mode"] == "generative"
         r = client.post("/v1/collections/docs/ask", json={"question": QUESTION, "answer_mode": "summary"})
         assert r.status_code == 400 and "answer_mode" in r.text
+
+
+def test_chat_with_a_collection_takes_answer_mode(world: World) -> None:
+    with make_client(world, APPLIANCE_EMBEDDING_MODEL="embed-model") as client:
+        _collection(client)
+        r = client.post("/v1/chat/completions", json={
+            "model": "chat-model", "collection": "docs", "answer_mode": "extractive", "max_tokens": 16,
+            "messages": [{"role": "user", "content": QUESTION}],
+        })
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert "Llamas eat grass and hay every day." in body["choices"][0]["message"]["content"]
+        assert body["grounded"] is True and body["citations"]
+        bad = client.post("/v1/chat/completions", json={
+            "model": "chat-model", "collection": "docs", "answer_mode": "summary",
+            "messages": [{"role": "user", "content": QUESTION}]})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "answer_mode"
+
+
+def test_the_setting_is_the_default_mode(world: World, tmp_path: Path) -> None:
+    from appliance.api.app import create_app
+    from appliance.engines.registry import ModelRegistry
+    from appliance.settings import load_settings
+
+    config = tmp_path / "appliance.toml"
+    config.write_text('[retrieval]\nanswer_mode = "extractive"\nembedding_model = "embed-model"\n')
+    settings = load_settings(config=config, env={"APPLIANCE_DATA_DIR": str(tmp_path / "data")})
+    app = create_app(settings, ModelRegistry(world.manifests, world.factory, load_timeout_s=5))
+    with TestClient(app) as client:
+        _collection(client)
+        r = client.post("/v1/collections/docs/ask", json={"question": QUESTION})
+    assert r.json()["answer_mode"] == "extractive"
