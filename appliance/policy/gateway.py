@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from appliance.errors import ApplianceError, AuthenticationFailed
@@ -53,6 +54,8 @@ class Gateway:
         """Without any API key, serve everyone as the default tenant's admin: only when bound to loopback."""
         self.guardrails = Guardrails(classifier=injection_classifier, retrieved_classifier=injection_classifier)
         self.tenants.ensure_tenant(DEFAULT_TENANT)
+        self.journal = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usage-journal")
+        """Checkpoints of streaming requests (fsync'd writes): never on the event loop, never waited for."""
 
     def open_mode(self) -> bool:
         return self.open_mode_allowed and not self.tenants.any_keys()
@@ -77,6 +80,7 @@ class Gateway:
         return replayed
 
     def close(self) -> None:
+        self.journal.shutdown(wait=True)
         self._conn.close()
 
 

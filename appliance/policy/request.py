@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -26,6 +28,12 @@ if TYPE_CHECKING:
     from appliance.policy.gateway import Gateway
 
 _CHECKPOINT_EVERY_S = 1.0
+log = logging.getLogger(__name__)
+
+
+def _log_failure(future: Future[None]) -> None:
+    if (exc := future.exception()) is not None:
+        log.error("usage checkpoint failed: %s", exc)
 
 
 class Identity:
@@ -111,7 +119,12 @@ class RequestUsage:
             self.finish(chunk.usage)
         elif self._journaled and now - self._checkpoint_at >= _CHECKPOINT_EVERY_S:
             self._checkpoint_at = now
-            self._gateway.meter.checkpoint(self.request_id, self.completion_tokens, self._ttft_ms())
+            # A checkpoint is an fsync'd write that may wait for another request's record: not on the loop.
+            # One after the record is written updates nothing (its journal row is gone).
+            future = self._gateway.journal.submit(
+                self._gateway.meter.checkpoint, self.request_id, self.completion_tokens, self._ttft_ms()
+            )
+            future.add_done_callback(_log_failure)
 
     def finish(self, usage: Usage) -> None:
         """The generation's real count is known: the record is written before the last byte goes out."""
