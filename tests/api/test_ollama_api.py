@@ -310,12 +310,12 @@ def test_embed_and_the_older_embeddings(client: TestClient, world: World) -> Non
 def test_keep_alive_zero_unloads_and_the_next_request_loads_again(client: TestClient, world: World) -> None:
     r = client.post("/api/chat", json={"model": "chat-model", "messages": [], "keep_alive": 0})
     assert r.json()["done_reason"] == "unload" and r.json()["done"] is True
-    assert world.chat.closed.wait(5)
+    assert world.chat.closed.wait(30)
     assert "chat-model:latest" not in {m["name"] for m in client.get("/api/ps").json()["models"]}
     world.engines["chat-model"] = fresh = FakeChatEngine("chat-model")
     r = client.post("/api/generate", json={"model": "chat-model", "prompt": "hi", "stream": False, "keep_alive": "0s"})
     assert r.json()["response"] == "Hello from the fake engine."
-    assert fresh.closed.wait(5)  # unloaded once the answer was complete
+    assert fresh.closed.wait(30)  # unloaded once the answer was complete
     r = client.post("/api/chat", json={"model": "chat-model", "messages": []})  # no prompt: only loads
     assert r.json()["done_reason"] == "load"
     for path, nothing in (("/api/chat", {"messages": None}), ("/api/generate", {"prompt": None}), ("/api/embed", {"input": None})):
@@ -332,7 +332,7 @@ def test_keep_alive_durations_set_and_clear_the_deadline(client: TestClient, wor
     [entry] = [m for m in client.get("/api/ps").json()["models"] if m["name"] == "chat-model:latest"]
     assert "expires_at" not in entry
     client.post("/api/embed", json={"model": "embed-model", "input": "x", "keep_alive": 0.2})
-    assert world.embed.closed.wait(5)
+    assert world.embed.closed.wait(30)
 
 
 def _unix(rfc3339: str) -> float:
@@ -368,7 +368,7 @@ def test_registry_unload_refuses_a_model_in_use(world: World) -> None:
         lease.release()
         assert registry.unload(chat) is True
         assert registry.status()["chat-model"]["state"] == "unloaded"
-        assert world.chat.closed.wait(5)
+        assert world.chat.closed.wait(30)
         world.engines["chat-model"] = FakeChatEngine("chat-model")
         async with registry.use(chat) as engine:
             assert engine is world.engines["chat-model"]
