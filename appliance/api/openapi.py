@@ -28,7 +28,7 @@ from litestar.routes import HTTPRoute
 from appliance.api.errors import ErrorBody
 from appliance.api.gateway import METRICS_ROUTE, PUBLIC_ROUTES
 from appliance.policy.tenancy import ApiKey, Tenant
-from appliance.protocol.documents import Answer, Citation, Source
+from appliance.protocol.documents import Answer, Source
 
 OPT_KEYS = {
     "request": "the JSON body's type (what the handler passes to decode_request)",
@@ -176,14 +176,8 @@ class AskDelta(msgspec.Struct, tag_field="type", tag="delta"):
     text: str
 
 
-class AskDone(msgspec.Struct, tag_field="type", tag="done"):
-    answer: str
-    citations: list[Citation]
-    sources: list[Source]
-    grounded: bool
-    model: str
-    usage: dict[str, int]
-    quarantined: list[dict[str, str]]
+class AskDone(Answer, tag_field="type", tag="done"):
+    """The last event: the whole answer, as /ask answers without streaming."""
 
 
 AskEvent = AskSources | AskDelta | AskDone

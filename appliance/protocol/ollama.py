@@ -499,12 +499,11 @@ class Counters(msgspec.Struct, kw_only=True):
 _Int = int | msgspec.UnsetType
 
 
-class GenerateResponse(msgspec.Struct, kw_only=True):
-    """One line of a streamed /api/generate answer, or the whole answer; `done`: with the statistics."""
+class _AnswerLine(msgspec.Struct, kw_only=True):
+    """What every line of a generate or chat answer has; the final line (`done`) adds the statistics."""
 
     model: str
     created_at: str
-    response: str
     done: bool
     done_reason: str | msgspec.UnsetType = msgspec.UNSET
     total_duration: _Int = msgspec.UNSET
@@ -519,22 +518,16 @@ class GenerateResponse(msgspec.Struct, kw_only=True):
     """Appliance extension, on the final object: the reversible mask map, when the tenant asks for one."""
 
 
-class ChatResponse(msgspec.Struct, kw_only=True):
-    """One line of a streamed /api/chat answer, or the whole answer; `done`: with the statistics."""
+class GenerateResponse(_AnswerLine, kw_only=True):
+    """One line of a streamed /api/generate answer, or the whole answer."""
 
-    model: str
-    created_at: str
+    response: str
+
+
+class ChatResponse(_AnswerLine, kw_only=True):
+    """One line of a streamed /api/chat answer, or the whole answer."""
+
     message: OutMessage
-    done: bool
-    done_reason: str | msgspec.UnsetType = msgspec.UNSET
-    total_duration: _Int = msgspec.UNSET
-    load_duration: _Int = msgspec.UNSET
-    prompt_eval_count: _Int = msgspec.UNSET
-    prompt_eval_duration: _Int = msgspec.UNSET
-    eval_count: _Int = msgspec.UNSET
-    eval_duration: _Int = msgspec.UNSET
-    guardrails: list[Any] | msgspec.UnsetType = msgspec.UNSET
-    pii_map: dict[str, str] | msgspec.UnsetType = msgspec.UNSET
 
 
 class EmbedResponse(msgspec.Struct, kw_only=True):
