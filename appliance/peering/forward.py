@@ -11,7 +11,7 @@ error event: the client never sees half an event or a silently truncated answer.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import httpx
@@ -121,39 +121,33 @@ def _failed(cluster: Cluster, peer: PeerState, exc: BaseException) -> None:
     peer.failed(message, limit=cluster.settings.down_after_failures)
 
 
-async def _events(resp: httpx.Response) -> AsyncIterator[bytes]:
-    """Whole SSE events (each ends in a blank line); PeerUnavailable if the stream breaks or ends early."""
+async def _pieces(resp: httpx.Response, end_mark: bytes, is_final: Callable[[bytes], bool]) -> AsyncIterator[bytes]:
+    """Whole pieces of a relayed stream, each ending in `end_mark` (SSE events: a blank line; NDJSON: a newline);
+    PeerUnavailable if the stream breaks, or ends before a piece `is_final` says completes it."""
     buffer = b""
     finished = False
     try:
         async for data in resp.aiter_raw():
             buffer += data
-            while (end := buffer.find(_EVENT_END)) >= 0:
-                event, buffer = buffer[: end + len(_EVENT_END)], buffer[end + len(_EVENT_END):]
-                finished = event.startswith((b"data: [DONE]", b'data: {"error"'))
-                yield event
+            while (end := buffer.find(end_mark)) >= 0:
+                piece, buffer = buffer[: end + len(end_mark)], buffer[end + len(end_mark):]
+                if piece.strip():
+                    finished = is_final(piece)
+                    yield piece
     except httpx.HTTPError as exc:
         raise PeerUnavailable(f"The peer serving this request failed mid-stream ({type(exc).__name__}).") from None
     if not finished:
         raise PeerUnavailable("The peer serving this request closed the stream before it was complete.")
 
 
-async def _lines(resp: httpx.Response) -> AsyncIterator[bytes]:
+def _events(resp: httpx.Response) -> AsyncIterator[bytes]:
+    """Whole SSE events; complete with `[DONE]` or an error event."""
+    return _pieces(resp, _EVENT_END, lambda event: event.startswith((b"data: [DONE]", b'data: {"error"')))
+
+
+def _lines(resp: httpx.Response) -> AsyncIterator[bytes]:
     """Whole NDJSON lines (Ollama's streams); complete once a line says `"done": true` or is an error."""
-    buffer = b""
-    finished = False
-    try:
-        async for data in resp.aiter_raw():
-            buffer += data
-            while (end := buffer.find(b"\n")) >= 0:
-                line, buffer = buffer[: end + 1], buffer[end + 1:]
-                if line.strip():
-                    finished = _final_line(line)
-                    yield line
-    except httpx.HTTPError as exc:
-        raise PeerUnavailable(f"The peer serving this request failed mid-stream ({type(exc).__name__}).") from None
-    if not finished:
-        raise PeerUnavailable("The peer serving this request closed the stream before it was complete.")
+    return _pieces(resp, b"\n", _final_line)
 
 
 def _final_line(line: bytes) -> bool:
