@@ -41,7 +41,7 @@ def test_archive_contents(bundle: Path, release_archive: Path) -> None:
     names = {p.name for p in bundle.iterdir()}
     assert {"appliance", "_internal", "install.sh", "RELEASE", "SHA256SUMS", "INSTALL.md", "models", "systemd",
             "sbom.cdx.json", "THIRD-PARTY-NOTICES"} <= names
-    assert {p.name for p in (bundle / "models").iterdir()} == {"gemma3-270m", "all-minilm-l6-v2"}
+    assert {p.name for p in (bundle / "models").iterdir()} == {"gemma3-270m", "smollm2-135m", "all-minilm-l6-v2"}
     # The portable build: one CPU backend per instruction set down to plain x86-64, no required features.
     release = dict(line.split("=", 1) for line in (bundle / "RELEASE").read_text().splitlines())
     assert "x64" in release["cpu_variants"].split() and release["cpu_features"] == ""
