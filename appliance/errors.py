@@ -187,3 +187,11 @@ class BackupError(ApplianceError):
     """A backup could not be written, or an archive cannot be restored (the data is left untouched)."""
 
     code = "backup_error"
+
+
+class RouteUnavailable(ModelUnavailable):
+    """Every candidate of a routed model id (settings [routing.<name>]) was loading, failed, full or timed
+    out before its first token, and no cached answer to the same request was found."""
+
+    code = "route_unavailable"
+    retry_after = 2

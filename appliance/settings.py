@@ -185,8 +185,11 @@ class GatewaySettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Cosine similarity above which a cached answer to a similar prompt is reused; 0 turns it off."""
     json_logs: bool = True
     """One JSON object per log line (request id, tenant, PII-redacted message)."""
-    injection_classifier: str | None = None
-    """Model id of an ONNX classifier for prompt injection (kind classifier); None: rules only."""
+    injection_classifier: str | None = "injection-guard"
+    """Model id of an ONNX classifier (kind classifier) screening user turns for prompt injection, besides
+    the rules; default the bundled "injection-guard"; "" or None: rules only."""
+    retrieved_injection_classifier: str | None = "injection-guard-indirect"
+    """The same for retrieved chunks and tool results; default the bundled "injection-guard-indirect"."""
     injection_label: Annotated[str, msgspec.Meta(min_length=1)] = "INJECTION"
     """Which of the classifier's labels means injection; its probability is the injection score."""
 
@@ -243,6 +246,62 @@ class ClusterSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return bool(self.secret or any(p.secret for p in self.peers))
 
 
+RouteName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
+Need = Literal["response_format", "tools", "collection"]
+
+
+class RouteRule(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A rule of a route, e.g. [[routing.auto.rules]]: when every condition given holds, `use` is the ladder."""
+
+    use: Annotated[list[RouteName], msgspec.Meta(min_length=1, max_length=16)]
+    """Candidates for requests this rule matches, in order (model ids, aliases or other routes)."""
+    tenants: list[str] | None = None
+    """Matches requests of these tenants only; None: any tenant."""
+    needs: list[Need] = []
+    """Matches requests that use any of these: a JSON `response_format`, `tools`, a `collection`; empty: any request."""
+    min_prompt_chars: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """Matches prompts (the messages' text) at least this many characters long."""
+    max_prompt_chars: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    """Matches prompts at most this many characters long; None: no upper bound."""
+
+
+class RouteSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A virtual model id, e.g. [routing.auto]: an ordered ladder of candidate models, and rules choosing it."""
+
+    candidates: Annotated[list[RouteName], msgspec.Meta(min_length=1, max_length=16)]
+    """The ladder when no rule matches: tried in order, the next when one is loading, failed, full or timed out."""
+    rules: Annotated[list[RouteRule], msgspec.Meta(max_length=64)] = msgspec.field(default_factory=list)
+    """Checked in order; the first that matches gives the ladder instead of `candidates`."""
+    load_wait_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0
+    """How long a request waits for a loading candidate before it moves to the next one."""
+    cached_fallback: bool = True
+    """When every candidate failed, serve a cached answer to the same request (any candidate's) before the 503."""
+
+
+def check_routes(routes: dict[str, RouteSettings]) -> None:
+    """Refuse a route that names itself through other routes (a cycle). Unknown models are checked
+    against the registry when the app is built (services/routing.py)."""
+    def refs(name: str) -> list[str]:
+        route = routes[name]
+        return [c for c in (*route.candidates, *(c for r in route.rules for c in r.use)) if c in routes]
+
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for ref in refs(name):
+            if state.get(ref) == 1:
+                cycle = " -> ".join([*path[path.index(ref):], ref])
+                raise ValueError(f"routing: the routes form a cycle ({cycle})")
+            if ref not in state:
+                visit(ref, [*path, ref])
+        state[name] = 2
+
+    for name in routes:
+        if name not in state:
+            visit(name, [name])
+
+
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     data_dir: Path = Path(platformdirs.user_data_dir("appliance", appauthor=False))
     """Where models and state live. Models are under DATA_DIR/models/<id>/."""
@@ -251,6 +310,11 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     retrieval: RetrievalSettings = msgspec.field(default_factory=RetrievalSettings)
     gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
     cluster: ClusterSettings = msgspec.field(default_factory=ClusterSettings)
+    routing: dict[RouteName, RouteSettings] = msgspec.field(default_factory=dict)
+    """Virtual model ids with a fallback ladder, e.g. [routing.auto] candidates = ["smollm2-135m", "gemma3-270m"]."""
+
+    def __post_init__(self) -> None:
+        check_routes(self.routing)
 
     @property
     def models_dir(self) -> Path:
@@ -276,6 +340,7 @@ _ENV_FIELDS: dict[str, tuple[str | None, str]] = {
     "APPLIANCE_CACHE_TTL_S": ("gateway", "cache_ttl_s"),
     "APPLIANCE_SEMANTIC_CACHE_THRESHOLD": ("gateway", "semantic_cache_threshold"),
     "APPLIANCE_INJECTION_CLASSIFIER": ("gateway", "injection_classifier"),
+    "APPLIANCE_RETRIEVED_INJECTION_CLASSIFIER": ("gateway", "retrieved_injection_classifier"),
     "APPLIANCE_INJECTION_LABEL": ("gateway", "injection_label"),
     "APPLIANCE_EMBEDDING_MODEL": ("retrieval", "embedding_model"),
     "APPLIANCE_RERANK_MODEL": ("retrieval", "rerank_model"),

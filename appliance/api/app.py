@@ -35,6 +35,7 @@ from appliance.services.cache import ResponseCache
 from appliance.services.documents import DocumentService
 from appliance.services.embeddings import EmbeddingService
 from appliance.services.generation import GenerationService
+from appliance.services.routing import RoutingService
 from appliance.services.injection_classifier import injection_classifier
 from appliance.services.rerank import RerankService
 from appliance.settings import Settings
@@ -136,6 +137,7 @@ def create_app(settings: Settings, registry: ModelRegistry) -> Litestar:
         open_mode_allowed=loopback_host(settings.server.host),
         metrics=Metrics(registry.status, registry.memory),
         injection_classifier=injection_classifier(settings.gateway, registry),
+        retrieved_injection_classifier=injection_classifier(settings.gateway, registry, retrieved=True),
     )
     gateway.replay_interrupted()
     cache = ResponseCache(
@@ -144,6 +146,7 @@ def create_app(settings: Settings, registry: ModelRegistry) -> Litestar:
         semantic_threshold=settings.gateway.semantic_cache_threshold,
     )
     generation = GenerationService(registry, cache, embed_prompt=_prompt_embedder(registry, settings))
+    routing = RoutingService(settings.routing, registry, generation)
     embeddings = EmbeddingService(registry, max_inputs=settings.models.max_embedding_inputs)
     reranker = RerankService(registry, default_model=settings.retrieval.rerank_model)
     documents = DocumentService(
@@ -192,6 +195,7 @@ def create_app(settings: Settings, registry: ModelRegistry) -> Litestar:
             "gateway": const(gateway),
             "registry": const(registry),
             "generation_service": const(generation),
+            "routing_service": const(routing),
             "embedding_service": const(embeddings),
             "rerank_service": const(reranker),
             "document_service": const(documents),

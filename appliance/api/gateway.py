@@ -71,6 +71,8 @@ def gateway_middleware(gateway: Gateway, peer_auth: PeerAuth | None = None) -> C
                     status = message["status"]
                     message.setdefault("headers", [])
                     message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+                    if ctx.usage.route_path is not None:  # a routed model id: the hops it took (services/routing.py)
+                        message["headers"].append((b"x-route", ctx.usage.route_path.encode()))
                 elif message["type"] == "http.response.body" and status and not ctx.usage.recorded:
                     # The one place a request is settled: durable before the bytes that end the answer.
                     if ctx.usage.ready_to_settle or not message.get("more_body", False):

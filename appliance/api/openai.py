@@ -12,6 +12,7 @@ from litestar.params import Parameter
 from litestar.response import Stream
 
 from appliance.api.cluster import cluster_model_list, forward_if_needed
+from appliance.errors import ModelNotFound
 from appliance.api.http import SSE_HEADERS, json_response, sse, sse_event
 from appliance.peering.cluster import Cluster
 from appliance.policy.gateway import RequestContext
@@ -30,6 +31,7 @@ from appliance.protocol.responses import (
     FunctionDelta,
     ModelCard,
     ModelList,
+    RouteCard,
     TextChoice,
     TextCompletion,
     ToolCallDelta,
@@ -44,7 +46,8 @@ from appliance.protocol.responses import (
 from appliance.services.ask import AskService
 from appliance.services.embeddings import EmbeddingService
 from appliance.types import Usage
-from appliance.services.generation import Generation, GenerationService
+from appliance.services.generation import Generation
+from appliance.services.routing import RoutingService
 from appliance.services.tools import ToolCallStream, split_calls
 
 log = logging.getLogger(__name__)
@@ -102,16 +105,23 @@ async def _completion_events(
             yield sse_event(TextCompletion(cid, created, model, [], usage=usage_out(piece.usage)))
 
 
-async def _grounded_chat(body: ChatCompletionRequest, ask: AskService, ctx: RequestContext) -> Response[bytes] | Stream:
+async def _grounded_chat(
+    body: ChatCompletionRequest, ask: AskService, routing: RoutingService, ctx: RequestContext
+) -> Response[bytes] | Stream:
     """`collection` in a chat request: the same retrieval, prompt and checks as /ask, in OpenAI's shape."""
     body.check()
-    args = dict(top_k=body.collection_top_k, model=body.model, max_tokens=body.token_limit or 256, policy=ctx,
+    args = dict(top_k=body.collection_top_k, max_tokens=body.token_limit or 256, policy=ctx,
                 answer_mode=body.answer_mode)
     tenant = ctx.tenant.name
+    run = ask.stream if body.stream else ask.ask
+
+    async def on(model: str) -> Any:
+        return await run(tenant, body.collection or "", body.question(), model=model, **args)
+
+    result = await (routing.grounded(body.model, tenant, ctx, on) if routing.is_route(body.model) else on(body.model))
     if body.stream:
-        events = await ask.stream(tenant, body.collection or "", body.question(), **args)
-        return Stream(sse(_grounded_events(events)), media_type="text/event-stream", headers=SSE_HEADERS)
-    answer = await ask.ask(tenant, body.collection or "", body.question(), **args)
+        return Stream(sse(_grounded_events(result)), media_type="text/event-stream", headers=SSE_HEADERS)
+    answer = result
     usage = Usage(prompt_tokens=answer.usage["prompt_tokens"], completion_tokens=answer.usage["completion_tokens"])
     choice = ChatChoice(0, AssistantMessage(answer.answer), "stop")
     return json_response(
@@ -193,23 +203,50 @@ def model_card(manifest: Manifest, status: dict[str, Any], context_window: int |
     )
 
 
+def route_cards(routing: RoutingService, registry: ModelRegistry, allowed: list[str] | None) -> list[RouteCard]:
+    """A card per routed model id the caller may use (any of its models allowed): kind "route", its
+    `candidates`, and the smallest context window among them."""
+    cards = []
+    status = registry.status()
+    for name in routing.route_ids():
+        models = [m for m in routing.models_of(name) if allowed is None or m.id in allowed]
+        if not models:
+            continue
+        windows = [w for m in models if (w := registry.context_window(m)) is not None]
+        states = [status[m.id]["state"] for m in models]
+        cards.append(RouteCard(
+            id=name, created=0, owned_by="appliance", kind="route", format="route", aliases=[],
+            context_length=min(windows) if windows else None, trained_context_length=None,
+            status="ready" if "ready" in states else states[0], candidates=[m.id for m in models],
+        ))
+    return cards
+
+
 class OpenAIController(Controller):
     path = "/v1"
 
     @get("/models", opt={"response": ModelList, "summary": "The models this key may use (scope=cluster: the peers' too)"})
     async def list_models(
-        self, registry: ModelRegistry, ctx: RequestContext, cluster: Cluster,
+        self, registry: ModelRegistry, routing_service: RoutingService, ctx: RequestContext, cluster: Cluster,
         where: str | None = Parameter(query="scope", default=None),
     ) -> Response[bytes]:
         status = registry.status()
         allowed = ctx.tenant.allowed_models
         cards = [model_card(m, status[m.id], registry.context_window(m)) for m in registry.manifests() if allowed is None or m.id in allowed]
+        cards += route_cards(routing_service, registry, allowed)
         if where == "cluster":  # appliance extension: the peers' models too, each with its `location`
             return json_response(cluster_model_list(cluster, cards, allowed))
         return json_response(ModelList(cards))
 
     @get("/models/{model_id:str}", opt={"response": ModelCard, "summary": "One model, by id or alias"})
-    async def get_model(self, model_id: str, registry: ModelRegistry, ctx: RequestContext) -> Response[bytes]:
+    async def get_model(
+        self, model_id: str, registry: ModelRegistry, routing_service: RoutingService, ctx: RequestContext
+    ) -> Response[bytes]:
+        if routing_service.is_route(model_id):
+            card = next((c for c in route_cards(routing_service, registry, ctx.tenant.allowed_models) if c.id == model_id), None)
+            if card is None:
+                raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
+            return json_response(card)
         manifest = registry.resolve(model_id)
         ctx.allow_model(manifest)
         return json_response(model_card(manifest, registry.status()[manifest.id], registry.context_window(manifest)))
@@ -219,16 +256,20 @@ class OpenAIController(Controller):
         "summary": "Chat completion: tools, logprobs, n, response_format, grounded answers with `collection`",
     })
     async def chat_completions(
-        self, request: Request, generation_service: GenerationService, ask_service: AskService, ctx: RequestContext,
+        self, request: Request, routing_service: RoutingService, ask_service: AskService, ctx: RequestContext,
         cluster: Cluster,
     ) -> Response[bytes] | Stream:
         raw = await request.body()
         body: ChatCompletionRequest = decode_request(raw, ChatCompletionRequest)
         if body.collection is not None:
-            return await _grounded_chat(body, ask_service, ctx)
-        if (forwarded := await forward_if_needed(cluster, ctx, request, raw, body.model)) is not None:
+            return await _grounded_chat(body, ask_service, routing_service, ctx)
+        if not routing_service.is_route(body.model) and (
+            forwarded := await forward_if_needed(cluster, ctx, request, raw, body.model)
+        ) is not None:
             return forwarded
-        generation = await generation_service.chat(body, ctx, cache_scope=_cache_scope(request, ctx))
+        generation = await routing_service.chat(
+            body, ctx, tenant=ctx.tenant.name, cache_scope=_cache_scope(request, ctx)
+        )
         headers = _cache_headers(generation)
         logprobs = body.logprob_count() is not None
         if body.stream:
@@ -252,12 +293,17 @@ class OpenAIController(Controller):
         "summary": "Text completion (the legacy endpoint)",
     })
     async def completions(
-        self, request: Request, generation_service: GenerationService, ctx: RequestContext, cluster: Cluster
+        self, request: Request, routing_service: RoutingService, ctx: RequestContext, cluster: Cluster
     ) -> Response[bytes] | Stream:
-        body, forwarded = await _decoded(request, CompletionRequest, cluster, ctx)
-        if forwarded is not None:
+        raw = await request.body()
+        body: CompletionRequest = decode_request(raw, CompletionRequest)
+        if not routing_service.is_route(body.model) and (
+            forwarded := await forward_if_needed(cluster, ctx, request, raw, body.model)
+        ) is not None:
             return forwarded
-        generation = await generation_service.complete(body, ctx, cache_scope=_cache_scope(request, ctx))
+        generation = await routing_service.complete(
+            body, ctx, tenant=ctx.tenant.name, cache_scope=_cache_scope(request, ctx)
+        )
         headers = _cache_headers(generation)
         echo = body.prompt_text if body.echo else ""
         logprobs = body.logprob_count() is not None

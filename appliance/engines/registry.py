@@ -345,15 +345,16 @@ class ModelRegistry:
                 self._start_load(slot)
         return None
 
-    async def acquire(self, manifest: Manifest) -> EngineLease:
-        """A lease on the loaded engine, loading it first if needed and waiting at most load_timeout_s.
+    async def acquire(self, manifest: Manifest, *, timeout_s: float | None = None) -> EngineLease:
+        """A lease on the loaded engine, loading it first if needed and waiting at most `timeout_s`
+        (default load_timeout_s; a routed request waits less, then tries its next candidate).
 
         Raises ModelUnavailable when the model failed to load, is still loading at the deadline, or
         no room could be made (every other model in use) before it.
         """
         slot = self._slots[manifest.id]
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout
+        deadline = loop.time() + (self._timeout if timeout_s is None else timeout_s)
         pinned = False
         try:
             while True:

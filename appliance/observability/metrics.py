@@ -173,6 +173,16 @@ class Metrics:
         self.forwards = Counter(
             "appliance_forwarded_requests", "Requests forwarded to peer appliances", ["peer", "outcome"], registry=r
         )
+        self.route_hops = Counter(
+            "appliance_route_hops",
+            "Candidates tried by routed model ids: served, cached, cache (last-resort answer) or why passed over",
+            ["route", "model", "outcome"], registry=r,
+        )
+        self.routed = Counter(
+            "appliance_routed_requests",
+            "Requests to routed model ids by result: first (first candidate), fallback (a later one), unavailable (503)",
+            ["route", "result"], registry=r,
+        )
         if engine_status is not None:
             r.register(_EngineCollector(engine_status, model_memory))
         self.loop_lag = LoopLag(r)

@@ -70,7 +70,12 @@ def _m2_usage(conn: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS = (_m1_tenants_and_keys, _m2_usage)
+def _m3_usage_route_path(conn: sqlite3.Connection) -> None:
+    # The hops of a routed model id, e.g. "auto>smollm2-135m(queue_full)>gemma3-270m"; NULL otherwise.
+    conn.execute("ALTER TABLE usage ADD COLUMN route_path TEXT")
+
+
+MIGRATIONS = (_m1_tenants_and_keys, _m2_usage, _m3_usage_route_path)
 
 
 def open_gateway_db(data_dir: Path) -> sqlite3.Connection:

@@ -34,7 +34,11 @@ GroupBy = Literal["model", "key", "day", "tenant", "route"]
 _RECORD_FIELDS = (
     "request_id", "ts", "tenant", "key_id", "model", "route", "status", "outcome", "prompt_tokens",
     "completion_tokens", "embedding_tokens", "retrieved_chunks", "latency_ms", "ttft_ms", "guardrails", "peer",
+    "route_path",
 )
+# Fields added after records were written: a record's hash covers them only when they are set, so the
+# chain written before they existed still verifies.
+_OPTIONAL_FIELDS = ("route_path",)
 
 
 class UsageRecord(msgspec.Struct, kw_only=True):
@@ -54,6 +58,8 @@ class UsageRecord(msgspec.Struct, kw_only=True):
     ttft_ms: float | None = None
     guardrails: list[GuardrailAction] = msgspec.field(default_factory=list)
     peer: str | None = None
+    route_path: str | None = None
+    """A routed model id's path, e.g. "auto>smollm2-135m(queue_full)>gemma3-270m"; None for a plain model id."""
 
     @property
     def tokens(self) -> int:
@@ -71,7 +77,7 @@ class VerifyResult(msgspec.Struct, kw_only=True):
 
 
 def _canonical(seq: int, prev_hash: str, row: dict[str, Any]) -> bytes:
-    fields = {name: row[name] for name in _RECORD_FIELDS}
+    fields = {name: row[name] for name in _RECORD_FIELDS if name not in _OPTIONAL_FIELDS or row[name] is not None}
     if isinstance(fields["guardrails"], str):
         fields["guardrails"] = json.loads(fields["guardrails"])
     return json.dumps([seq, prev_hash, fields], sort_keys=True, separators=(",", ":")).encode()

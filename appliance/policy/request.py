@@ -85,6 +85,8 @@ class RequestUsage:
         """One per output stream (n > 1 sequences each have one); their actions join the record."""
         self.outcome: Outcome | None = None
         self.peer: str | None = None
+        self.route_path: str | None = None
+        """A routed model id's hops, e.g. "auto>smollm2-135m(queue_full)>gemma3-270m" (sent as X-Route)."""
         self.metered = True
         self.hold_record = False
         """Grounded answers check citations after the last token: their record waits for the end of the
@@ -163,7 +165,7 @@ class RequestUsage:
             prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
             embedding_tokens=self.embedding_tokens, retrieved_chunks=self.retrieved_chunks,
             latency_ms=(time.monotonic() - self.started) * 1000, ttft_ms=self._ttft_ms(),
-            guardrails=list(self.guardrails), peer=self.peer,
+            guardrails=list(self.guardrails), peer=self.peer, route_path=self.route_path,
         )
 
     def settle(self, status: int, outcome: Outcome | None = None) -> None:
@@ -272,6 +274,9 @@ class RequestContext:
 
     def reserve(self, manifest: Manifest, prompt_tokens: int, max_tokens: int) -> None:
         self.allow_model(manifest)
+        if self.usage.reservation is not None:
+            # A routed request that moved on from a candidate: that candidate's reservation used nothing.
+            self.gateway.budgets.settle(self.usage.reservation, 0)
         self.usage.model = manifest.id
         tokens = prompt_tokens + max_tokens
         try:
@@ -337,6 +342,17 @@ class RequestContext:
         """Grounded answers: an answer whose citations do not check out is flagged in the audit trail."""
         if not grounded:
             self.usage.guardrails.append(GuardrailAction(stage="output", kind="ungrounded", action="flag"))
+
+    def note_route(self, route: str, hops: list[tuple[str, str]], path: str) -> None:
+        self.usage.route_path = path
+        served = [model for model, outcome in hops if outcome in ("served", "cached", "cache")]
+        if served:
+            self.usage.model = served[0]
+        m = self.gateway.metrics
+        for model, outcome in hops:
+            m.route_hops.labels(route=route, model=model, outcome=outcome).inc()
+        result = "unavailable" if not served else "first" if len(hops) == 1 else "fallback"
+        m.routed.labels(route=route, result=result).inc()
 
     def hold_record(self) -> None:
         """Grounded answers: settle with the response's last message, after the citations are checked."""

@@ -200,6 +200,12 @@ class ModelCard(msgspec.Struct):
     object: str = "model"
 
 
+class RouteCard(ModelCard, kw_only=True):
+    """A routed model id (settings [routing.<name>]): kind "route", and the models it may use, in order."""
+
+    candidates: list[str]
+
+
 class ModelList(msgspec.Struct):
     data: list[ModelCard]
     object: str = "list"

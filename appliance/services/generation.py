@@ -26,6 +26,15 @@ log = logging.getLogger(__name__)
 _END = object()
 
 
+class Attempt(msgspec.Struct, frozen=True, kw_only=True):
+    """How a routed request tries one candidate (services/routing.py); the defaults are an unrouted request's."""
+
+    load_wait_s: float | None = None
+    """Wait at most this long for the model to load; None: models.load_timeout_s."""
+    fit_context: bool = False
+    """Refuse (ContextLengthExceeded) when prompt + max_tokens exceed the context, rather than stop at the end."""
+
+
 class Generation:
     """A started generation: the first chunk is already computed, so errors surface before streaming."""
 
@@ -114,6 +123,11 @@ class GenerationService:
     def render_chat(
         self, manifest: Manifest, request: ChatCompletionRequest, policy: RequestPolicy = OPEN_POLICY
     ) -> str:
+        return self.render_screened(manifest, request, self.screen_chat(request, policy))
+
+    @staticmethod
+    def screen_chat(request: ChatCompletionRequest, policy: RequestPolicy = OPEN_POLICY) -> list[str]:
+        """Each message's text after the input guardrails (once per request, whichever models it tries)."""
         texts = [m.text(i) for i, m in enumerate(request.messages)]
         # The user's turns are instructions (injection is checked there); the rest is screened for PII only.
         for instructions, indices in (
@@ -123,6 +137,10 @@ class GenerationService:
             screened = policy.screen_input([texts[i] for i in indices], instructions=instructions)
             for i, text in zip(indices, screened, strict=True):
                 texts[i] = text
+        return texts
+
+    def render_screened(self, manifest: Manifest, request: ChatCompletionRequest, texts: list[str]) -> str:
+        """The prompt for `manifest`'s chat template from the screened message texts."""
         tools = request.active_tools()
         if not tools and not any(m.tool_calls or m.role == "tool" for m in request.messages):
             return self._render(manifest, [{"role": m.role, "content": t} for m, t in zip(request.messages, texts)])
@@ -156,15 +174,45 @@ class GenerationService:
         request.check()
         manifest = self._registry.resolve(request.model, kinds=("chat",))
         policy.allow_model(manifest)
-        # Off the event loop: screening runs the PII detector and the injection classifier, then the template.
-        prompt = await asyncio.to_thread(self.render_chat, manifest, request, policy)
+        # Off the event loop: screening runs the PII detector and the injection classifier.
+        texts = await asyncio.to_thread(self.screen_chat, request, policy)
+        return await self.start_chat(manifest, request, texts, policy, cache_scope=cache_scope)
+
+    async def start_chat(
+        self,
+        manifest: Manifest,
+        request: ChatCompletionRequest,
+        texts: list[str],
+        policy: RequestPolicy = OPEN_POLICY,
+        *,
+        cache_scope: str | None = None,
+        attempt: Attempt | None = None,
+    ) -> Generation:
+        """A chat on `manifest` from already screened message texts (routing tries several models with them)."""
+        policy.allow_model(manifest)
+        prompt = await asyncio.to_thread(self.render_screened, manifest, request, texts)
         tools = request.tool_grammar()
         generation = await self._start(
             manifest, prompt, request.token_limit, request, policy, cache_scope,
-            json_schema=request.json_schema() if tools is None else None, tools=tools,
+            json_schema=request.json_schema() if tools is None else None, tools=tools, attempt=attempt,
         )
         generation.tools_offered = tools is not None
         return generation
+
+    def cached_chat(
+        self, manifest: Manifest, request: ChatCompletionRequest, texts: list[str], policy: RequestPolicy, tenant: str
+    ) -> Generation | None:
+        """The response cache's answer to this chat on `manifest`, if it holds one (exact match); never runs a model."""
+        tools = request.tool_grammar()
+        prompt = self.render_screened(manifest, request, texts)
+        generation = self._request(
+            manifest, prompt, request.token_limit, request, policy,
+            json_schema=request.json_schema() if tools is None else None, tools=tools,
+        )
+        found = self._cache_hit(manifest, generation, policy, tenant)
+        if found is not None:
+            found.tools_offered = tools is not None
+        return found
 
     async def complete(
         self, request: CompletionRequest, policy: RequestPolicy = OPEN_POLICY, *, cache_scope: str | None = None
@@ -173,7 +221,26 @@ class GenerationService:
         manifest = self._registry.resolve(request.model, kinds=("chat", "completion"))
         policy.allow_model(manifest)
         [prompt] = await asyncio.to_thread(policy.screen_input, [request.prompt_text])
-        return await self._start(manifest, prompt, request.max_tokens, request, policy, cache_scope)
+        return await self.start_completion(manifest, request, prompt, policy, cache_scope=cache_scope)
+
+    async def start_completion(
+        self,
+        manifest: Manifest,
+        request: CompletionRequest,
+        prompt: str,
+        policy: RequestPolicy = OPEN_POLICY,
+        *,
+        cache_scope: str | None = None,
+        attempt: Attempt | None = None,
+    ) -> Generation:
+        """A completion on `manifest` of an already screened prompt."""
+        policy.allow_model(manifest)
+        return await self._start(manifest, prompt, request.max_tokens, request, policy, cache_scope, attempt=attempt)
+
+    def cached_completion(
+        self, manifest: Manifest, request: CompletionRequest, prompt: str, policy: RequestPolicy, tenant: str
+    ) -> Generation | None:
+        return self._cache_hit(manifest, self._request(manifest, prompt, request.max_tokens, request, policy), policy, tenant)
 
     async def generate(
         self,
@@ -198,18 +265,17 @@ class GenerationService:
         )
         return await self._launch(manifest, request, policy)
 
-    async def _start(
-        self,
+    @staticmethod
+    def _request(
         manifest: Manifest,
         prompt: str,
         max_tokens: int | None,
         request: ChatCompletionRequest | CompletionRequest,
         policy: RequestPolicy,
-        cache_scope: str | None,
         json_schema: str | None = None,
         tools: ToolGrammar | None = None,
-    ) -> Generation:
-        generation = GenerationRequest(
+    ) -> GenerationRequest:
+        return GenerationRequest(
             prompt=prompt,
             max_tokens=policy.cap_max_tokens(max_tokens if max_tokens is not None else manifest.sampling.max_tokens),
             stop=(*request.stop_list(), *manifest.stop),
@@ -220,18 +286,56 @@ class GenerationService:
             logprobs=request.logprob_count(),
             priority=request.priority_level,
         )
+
+    def _cacheable(self, generation: GenerationRequest) -> bool:
+        return (
+            self._cache is not None and self._cache.enabled and deterministic(generation)
+            and generation.n == 1 and generation.logprobs is None
+        )
+
+    async def _start(
+        self,
+        manifest: Manifest,
+        prompt: str,
+        max_tokens: int | None,
+        request: ChatCompletionRequest | CompletionRequest,
+        policy: RequestPolicy,
+        cache_scope: str | None,
+        json_schema: str | None = None,
+        tools: ToolGrammar | None = None,
+        attempt: Attempt | None = None,
+    ) -> Generation:
+        generation = self._request(manifest, prompt, max_tokens, request, policy, json_schema, tools)
         try:
-            cacheable = deterministic(generation) and generation.n == 1 and generation.logprobs is None
-            if cache_scope is None or self._cache is None or not self._cache.enabled or not cacheable:
-                return await self._launch(manifest, generation, policy)
-            return await self._cached(manifest, generation, policy, cache_scope)
+            if cache_scope is None or not self._cacheable(generation):
+                return await self._launch(manifest, generation, policy, attempt)
+            return await self._cached(manifest, generation, policy, cache_scope, attempt)
         except ContextLengthExceeded as exc:
             # the engine cannot tell which request field held the prompt
             exc.param = "prompt" if isinstance(request, CompletionRequest) else "messages"
             raise
 
-    async def _cached(
+    def _cache_hit(
         self, manifest: Manifest, request: GenerationRequest, policy: RequestPolicy, tenant: str
+    ) -> Generation | None:
+        if not self._cacheable(request):
+            return None
+        assert self._cache is not None
+        answer = self._cache.get(self._cache.key(scope_of(tenant, manifest.id, request), request.prompt))
+        return None if answer is None else self._from_cache(manifest, answer, policy)
+
+    @staticmethod
+    def _from_cache(manifest: Manifest, answer: CachedAnswer, policy: RequestPolicy) -> Generation:
+        final = Chunk(text=answer.text, finish_reason=answer.finish_reason, usage=answer.usage)  # type: ignore[arg-type]
+        generation = Generation(manifest, final, _nothing())
+        generation.cached = True
+        policy.served_from_cache()
+        generation.observe(policy.on_chunk)
+        return generation
+
+    async def _cached(
+        self, manifest: Manifest, request: GenerationRequest, policy: RequestPolicy, tenant: str,
+        attempt: Attempt | None = None,
     ) -> Generation:
         cache = self._cache
         assert cache is not None
@@ -243,13 +347,8 @@ class GenerationService:
             vector = await self._embed_prompt(request.prompt)
             answer = None if vector is None else cache.get_similar(scope, vector)
         if answer is not None:
-            final = Chunk(text=answer.text, finish_reason=answer.finish_reason, usage=answer.usage)  # type: ignore[arg-type]
-            generation = Generation(manifest, final, _nothing())
-            generation.cached = True
-            policy.served_from_cache()
-            generation.observe(policy.on_chunk)
-            return generation
-        generation = await self._launch(manifest, request, policy)
+            return self._from_cache(manifest, answer, policy)
+        generation = await self._launch(manifest, request, policy, attempt)
         parts: list[str] = []
 
         def remember(chunk: Chunk) -> None:
@@ -260,16 +359,24 @@ class GenerationService:
         generation.observe(remember)
         return generation
 
-    async def _launch(self, manifest: Manifest, generation: GenerationRequest, policy: RequestPolicy) -> Generation:
+    async def _launch(
+        self, manifest: Manifest, generation: GenerationRequest, policy: RequestPolicy, attempt: Attempt | None = None
+    ) -> Generation:
         policy.allow_model(manifest)
+        attempt = attempt or Attempt()
         # The lease keeps the model loaded until the stream ends; `_run` releases it, whichever way it ends.
-        lease = await self._registry.acquire(manifest)
+        lease = await self._registry.acquire(manifest, timeout_s=attempt.load_wait_s)
         try:
             engine: ChatEngine = lease.engine
             # Tokenised once, off the event loop; the engine takes the ids instead of tokenising again.
             ids = tuple(await asyncio.to_thread(engine.tokenize, generation.prompt))
             generation = msgspec.structs.replace(generation, prompt_ids=ids)
             prompt_tokens = len(ids)
+            if attempt.fit_context and prompt_tokens + (generation.max_tokens or 0) > engine.n_ctx:
+                raise ContextLengthExceeded(
+                    f"The prompt ({prompt_tokens} tokens) and max_tokens ({generation.max_tokens or 0}) do not fit "
+                    f"the context of model {manifest.id} ({engine.n_ctx} tokens)."
+                )
             # Without max_tokens a generation may fill the context: that is what it reserves.
             limit = generation.max_tokens if generation.max_tokens is not None else engine.n_ctx - prompt_tokens
             # Off the loop: reserving journals the request (an fsync'd SQLite write).

@@ -57,6 +57,9 @@ class RequestPolicy(Protocol):
     def note_grounding(self, grounded: bool) -> None:
         """Whether the answer's citations checked out (an ungrounded answer is flagged in the audit trail)."""
 
+    def note_route(self, route: str, hops: list[tuple[str, str]], path: str) -> None:
+        """A routed model id was resolved: each (model, outcome) tried, and the path as one line."""
+
 
 class _OpenPolicy:
     def allow_model(self, manifest: Manifest) -> None:
@@ -90,6 +93,9 @@ class _OpenPolicy:
         return None
 
     def note_grounding(self, grounded: bool) -> None:
+        return None
+
+    def note_route(self, route: str, hops: list[tuple[str, str]], path: str) -> None:
         return None
 
 
