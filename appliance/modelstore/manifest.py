@@ -20,12 +20,15 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
 class FileSource(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
-    """Where a bundled file comes from: an installed registry package, never a network hub."""
+    """Where a bundled file comes from: an installed registry package or the catalogue folder itself,
+    never a network hub."""
 
-    package: str
+    package: str = ""
     """Distribution name to install (pip), for the operator's error messages."""
-    module: str
+    module: str = ""
     """Importable module of that package."""
+    bundled: str | None = None
+    """Instead of a package: a file shipped in the catalogue folder (models/), e.g. "injection-guard/model.onnx"."""
     assemble: bool = False
     """The module's `assemble(output_path)` writes the file (chunked packages)."""
     resource: str | None = None

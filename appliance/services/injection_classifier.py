@@ -3,6 +3,11 @@
 
 The model loads in the background like any other. Until it is ready, and whenever it fails, `score`
 answers None and the rules decide, so a slow or broken classifier never blocks a request.
+
+By default the bundled classifiers screen user turns (gateway.injection_classifier = "injection-guard")
+and retrieved content (gateway.retrieved_injection_classifier = "injection-guard-indirect"). A data
+directory where they are not installed yet (`appliance models install-defaults`) gets the rules with
+a warning; a model the operator named that is missing is an error.
 """
 
 from __future__ import annotations
@@ -27,12 +32,17 @@ class RegistryInjectionClassifier:
         self._warned = False
 
     def score(self, text: str) -> float | None:
+        scores = self.scores([text])
+        return None if scores is None else scores[0]
+
+    def scores(self, texts: list[str]) -> list[float] | None:
+        """P(label) of each text, in one engine call; None while the model is not loaded."""
         lease = self._registry.try_acquire(self.manifest)
         if lease is None:
             return None
         try:
             engine: ClassifierEngine = lease.engine
-            return engine.probabilities([text])[0][self.label]
+            return [p[self.label] for p in engine.probabilities(texts)]
         except ApplianceError as exc:
             if not self._warned:  # once: a broken model would otherwise log on every request
                 self._warned = True
@@ -60,13 +70,28 @@ def classifier_manifest(manifests: list[Manifest], name: str, label: str) -> Man
     return manifest
 
 
-def injection_classifier(settings: GatewaySettings, registry: ModelRegistry) -> RegistryInjectionClassifier | None:
-    """The configured classifier over `registry`, or None (rules only). Raises SettingsError when the
-    setting names a model that is missing, not a classifier, or without the injection label."""
-    if not settings.injection_classifier:
+BUNDLED = {"injection-guard", "injection-guard-indirect"}
+"""The default classifiers of the catalogue (models/): absent from a data directory, they leave the rules."""
+
+
+def injection_classifier(
+    settings: GatewaySettings, registry: ModelRegistry, *, retrieved: bool = False,
+) -> RegistryInjectionClassifier | None:
+    """The configured classifier over `registry` for user turns (or, `retrieved`, for retrieved content),
+    or None (rules only). Raises SettingsError when the setting names a model that is missing (other
+    than a bundled default not installed yet), not a classifier, or without the injection label."""
+    field = "retrieved_injection_classifier" if retrieved else "injection_classifier"
+    name = settings.retrieved_injection_classifier if retrieved else settings.injection_classifier
+    if not name:
         return None
+    manifests = registry.manifests()
+    if name in BUNDLED and not any(name in m.names() for m in manifests):
+        log.warning("%s: the bundled %s is not installed (appliance models install-defaults): the rules decide",
+                    field, name)
+        return None
+    label = settings.injection_label if name not in BUNDLED else "INJECTION"
     try:
-        manifest = classifier_manifest(registry.manifests(), settings.injection_classifier, settings.injection_label)
+        manifest = classifier_manifest(manifests, name, label)
     except SettingsError as exc:
-        raise SettingsError(f"gateway.injection_classifier: {exc.message}") from None
-    return RegistryInjectionClassifier(registry, manifest, settings.injection_label)
+        raise SettingsError(f"gateway.{field}: {exc.message}") from None
+    return RegistryInjectionClassifier(registry, manifest, label)

@@ -120,7 +120,11 @@ def test_cli_imports_a_classifier(tiny: tuple[Path, Path], tmp_path: Path) -> No
 
 
 def test_settings_name_the_classifier_and_its_label() -> None:
-    assert load_settings(env={}).gateway.injection_classifier is None
+    defaults = load_settings(env={}).gateway
+    assert (defaults.injection_classifier, defaults.retrieved_injection_classifier) == (
+        "injection-guard", "injection-guard-indirect")
+    off = load_settings(env={"APPLIANCE_INJECTION_CLASSIFIER": "", "APPLIANCE_RETRIEVED_INJECTION_CLASSIFIER": ""})
+    assert not off.gateway.injection_classifier and not off.gateway.retrieved_injection_classifier
     gateway = load_settings(env={"APPLIANCE_INJECTION_CLASSIFIER": "guard", "APPLIANCE_INJECTION_LABEL": "jailbreak"}).gateway
     assert (gateway.injection_classifier, gateway.injection_label) == ("guard", "jailbreak")
 
@@ -142,7 +146,8 @@ def test_the_setting_is_checked_against_the_registered_models() -> None:
         return injection_classifier(msgspec.structs.replace(gateway, injection_classifier=name, injection_label=label),
                                     registry)
 
-    assert injection_classifier(gateway, registry) is None
+    assert injection_classifier(gateway, registry) is None  # the bundled default, not installed here: rules
+    assert injection_classifier(gateway, registry, retrieved=True) is None
     assert build("guard-alias").manifest.id == "guard"  # type: ignore[attr-defined]
     for name, label, message in [
         ("nope", "INJECTION", "no model named 'nope' is registered"),
@@ -202,8 +207,8 @@ def test_eval_guardrails_with_the_classifier(tiny: tuple[Path, Path], tmp_path: 
     result = CliRunner().invoke(main, [*args, "--classifier", "guard"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)["injection"]
-    # The tiny model knows three words and none of these attacks: it catches nothing, flags nothing.
-    assert report["classifier"] == "guard" and (report["tp"], report["fp"]) == (0, 0)
+    # The tiny model knows three words and none of these attacks: the combined decision is the rules'.
+    assert report["classifier"] == "guard" and (report["tp"], report["fp"]) == (4, 0)
     assert json.loads(CliRunner().invoke(main, args).output)["injection"]["tp"] == 4  # the rules
     missing = CliRunner().invoke(main, [*args, "--classifier", "nope"])
     assert missing.exit_code != 0 and "no model named 'nope'" in missing.output

@@ -53,6 +53,21 @@ def insert_attack(context: str, attack: str, position: str, rng: random.Random) 
     return f"{context[:at]}{attack}{joiner}{context[at:]}"
 
 
+def parse_label(value: object) -> int:
+    """An injection label as customers write it: 1 / 0, true / false, or "injection" / "benign"
+    (also "attack" / "safe"; case-insensitive). Raises ValueError for anything else."""
+    if isinstance(value, bool) or value in (0, 1):
+        return int(value)  # type: ignore[arg-type]
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _LABEL_WORDS:
+            return _LABEL_WORDS[word]
+    raise ValueError(f"label {value!r} is not one of 1, 0, \"injection\", \"benign\"")
+
+
+_LABEL_WORDS = {"injection": 1, "attack": 1, "1": 1, "true": 1, "benign": 0, "safe": 0, "0": 0, "false": 0}
+
+
 def _prf(tp: int, fp: int, fn: int) -> dict[str, float]:
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0

@@ -27,11 +27,13 @@ Scope = Literal["direct", "indirect"]
 class InjectionClassifier(Protocol):
     """A learned detector (e.g. an ONNX model run by appliance.engines.onnx): probability of injection.
 
-    `score` returns None when the classifier cannot answer now (its model is still loading, or failed
-    to load or to run): the rules decide that text instead.
+    `score` and `scores` (one batch, one model run) return None when the classifier cannot answer now
+    (its model is still loading, or failed to load or to run): the rules decide those texts instead.
     """
 
     def score(self, text: str) -> float | None: ...
+
+    def scores(self, texts: list[str]) -> list[float] | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,11 +190,11 @@ class RuleInjectionDetector:
 
 
 class InjectionDetector:
-    """The detector the guardrails use: a learned classifier when one is configured and answers, else the rules.
+    """The detector the guardrails use: the rules, and a learned classifier when one is configured.
 
-    With a classifier the score is the classifier's; the rules still run (they are cheap) so the
-    verdict names what they saw, for the audit trail. When the classifier returns None (not available
-    yet) the verdict is the rules' alone, without "classifier" among its rules.
+    The decision is combined: a text's score is the higher of the classifier's and the rules' (either
+    one flags it), and the verdict names the rules that matched, for the audit trail, with "classifier"
+    first when the classifier answered. When it returns None (not available yet) the rules decide alone.
     """
 
     def __init__(self, scope: Scope = "direct", classifier: InjectionClassifier | None = None) -> None:
@@ -200,14 +202,20 @@ class InjectionDetector:
         self.classifier = classifier
 
     def verdict(self, text: str) -> InjectionVerdict:
-        by_rules = self.rules.verdict(text)
-        if self.classifier is None:
+        return self.verdicts([text])[0]
+
+    def verdicts(self, texts: list[str]) -> list[InjectionVerdict]:
+        """The verdict of each text; the classifier scores them all in one batch."""
+        by_rules = [self.rules.verdict(t) for t in texts]
+        if self.classifier is None or not texts:
             return by_rules
-        learned = self.classifier.score(text)
+        learned = self.classifier.scores(texts)
         if learned is None:
             return by_rules
-        score = min(1.0, max(0.0, float(learned)))
-        return InjectionVerdict(score=score, rules=("classifier", *by_rules.rules))
+        return [
+            InjectionVerdict(score=max(min(1.0, max(0.0, float(p))), r.score), rules=("classifier", *r.rules))
+            for p, r in zip(learned, by_rules, strict=True)
+        ]
 
     def score(self, text: str) -> float:
         return self.verdict(text).score

