@@ -11,7 +11,7 @@ import ipaddress
 import re
 from collections import Counter
 
-from appliance.policy.guardrails.pii import PiiDetector, candidate_spans
+from appliance.policy.guardrails.pii import ENTITY_KINDS, PiiDetector, candidate_spans
 from appliance.policy.guardrails.types import GuardrailAction, MaskResult, PiiFinding, Stage
 
 _DIGIT_KINDS = frozenset({"credit_card", "us_ssn", "phone", "fr_nir", "de_idnr"})
@@ -25,8 +25,8 @@ def _value_key(kind: str, value: str) -> str:
         return "".join(c for c in value if c.isdigit())
     if kind in _COMPACT_KINDS:
         return re.sub(r"[\s-]", "", value).upper()
-    if kind == "email":
-        return value.casefold()
+    if kind == "email" or kind in ENTITY_KINDS:
+        return " ".join(value.split()).casefold()
     if kind == "ip_address":
         try:
             return str(ipaddress.ip_address(value))
@@ -114,6 +114,17 @@ _SOFT_HOLD = 1024
 _SAFE_TAIL = 96
 _HARD_HOLD = 16384
 """Most text held back in any case (an unterminated private key block, one enormous token)."""
+_ENTITY_HOLD_WORDS = 8
+"""With named-entity kinds on: words always held back, the right context spaCy's NER needs to decide on a
+name (its features reach 4 tokens either side) and long enough for multi-word names and addresses."""
+_ENTITY_BATCH_WORDS = 8
+"""...and words gathered beyond those before the detector runs again (NER once per ~8 words, not per token)."""
+_NAME_PART = re.compile(r"[A-Z\d][\w'’.,-]*|(?:de|da|del|der|van|von|la|le|du|of|bin|al)")
+
+
+def _name_part(token: str) -> bool:
+    """Whether a token may continue a name, organisation or address ("Mary", "O'Neil", "van", "221B")."""
+    return bool(_NAME_PART.fullmatch(token))
 
 
 def _joinable(token: str) -> bool:
@@ -136,9 +147,13 @@ class StreamMasker:
     """
 
     def __init__(
-        self, detector: PiiDetector | None = None, *, session: MaskSession | None = None, mask_output: bool = True
+        self, detector: PiiDetector | None = None, *, session: MaskSession | None = None, mask_output: bool = True,
+        kinds: frozenset[str] | None = None,
     ) -> None:
+        """`kinds`: the PII kinds to mask (default: all of the detector's)."""
         self.detector = detector or PiiDetector()
+        self.kinds = self.detector.kinds if kinds is None else kinds & self.detector.kinds
+        self._entities = self.detector.entities is not None and bool(self.kinds & set(ENTITY_KINDS))
         self.session = session or MaskSession()
         self.mask_output = mask_output
         self._buf = ""
@@ -173,6 +188,8 @@ class StreamMasker:
         if not tokens:
             return 0  # only whitespace: the next token may still join the one before it
         trailing_space = buf[-1].isspace()
+        if self._entities and not final and len(tokens) < _ENTITY_HOLD_WORDS + _ENTITY_BATCH_WORDS and n <= _SOFT_HOLD:
+            return 0  # too few words after the last cut for the NER to judge them: wait, without running it
         # Largest token boundary where the tokens on both sides cannot be parts of one value.
         cut = 0
         boundaries = [(tokens[i][0], i) for i in range(1, len(tokens))]
@@ -189,6 +206,14 @@ class StreamMasker:
             if not (_joinable(before) and after_may_join):
                 cut = pos
                 break
+        if self._entities and len(tokens) > _ENTITY_HOLD_WORDS:
+            i = len(tokens) - _ENTITY_HOLD_WORDS
+            cut = min(cut, tokens[i][0])
+            # Never between two words of what may be one name, organisation or address.
+            while 0 < i < len(tokens) and cut == tokens[i][0] and _name_part(buf[slice(*tokens[i - 1])]) \
+                    and _name_part(buf[slice(*tokens[i])]):
+                i -= 1
+                cut = tokens[i][0]
         pem = self._open_pem()
         if pem is not None:
             cut = min(cut, pem)
@@ -216,7 +241,7 @@ class StreamMasker:
     def _spans(self) -> list[tuple[int, int]]:
         """Candidate and finding spans over the buffer (offsets into the buffer)."""
         text, k = self._ctx + self._buf, len(self._ctx)
-        self._findings = self.detector.find(text)
+        self._findings = self.detector.find(text, self.kinds)
         spans = candidate_spans(text) + [(f.start, f.end) for f in self._findings]
         return [(s - k, e - k) for s, e in spans if e > k]
 
@@ -236,7 +261,7 @@ class StreamMasker:
             return ""
         k = len(self._ctx)
         if final:
-            self._findings = self.detector.find(self._ctx + self._buf)
+            self._findings = self.detector.find(self._ctx + self._buf, self.kinds)
         segment = self._buf[:cut]
         findings = [PiiFinding(f.kind, f.start - k, f.end - k) for f in self._findings if f.start >= k and f.end <= k + cut]
         out = self.session.apply(segment, findings)

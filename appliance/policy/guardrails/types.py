@@ -8,6 +8,11 @@ from typing import Literal
 import msgspec
 
 Stage = Literal["input", "retrieved", "output"]
+PiiKind = Literal[
+    "secret", "iban", "credit_card", "us_ssn", "uk_nino", "es_dni", "fr_nir", "it_fiscal_code", "de_idnr",
+    "email", "ip_address", "phone", "person", "address", "location", "organisation", "date_of_birth",
+]
+"""Every PII kind a policy may name (pii.ALL_KINDS, kept equal by a test)."""
 Action = Literal["allow", "mask", "block", "flag", "drop"]
 
 
