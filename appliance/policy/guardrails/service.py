@@ -7,7 +7,8 @@ import logging
 from appliance.policy.guardrails.errors import GuardrailBlocked, InputTooLarge
 from appliance.policy.guardrails.injection import InjectionClassifier, InjectionDetector
 from appliance.policy.guardrails.masking import MaskSession, StreamMasker
-from appliance.policy.guardrails.pii import PiiDetector
+from appliance.policy.guardrails.ner import EntitiesUnavailable
+from appliance.policy.guardrails.pii import EntityFinder, PiiDetector
 from appliance.policy.guardrails.policy import GuardrailPolicy
 from appliance.policy.guardrails.types import GuardrailAction, InputDecision
 
@@ -23,9 +24,10 @@ class Guardrails:
 
     def __init__(
         self, *, phone_region: str = "US", classifier: InjectionClassifier | None = None,
-        retrieved_classifier: InjectionClassifier | None = None,
+        retrieved_classifier: InjectionClassifier | None = None, entities: EntityFinder | None = None,
     ) -> None:
-        self.pii = PiiDetector(phone_region)
+        """`entities`: the named-entity finder (ner.LazyEntityDetector); None: pattern kinds only."""
+        self.pii = PiiDetector(phone_region, entities=entities)
         self.direct = InjectionDetector("direct", classifier)
         self.indirect = InjectionDetector("indirect", retrieved_classifier)
 
@@ -55,7 +57,7 @@ class Guardrails:
                 actions.append(action)
         if policy.pii_input == "allow":
             return InputDecision(text=text, actions=tuple(actions), injection=verdict)
-        findings = self.pii.find(text)
+        findings = self.pii.find(text, self._kinds(policy))
         if not findings:
             return InputDecision(text=text, actions=tuple(actions), injection=verdict)
         counts: dict[str, int] = {}
@@ -100,4 +102,11 @@ class Guardrails:
         """
         if policy.pii_output == "allow":
             return None
-        return StreamMasker(self.pii, session=session or MaskSession(), mask_output=policy.pii_output == "mask")
+        return StreamMasker(self.pii, session=session or MaskSession(), mask_output=policy.pii_output == "mask",
+                            kinds=self._kinds(policy))
+
+    def _kinds(self, policy: GuardrailPolicy) -> frozenset[str] | None:
+        """The policy's PII kinds; raises EntitiesUnavailable for named-entity kinds with no pipeline installed."""
+        if policy.pii_kinds is not None and (policy.pii_kinds - self.pii.kinds):
+            raise EntitiesUnavailable(sorted(policy.pii_kinds - self.pii.kinds))
+        return policy.pii_kinds
