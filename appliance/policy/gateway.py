@@ -17,6 +17,7 @@ from appliance.observability.metrics import Metrics
 from appliance.policy.db import open_gateway_db
 from appliance.policy.limits import BudgetLedger, RateLimits
 from appliance.policy.guardrails import Guardrails, InjectionClassifier
+from appliance.policy.guardrails.ner import LazyEntityDetector, missing_packages
 from appliance.policy.metering import UsageMeter
 from appliance.policy.request import RequestContext
 from appliance.policy.tenancy import ApiKey, TenantStore
@@ -55,7 +56,8 @@ class Gateway:
         self.open_mode_allowed = open_mode_allowed
         """Without any API key, serve everyone as the default tenant's admin: only when bound to loopback."""
         self.guardrails = Guardrails(classifier=injection_classifier,
-                                     retrieved_classifier=retrieved_injection_classifier)
+                                     retrieved_classifier=retrieved_injection_classifier,
+                                     entities=_entity_detector())
         self.tenants.ensure_tenant(DEFAULT_TENANT)
         self.journal = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usage-journal")
         """Checkpoints of streaming requests (fsync'd writes): never on the event loop, never waited for."""
@@ -85,6 +87,17 @@ class Gateway:
     def close(self) -> None:
         self.journal.shutdown(wait=True)
         self._conn.close()
+
+
+def _entity_detector() -> LazyEntityDetector | None:
+    """Named-entity PII (spaCy loads at the first screening that needs it, on a worker thread), or None
+    with a warning when its packages are missing: then only the pattern kinds are found."""
+    missing = missing_packages()
+    if missing:
+        log.warning("named-entity PII kinds (person, address...) unavailable: package(s) %s not installed",
+                    ", ".join(missing))
+        return None
+    return LazyEntityDetector()
 
 
 def error_status(exc: BaseException) -> int:
