@@ -18,68 +18,120 @@ def eval_group() -> None:
     """Measure retrieval, answer and guardrail quality."""
 
 
-def _injection_classifier(ctx: click.Context, name: str) -> tuple[Any, Any]:
-    """The registered classifier `name`, loaded, as the guardrails' InjectionClassifier, and its registry."""
+def _injection_classifiers(ctx: click.Context, name: str | None, rules_only: bool) -> tuple[Any, Any, Any]:
+    """(user-turn classifier, retrieved-content classifier, registry), loaded: `name` for both scopes,
+    else the configured ones (gateway.injection_classifier, gateway.retrieved_injection_classifier;
+    a bundled default not installed leaves the rules). All None with `rules_only`."""
     import asyncio
 
-    from appliance.modelstore.store import ModelStore
-    from appliance.services.injection_classifier import RegistryInjectionClassifier, classifier_manifest
+    import msgspec
+
+    from appliance.services.injection_classifier import injection_classifier
 
     settings = data_settings(ctx)
     setup_logging("warning")
-    label = settings.gateway.injection_label
+    if rules_only:
+        return None, None, None
+    gateway = settings.gateway
+    if name is not None:
+        gateway = msgspec.structs.replace(gateway, injection_classifier=name, retrieved_injection_classifier=name)
+    names = {n for n in (gateway.injection_classifier, gateway.retrieved_injection_classifier) if n}
+    registry, _ = build_registry(settings, keep=lambda m: any(n in m.names() for n in names), load_timeout_s=600)
     try:
-        manifest = classifier_manifest(ModelStore(settings.models_dir).manifests(), name, label)
-    except ApplianceError as exc:
-        raise click.BadParameter(exc.message, param_hint="--classifier") from None
-    registry, _ = build_registry(settings, keep=lambda m: m.id == manifest.id, load_timeout_s=600)
-    try:
-        asyncio.run(registry.engine(manifest))
+        direct = injection_classifier(gateway, registry)
+        indirect = injection_classifier(gateway, registry, retrieved=True)
+        for classifier in {c.manifest.id: c for c in (direct, indirect) if c is not None}.values():
+            asyncio.run(registry.engine(classifier.manifest))
     except ApplianceError as exc:
         registry.close()
+        if name is not None:
+            raise click.BadParameter(exc.message, param_hint="--classifier") from None
         fail(exc)
-    return RegistryInjectionClassifier(registry, manifest, label), registry
+    return direct, indirect, registry
+
+
+def _by(classifier: Any) -> str:
+    return f"rules + classifier {classifier.manifest.id}" if classifier is not None else "rules"
 
 
 @eval_group.command("guardrails")
-@click.option("--bipia", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+@click.option("--bipia", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="BIPIA directory with email/table_train.jsonl and text/code_attack_train.json.")
-@click.option("--pii-texts", type=int, default=500, show_default=True, help="Synthetic PII texts to generate.")
+@click.option("--data", "data_files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help='Your labelled JSONL (repeatable): {"text", "label": 1|0|"injection"|"benign", "scope"?: '
+                   '"direct"|"indirect"} and/or {"text", "spans": [{"start", "end", "kind"}]}.')
+@click.option("--pii-texts", type=int, default=500, show_default=True,
+              help="Synthetic PII texts to generate (with --bipia; 0: none).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for attack placement and PII texts.")
 @click.option("--classifier", "classifier_id",
-              help="Score injection with this registered ONNX classifier (label: gateway.injection_label).")
+              help="Score injection with this registered ONNX classifier in both scopes (label: "
+                   "gateway.injection_label) instead of the configured ones.")
+@click.option("--rules-only", is_flag=True, help="Measure the rules alone, without any classifier.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Injection score at or above which a text counts as an injection (the policy's injection_threshold).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def eval_guardrails(
-    ctx: click.Context, bipia: Path, pii_texts: int, seed: int, classifier_id: str | None, as_json: bool,
+    ctx: click.Context, bipia: Path | None, data_files: tuple[Path, ...], pii_texts: int, seed: int,
+    classifier_id: str | None, rules_only: bool, threshold: float, as_json: bool,
 ) -> None:
-    """Injection detection on BIPIA (precision/recall) and PII detection on synthetic text (per kind)."""
-    from appliance.policy.guardrails.evaluate import evaluate_injection, evaluate_pii
+    """Injection and PII detection: on BIPIA and synthetic PII text (--bipia), or on your own labelled
+    JSONL (--data): precision, recall and F1 per scope and per PII kind, for the decision the gateway
+    makes (the rules with the configured classifiers unless --classifier or --rules-only)."""
+    from appliance.policy.guardrails.evaluate import EvalFileError, evaluate_file, evaluate_injection, evaluate_pii
 
-    classifier, registry = _injection_classifier(ctx, classifier_id) if classifier_id else (None, None)
+    if bipia is None and not data_files:
+        raise click.UsageError("give --bipia DIR and/or --data FILE.jsonl")
+    direct, indirect, registry = _injection_classifiers(ctx, classifier_id, rules_only)
+    report: dict[str, Any] = {}
     try:
-        injection = evaluate_injection(bipia, seed=seed, classifier=classifier)
+        if bipia is not None:
+            report["injection"] = evaluate_injection(bipia, seed=seed, classifier=indirect, threshold=threshold)
+            report["injection"]["classifier"] = indirect.manifest.id if indirect is not None else None
+            if pii_texts:
+                report["pii"] = evaluate_pii(seed, pii_texts)
+        if data_files:
+            report["files"] = [evaluate_file(f, threshold=threshold, classifier=direct, retrieved_classifier=indirect)
+                               for f in data_files]
+    except EvalFileError as exc:
+        raise click.BadParameter(str(exc), param_hint="--data") from None
     finally:
         if registry is not None:
             registry.close()
-    injection["classifier"] = classifier_id
-    pii = evaluate_pii(seed, pii_texts)
     if as_json:
-        click.echo(json.dumps({"injection": injection, "pii": pii}, indent=2))
+        click.echo(json.dumps(report, indent=2))
         return
-    by = f"classifier {classifier_id}" if classifier_id else "rules"
-    click.echo(f"injection (BIPIA, {by}, threshold {injection['threshold']}): {injection['benign']} benign, "
-               f"{injection['attacked']} attacked texts")
-    click.echo(f"  precision {injection['precision']:.3f}  recall {injection['recall']:.3f}  f1 {injection['f1']:.3f}"
-               f"  false-positive rate {injection['false_positive_rate']:.3f}")
-    for title, key in (("position", "recall_by_position"), ("category", "recall_by_category")):
-        click.echo(f"  recall by {title}:")
-        for name, value in injection[key].items():
-            click.echo(f"    {name:<48} {value:.3f}")
-    click.echo(f"pii (synthetic, {pii['texts']} texts, {pii['hard_negatives']} hard negatives)")
-    click.echo(f"  {'kind':<16} {'precision':>9} {'recall':>7} {'tp':>5} {'fp':>4} {'fn':>4}")
+    if "injection" in report:
+        injection = report["injection"]
+        click.echo(f"injection (BIPIA, {_by(indirect)}, threshold {injection['threshold']}): {injection['benign']} "
+                   f"benign, {injection['attacked']} attacked texts")
+        click.echo(f"  precision {injection['precision']:.3f}  recall {injection['recall']:.3f}  "
+                   f"f1 {injection['f1']:.3f}  false-positive rate {injection['false_positive_rate']:.3f}")
+        for title, key in (("position", "recall_by_position"), ("category", "recall_by_category")):
+            click.echo(f"  recall by {title}:")
+            for name, value in injection[key].items():
+                click.echo(f"    {name:<48} {value:.3f}")
+    if "pii" in report:
+        pii = report["pii"]
+        click.echo(f"pii (synthetic, {pii['texts']} texts, {pii['hard_negatives']} hard negatives)")
+        _pii_table(pii)
+    for file_report in report.get("files", []):
+        click.echo(f"{file_report['file']}:")
+        for scope, m in file_report.get("injection", {}).items():
+            by = _by(direct if scope == "direct" else indirect)
+            click.echo(f"  injection, {scope} ({by}, threshold {m['threshold']}): precision {m['precision']:.3f}  "
+                       f"recall {m['recall']:.3f}  f1 {m['f1']:.3f}  false-positive rate {m['false_positive_rate']:.3f}"
+                       f"  (tp {m['tp']}, fp {m['fp']}, fn {m['fn']}, tn {m['tn']})")
+        if "pii" in file_report:
+            click.echo(f"  pii ({file_report['pii']['texts']} texts)")
+            _pii_table(file_report["pii"])
+
+
+def _pii_table(pii: dict[str, Any]) -> None:
+    click.echo(f"  {'kind':<16} {'precision':>9} {'recall':>7} {'f1':>7} {'tp':>5} {'fp':>4} {'fn':>4}")
     for kind, m in {**pii["per_kind"], "overall": pii["overall"]}.items():
-        click.echo(f"  {kind:<16} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['tp']:>5} {m['fp']:>4} {m['fn']:>4}")
+        click.echo(f"  {kind:<16} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['f1']:>7.3f} {m['tp']:>5} {m['fp']:>4} "
+                   f"{m['fn']:>4}")
 
 
 @eval_group.command("retrieval")

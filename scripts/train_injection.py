@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from appliance.policy.guardrails import injection_features as F  # noqa: E402
-from appliance.policy.guardrails.evaluate import insert_attack, parse_label  # noqa: E402
+from appliance.policy.guardrails.evaluate import EvalFileError, insert_attack, read_eval_file  # noqa: E402
 from appliance.policy.guardrails.injection import RuleInjectionDetector  # noqa: E402
 
 MIRRORS = Path("/work/.mirror")
@@ -195,22 +195,15 @@ def _gsm8k() -> tuple[list[str], list[str]]:
 
 
 def load_extra(path: Path) -> tuple[list[Example], list[Example]]:
-    """(direct, indirect) examples of a customer's JSONL; errors name the line."""
-    direct, indirect = [], []
-    for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            label = parse_label(row["label"])
-            text = row["text"]
-            scope = row.get("scope", "direct")
-            if not isinstance(text, str) or scope not in ("direct", "indirect"):
-                raise ValueError("text must be a string and scope 'direct' or 'indirect'")
-        except (ValueError, KeyError, TypeError) as exc:
-            raise SystemExit(f"{path}:{no}: {exc}") from None
-        target = direct if scope == "direct" else indirect
-        target.append(Example(text, label, f"extra:{path.stem}", text))
+    """(direct, indirect) examples of a customer's JSONL, in the format `appliance eval guardrails --data`
+    reads (lines with "spans" only are ignored); a malformed line stops the run, naming it."""
+    try:
+        lines, _ = read_eval_file(path)
+    except EvalFileError as exc:
+        raise SystemExit(str(exc)) from None
+    source = f"extra:{path.stem}"
+    direct = [Example(x.text, x.label, source, x.text) for x in lines if x.scope == "direct"]
+    indirect = [Example(x.text, x.label, source, x.text) for x in lines if x.scope == "indirect"]
     return direct, indirect
 
 

@@ -1,4 +1,5 @@
-"""Measure the guardrails: injection detection on BIPIA, PII detection on seeded synthetic text.
+"""Measure the guardrails: injection detection on BIPIA, PII detection on seeded synthetic text, and
+both on a labelled JSONL file a customer brings (`evaluate_file`, format in its docstring).
 
 BIPIA (microsoft/BIPIA, train split): the benign class is every email and table context untouched;
 the attack class is the same contexts with one attack instruction inserted at the start, in the
@@ -15,6 +16,8 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from appliance.policy.guardrails.injection import InjectionClassifier, InjectionDetector, RuleInjectionDetector
 from appliance.policy.guardrails.pii import PiiDetector
@@ -138,6 +141,34 @@ def _overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
     return a[0] < b[1] and b[0] < a[1]
 
 
+def _count_spans(found: Any, gold: Any, counts: dict[str, Counter[str]]) -> None:
+    """Add one text's findings to per-kind tp/fp/fn: a finding is a true positive when it overlaps a
+    gold span of the same kind not matched yet."""
+    matched_gold: set[int] = set()
+    for f in found:
+        hit = next((i for i, g in enumerate(gold)
+                    if g.kind == f.kind and i not in matched_gold and _overlaps((f.start, f.end), (g.start, g.end))), None)
+        if hit is None:
+            counts[f.kind]["fp"] += 1
+        else:
+            matched_gold.add(hit)
+            counts[f.kind]["tp"] += 1
+    for i, g in enumerate(gold):
+        if i not in matched_gold:
+            counts[g.kind]["fn"] += 1
+
+
+def _per_kind(counts: dict[str, Counter[str]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    per_kind = {
+        kind: {**_prf(c["tp"], c["fp"], c["fn"]), "tp": c["tp"], "fp": c["fp"], "fn": c["fn"]}
+        for kind, c in sorted(counts.items())
+    }
+    total = Counter[str]()
+    for c in counts.values():
+        total.update(c)
+    return per_kind, {**_prf(total["tp"], total["fp"], total["fn"]), "tp": total["tp"], "fp": total["fp"], "fn": total["fn"]}
+
+
 def evaluate_pii(seed: int = 0, n: int = 500, *, detector: PiiDetector | None = None) -> dict[str, Any]:
     """Per-kind precision and recall on n seeded synthetic texts with PII and hard negatives.
 
@@ -150,31 +181,128 @@ def evaluate_pii(seed: int = 0, n: int = 500, *, detector: PiiDetector | None = 
     chars = 0
     for sample in samples:
         chars += len(sample.text)
-        found = detector.find(sample.text)
-        matched_gold: set[int] = set()
-        for f in found:
-            hit = next((i for i, g in enumerate(sample.spans)
-                        if g.kind == f.kind and i not in matched_gold and _overlaps((f.start, f.end), (g.start, g.end))), None)
-            if hit is None:
-                counts[f.kind]["fp"] += 1
-            else:
-                matched_gold.add(hit)
-                counts[f.kind]["tp"] += 1
-        for i, g in enumerate(sample.spans):
-            if i not in matched_gold:
-                counts[g.kind]["fn"] += 1
+        _count_spans(detector.find(sample.text), sample.spans, counts)
     elapsed = time.perf_counter() - started
-    per_kind = {
-        kind: {**_prf(c["tp"], c["fp"], c["fn"]), "tp": c["tp"], "fp": c["fp"], "fn": c["fn"]}
-        for kind, c in sorted(counts.items())
-    }
-    total = Counter[str]()
-    for c in counts.values():
-        total.update(c)
+    per_kind, overall = _per_kind(counts)
     return {
         "texts": len(samples),
-        "overall": {**_prf(total["tp"], total["fp"], total["fn"]), "tp": total["tp"], "fp": total["fp"], "fn": total["fn"]},
+        "overall": overall,
         "per_kind": per_kind,
         "hard_negatives": sum(s.hard_negatives for s in samples),
         "ms_per_kb": round(elapsed * 1000 / max(1, chars / 1024), 3),
     }
+
+
+# -- a customer's labelled file ------------------------------------------------------------------------
+
+class EvalFileError(ValueError):
+    """A line of an evaluation file that does not follow the format; the message names file and line."""
+
+
+class InjectionLine(msgspec.Struct, frozen=True):
+    text: str
+    label: int
+    scope: str
+
+
+class PiiSpan(msgspec.Struct, frozen=True):
+    start: int
+    end: int
+    kind: str
+
+
+class PiiLine(msgspec.Struct, frozen=True):
+    text: str
+    spans: tuple[PiiSpan, ...]
+
+
+def read_eval_file(path: Path) -> tuple[list[InjectionLine], list[PiiLine]]:
+    """The lines of a labelled JSONL file. Each line is one JSON object with a "text" (string) and
+    - for injection: "label": 1 / 0, true / false, or "injection" / "benign" ("attack" / "safe"), and
+      optionally "scope": "direct" (a user turn, the default) or "indirect" (a retrieved document or
+      tool result);
+    - for PII: "spans": a list of {"start", "end", "kind"} (character offsets into "text", end
+      exclusive; an empty list: the text holds no PII).
+    A line may carry both. Blank lines are skipped. Raises EvalFileError naming the line.
+    """
+    injection: list[InjectionLine] = []
+    pii: list[PiiLine] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EvalFileError(f"{path}: cannot read: {exc}") from None
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {no}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise EvalFileError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise EvalFileError(f'{where}: expected an object with a "text" string')
+        text = row["text"]
+        if "label" not in row and "spans" not in row:
+            raise EvalFileError(f'{where}: needs "label" (injection) or "spans" (PII)')
+        if "label" in row:
+            try:
+                label = parse_label(row["label"])
+            except ValueError as exc:
+                raise EvalFileError(f"{where}: {exc}") from None
+            scope = row.get("scope", "direct")
+            if scope not in ("direct", "indirect"):
+                raise EvalFileError(f'{where}: scope {scope!r} is not "direct" or "indirect"')
+            injection.append(InjectionLine(text, label, scope))
+        if "spans" in row:
+            try:
+                spans = msgspec.convert(row["spans"], tuple[PiiSpan, ...])
+            except msgspec.ValidationError as exc:
+                raise EvalFileError(f'{where}: "spans" must be a list of {{"start", "end", "kind"}}: {exc}') from None
+            for span in spans:
+                if not 0 <= span.start < span.end <= len(text):
+                    raise EvalFileError(f"{where}: span {span.start}-{span.end} ({span.kind}) is outside the text "
+                                        f"({len(text)} characters) or empty")
+            pii.append(PiiLine(text, spans))
+    if not injection and not pii:
+        raise EvalFileError(f"{path}: no labelled lines")
+    return injection, pii
+
+
+def evaluate_file(
+    path: Path, *, threshold: float = 0.5, classifier: InjectionClassifier | None = None,
+    retrieved_classifier: InjectionClassifier | None = None, pii: PiiDetector | None = None,
+) -> dict[str, Any]:
+    """Precision, recall and F1 on a customer's labelled JSONL (format: `read_eval_file`): injection per
+    scope with the guardrails' combined decision (rules, and the classifier of that scope when given),
+    PII per kind (a finding counts when it overlaps a gold span of its kind)."""
+    injection_lines, pii_lines = read_eval_file(path)
+    report: dict[str, Any] = {"file": str(path)}
+    if injection_lines:
+        report["injection"] = {}
+        for scope, clf in (("direct", classifier), ("indirect", retrieved_classifier)):
+            lines = [x for x in injection_lines if x.scope == scope]
+            if not lines:
+                continue
+            detector = InjectionDetector(scope, clf)  # type: ignore[arg-type]
+            started = time.perf_counter()
+            scores = [v.score for i in range(0, len(lines), 64)
+                      for v in detector.verdicts([x.text for x in lines[i:i + 64]])]
+            elapsed = time.perf_counter() - started
+            flagged = [s >= threshold for s in scores]
+            tp = sum(f and x.label == 1 for f, x in zip(flagged, lines))
+            fp = sum(f and x.label == 0 for f, x in zip(flagged, lines))
+            fn = sum(not f and x.label == 1 for f, x in zip(flagged, lines))
+            tn = len(lines) - tp - fp - fn
+            report["injection"][scope] = {
+                **_prf(tp, fp, fn), "tp": tp, "fp": fp, "fn": fn, "tn": tn, "threshold": threshold,
+                "false_positive_rate": round(fp / max(1, fp + tn), 4),
+                "ms_per_text": round(elapsed * 1000 / len(lines), 3),
+            }
+    if pii_lines:
+        detector_pii = pii or PiiDetector()
+        counts: dict[str, Counter[str]] = defaultdict(Counter)
+        for x in pii_lines:
+            _count_spans(detector_pii.find(x.text), x.spans, counts)
+        per_kind, overall = _per_kind(counts)
+        report["pii"] = {"texts": len(pii_lines), "overall": overall, "per_kind": per_kind}
+    return report
