@@ -35,6 +35,10 @@ class Attempt(msgspec.Struct, frozen=True, kw_only=True):
     """Refuse (ContextLengthExceeded) when prompt + max_tokens exceed the context, rather than stop at the end."""
 
 
+def _filtered(f: OutputFilter, chunk: Chunk) -> str:
+    return f.feed(chunk.text) + (f.flush() if chunk.finish_reason is not None else "")
+
+
 class Generation:
     """A started generation: the first chunk is already computed, so errors surface before streaming."""
 
@@ -65,19 +69,20 @@ class Generation:
     async def _iterate(self) -> AsyncIterator[Chunk]:
         if self._first is not None:
             first, self._first = self._first, None
-            first = self._notify(first)
+            first = await self._notify(first)
             yield first
             if first.usage is not None:  # the last chunk (with n > 1: of the last sequence to finish)
                 return
         async for chunk in self._rest:
-            yield self._notify(chunk)
+            yield await self._notify(chunk)
 
-    def _notify(self, chunk: Chunk) -> Chunk:
+    async def _notify(self, chunk: Chunk) -> Chunk:
         if self._make_filter is not None and chunk.index not in self._filters:
             self._filters[chunk.index] = self._make_filter()
         f = self._filters.get(chunk.index)
         if f is not None:
-            text = f.feed(chunk.text) + (f.flush() if chunk.finish_reason is not None else "")
+            # On a worker thread: PII masking may run spaCy's NER, which must never run on the event loop.
+            text = await asyncio.to_thread(_filtered, f, chunk)
             chunk = msgspec.structs.replace(chunk, text=text)
         for observer in self._observers:
             observer(chunk)

