@@ -66,6 +66,13 @@ def test_policy_chooses_kinds(detector: PiiDetector) -> None:
     assert decision.text == "[PERSON_1] wrote from [EMAIL_1]"
     only_email = GuardrailPolicy(pii_input="mask", injection="allow", pii_kinds=frozenset({"email"}))
     assert guard.check_input(text, only_email).text == "John Smith wrote from [EMAIL_1]"
+    # Organisations and places are masked only when the policy names them.
+    work = "Mary Jones works for Acme Corporation in Boston."
+    assert guard.check_input(work, GuardrailPolicy(pii_input="mask", injection="allow")).text == (
+        "[PERSON_1] works for Acme Corporation in Boston.")
+    every = GuardrailPolicy(pii_input="mask", injection="allow",
+                            pii_kinds=frozenset({"person", "organisation", "location"}))
+    assert guard.check_input(work, every).text == "[PERSON_1] works for [ORGANISATION_1] in [LOCATION_1]."
 
 
 def _stream(detector: PiiDetector, text: str, cuts: list[int]) -> str:

@@ -32,8 +32,27 @@ _NOT_NAMES = frozenset({
     "iban", "bic", "swift", "ssn", "dob", "d.o.b.", "pin", "cvv", "cvc", "id", "nino", "ni", "dni", "nie", "nir",
     "cf", "idnr", "steuer-idnr", "tin", "vat", "ip", "ipv4", "ipv6", "url", "api", "jwt", "pem", "aws", "sku",
     "zip", "postcode", "po", "tel", "fax", "email", "e-mail", "sms", "otp", "mfa", "faq", "eta", "asap",
+    "eur", "usd", "gbp", "jpy", "chf", "cad", "aud", "inr", "cny",
 })
 """Words spaCy's small English model takes for organisations or places that name a kind of value instead."""
+_ORG_WORDS = frozenset("""
+inc inc. ltd ltd. llc llp plc corp corp. corporation company co co. group gmbh ag sa s.a. nv bv kg oy ab spa
+bank trust fund capital partners holdings ventures investments insurance securities financial finance
+university college institute school academy hospital clinic centre center foundation association society
+council committee agency authority department ministry commission board office bureau service services
+club union federation league network alliance church museum library gallery theatre theater
+labs lab laboratories systems technologies technology tech solutions software consulting analytics media
+studios studio press publishing pharmaceuticals pharma health healthcare energy motors airlines airways
+logistics foods robotics industries international global enterprises resources communications telecom
+electric electronics manufacturing mining oil gas power retail stores store market markets hotel hotels
+restaurant cafe records entertainment productions films pictures games sports team
+street st avenue ave road rd lane boulevard drive way square park river lake mountain mount hill valley
+island islands bay beach city county state province region district kingdom republic states
+north south east west northern southern eastern western central hall tower bridge station airport
+""".split())
+"""Words that end organisation and place names: a finding ending in one is never relabelled a person."""
+_FUNCTION_WORDS = frozenset("the of and & for de la le du von van der".split())
+_NAME_TOKEN = re.compile(r"(?:[A-Z][a-z]*['’])?[A-Z][a-z]+(?:[A-Z][a-z]+)?(?:-[A-Z]?[a-z'’]+)*|[A-Z]\.")
 
 # --- street addresses -------------------------------------------------------------------------------
 _STREET_TYPES = (
@@ -175,15 +194,29 @@ def _relabel(
     others = [f for f in patterns if f.kind != "person"]
     out = []
     for f in spacy_found:
-        if text[f.start:f.end].casefold() in _NOT_NAMES:
+        value = text[f.start:f.end]
+        words = value.split()
+        if value.casefold() in _NOT_NAMES or not any(c.isalpha() for c in value):
             continue
-        if any(_overlap(f, p) for p in people):
+        if len(words) == 1 and text[max(0, f.start - 4):f.start] in ("the ", "The ") and not value.isupper():
+            continue  # "the Board", "the Dashboard": a capitalised common noun, not a name
+        if any(_overlap(f, p) for p in people) or (f.kind != "person" and _looks_like_a_person(words)):
+            f = PiiFinding("person", f.start, f.end)
             f = PiiFinding("person", f.start, f.end)
         elif any(_overlap(f, o) for o in others):
             continue
         if f.kind in kinds:
             out.append(f)
     return out
+
+
+def _looks_like_a_person(words: list[str]) -> bool:
+    """Two or three capitalised words with no function word and no organisation or place word ("Sakura
+    Choi", "Elif O'Connor"): the small model often calls such names organisations."""
+    return (
+        2 <= len(words) <= 3 and all(_NAME_TOKEN.fullmatch(w) for w in words)
+        and not any(w.casefold() in _FUNCTION_WORDS or w.casefold().rstrip(".") in _ORG_WORDS for w in words)
+    )
 
 
 def _overlap(a: PiiFinding, b: PiiFinding) -> bool:

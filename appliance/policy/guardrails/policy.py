@@ -19,9 +19,9 @@ class GuardrailPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, 
     retrieved_injection: Literal["allow", "drop", "flag"] = "drop"
     """Injected instructions in retrieved content: skip the check, leave the chunk out, or keep and report."""
     pii_kinds: frozenset[PiiKind] | None = None
-    """The PII kinds looked for in input and output, e.g. ["email", "person"]; None: every kind the
-    appliance can find (the named-entity kinds person, address, location, organisation, date_of_birth need
-    the spaCy pipeline package). Naming a kind that is not installed fails the request (503)."""
+    """The PII kinds looked for in input and output, e.g. ["email", "person", "organisation"]; None: the
+    pattern kinds and person, address, date_of_birth (organisation and location only when named). The
+    named-entity kinds need the spaCy pipeline package; naming one that is not installed fails the request (503)."""
     reversible_mask: bool = False
     """Return {placeholder: original} with masked input so the caller can restore it; off by default."""
     max_input_chars: Annotated[int, msgspec.Meta(ge=1)] = 200_000

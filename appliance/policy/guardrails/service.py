@@ -8,7 +8,7 @@ from appliance.policy.guardrails.errors import GuardrailBlocked, InputTooLarge
 from appliance.policy.guardrails.injection import InjectionClassifier, InjectionDetector
 from appliance.policy.guardrails.masking import MaskSession, StreamMasker
 from appliance.policy.guardrails.ner import EntitiesUnavailable
-from appliance.policy.guardrails.pii import EntityFinder, PiiDetector
+from appliance.policy.guardrails.pii import DEFAULT_KINDS, EntityFinder, PiiDetector
 from appliance.policy.guardrails.policy import GuardrailPolicy
 from appliance.policy.guardrails.types import GuardrailAction, InputDecision
 
@@ -105,8 +105,11 @@ class Guardrails:
         return StreamMasker(self.pii, session=session or MaskSession(), mask_output=policy.pii_output == "mask",
                             kinds=self._kinds(policy))
 
-    def _kinds(self, policy: GuardrailPolicy) -> frozenset[str] | None:
-        """The policy's PII kinds; raises EntitiesUnavailable for named-entity kinds with no pipeline installed."""
-        if policy.pii_kinds is not None and (policy.pii_kinds - self.pii.kinds):
+    def _kinds(self, policy: GuardrailPolicy) -> frozenset[str]:
+        """The policy's PII kinds (DEFAULT_KINDS when it names none, less those not installed); raises
+        EntitiesUnavailable for named-entity kinds it names that cannot be found here."""
+        if policy.pii_kinds is None:
+            return DEFAULT_KINDS & self.pii.kinds
+        if policy.pii_kinds - self.pii.kinds:
             raise EntitiesUnavailable(sorted(policy.pii_kinds - self.pii.kinds))
         return policy.pii_kinds
