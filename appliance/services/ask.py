@@ -293,7 +293,7 @@ class AskService:
         policy.hold_record()
         manifest = self._model(model)
         policy.allow_model(manifest)
-        [question] = policy.screen_input([question])
+        [question] = await asyncio.to_thread(policy.screen_input, [question])  # PII screening may run spaCy
         sources = await self.retrieve(
             tenant, collection, question, top_k, manifest=manifest, max_tokens=max_tokens, policy=policy,
             quarantined=quarantined, rerank=rerank, extractive=self.extracts(manifest, answer_mode),
