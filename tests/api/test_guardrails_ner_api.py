@@ -3,6 +3,7 @@ in input and in streamed output; a clear error when the spaCy pipeline is not in
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -73,3 +74,30 @@ def test_unknown_pii_kind_is_refused(world: World) -> None:
     with make_client(world) as client:
         r = client.post("/v1/admin/tenants", json={"name": "x", "guardrails": {"pii_kinds": ["shoe_size"]}})
         assert r.status_code == 400 and r.json()["error"]["param"] == "guardrails"
+
+
+def test_the_ner_never_runs_on_the_event_loop(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.policy.guardrails.ner import LazyEntityDetector
+
+    on_loop: list[bool] = []
+
+    class Recording(LazyEntityDetector):
+        def find(self, text: str, kinds: frozenset[str] | None = None) -> list:
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(True)
+            except RuntimeError:
+                on_loop.append(False)
+            return super().find(text, kinds)
+
+    monkeypatch.setattr("appliance.policy.gateway.LazyEntityDetector", Recording)
+    world.chat.reply = "The lease was signed by Margaret Okafor last May in the presence of two witnesses."
+    with make_client(world) as client:
+        headers = _guarded(client, {"pii_input": "mask", "pii_output": "mask"})
+        msg = {"role": "user", "content": "Summarise the lease of Margaret Okafor."}
+        for stream in (False, True):
+            r = client.post("/v1/chat/completions", json={**CHAT, "messages": [msg], "stream": stream}, headers=headers)
+            assert r.status_code == 200 and "Okafor" not in r.text
+        r = client.post("/v1/embeddings", json={"model": "embed-model", "input": ["Margaret Okafor"]}, headers=headers)
+        assert r.status_code == 200
+    assert on_loop and not any(on_loop)
