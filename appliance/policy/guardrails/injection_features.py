@@ -1,11 +1,14 @@
 """The features of the bundled injection classifier (models/injection-guard*): hashed token n-grams.
 
-The classifier is a logistic regression over the WordPiece tokens of the bundled MiniLM tokenizer
-(lower-cased, accents stripped): each token, each pair and each triple of adjacent tokens is hashed
-into one weight table, and a window's logit is the bias plus the mean of the weights of its n-grams.
-The ONNX graph (`onnx_model`) computes exactly what `ngram_rows` computes in numpy, from the same
-`input_ids` and `attention_mask` the classifier engine feeds it, so training (scripts/train_injection.py)
-and serving share one definition; tests/unit/test_injection_guard.py checks that they agree.
+The classifier reads the WordPiece tokens of the bundled MiniLM tokenizer (lower-cased, accents
+stripped). Each token, each pair and each triple of adjacent tokens is hashed into one weight table;
+a position's score is the sum of the weights of the n-grams ending there. A span is `SPAN` tokens; the
+window's logit is the bias plus the highest mean n-gram weight over its spans, so a short instruction
+planted in a long document is not diluted by the text around it (a linear model over n-grams, max-pooled
+over spans). The ONNX graph (`onnx_model`) computes exactly what `ngrams` and `logits` compute in numpy,
+from the same `input_ids` and `attention_mask` the classifier engine feeds it, so training
+(scripts/train_injection.py) and serving share one definition; tests/unit/test_injection_guard.py checks
+that they agree.
 
 Pure numpy; `onnx_model` imports onnx (a dev dependency) only when the model is built.
 """
@@ -18,52 +21,44 @@ import numpy as np
 
 BUCKETS = 1 << 18
 """Size of the hashed weight table (unigrams, bigrams and trigrams share it)."""
+SPAN = 16
+"""Tokens per span: the logit is the best span's mean n-gram weight."""
 _P1 = 1_000_003
 _P2 = 998_244_353
 _MULT = 2_654_435_761
-_OFFSETS = (0, 1, 2)
-"""n - 1 for each n-gram order: unigram, bigram, trigram."""
 LABELS = ["SAFE", "INJECTION"]
 
 
-def _hash(order: int, ids: np.ndarray) -> np.ndarray:
-    """Bucket of the n-grams of `ids` [B, T] (int64) of the given order ending at each position t >= order."""
-    t = ids.shape[1]
-    if order == 0:
-        h = ids[:, :]
-    elif order == 1:
-        h = ids[:, : t - 1] * _P1 + ids[:, 1:] + 7
-    else:
-        h = (ids[:, : t - 2] * _P1 + ids[:, 1 : t - 1]) % _P2 * _P1 + ids[:, 2:] + 13
-    return h % _P2 * _MULT % _P2 % BUCKETS
+def _bucket(raw: np.ndarray) -> np.ndarray:
+    return raw % _P2 * _MULT % _P2 % BUCKETS
 
 
-def ngram_rows(input_ids: np.ndarray, attention_mask: np.ndarray) -> list[tuple[np.ndarray, float]]:
-    """For each row of a padded batch: the buckets of its n-grams (padding excluded) and 1 / their count.
+def ngrams(input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(buckets, valid), both [B, T, 3]: the buckets of the unigram, bigram and trigram ending at each
+    position, and whether each is made of real tokens only (padding and the text's start excluded)."""
+    ids = np.pad(np.asarray(input_ids, dtype=np.int64), ((0, 0), (2, 0)))
+    mask = np.pad(np.asarray(attention_mask, dtype=np.int64), ((0, 0), (2, 0)))
+    a, b, c = ids[:, :-2], ids[:, 1:-1], ids[:, 2:]
+    ma, mb, mc = mask[:, :-2], mask[:, 1:-1], mask[:, 2:]
+    raw = np.stack([c, b * _P1 + c + 7, (a * _P1 + b) % _P2 * _P1 + c + 13], axis=-1)
+    valid = np.stack([mc, mb * mc, ma * mb * mc], axis=-1)
+    return _bucket(raw), valid
 
-    A window's logit is bias + (1 / count) * sum(weights[buckets]) (see `onnx_model`).
-    """
-    ids = np.asarray(input_ids, dtype=np.int64)
-    mask = np.asarray(attention_mask, dtype=np.int64)
-    per_order = []
-    for order in _OFFSETS:
-        if ids.shape[1] <= order:
-            per_order.append((np.zeros((ids.shape[0], 0), np.int64), np.zeros((ids.shape[0], 0), np.int64)))
-            continue
-        valid = mask[:, order:]
-        for k in range(order):
-            valid = valid * mask[:, k : mask.shape[1] - order + k]
-        per_order.append((_hash(order, ids), valid))
-    rows = []
-    for r in range(ids.shape[0]):
-        buckets = np.concatenate([h[r][v[r] == 1] for h, v in per_order])
-        rows.append((buckets, 1.0 / max(1, len(buckets))))
-    return rows
+
+def span_means(scores: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Mean n-gram weight of the span ending at each position ([B, T]: the SPAN positions up to it)."""
+    s = np.pad(np.cumsum(scores, axis=1), ((0, 0), (SPAN, 0)))
+    n = np.pad(np.cumsum(counts, axis=1), ((0, 0), (SPAN, 0)))
+    return (s[:, SPAN:] - s[:, :-SPAN]) / np.maximum(n[:, SPAN:] - n[:, :-SPAN], 1)
 
 
 def logits(weights: np.ndarray, bias: float, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
     """The injection logit of each row, as the ONNX graph computes it (float64 here)."""
-    return np.array([bias + scale * weights[b].sum() for b, scale in ngram_rows(input_ids, attention_mask)])
+    buckets, valid = ngrams(input_ids, attention_mask)
+    scores = (weights[buckets] * valid).sum(axis=-1)
+    local = span_means(scores, valid.sum(axis=-1))
+    local = np.where(np.asarray(attention_mask) == 1, local, -np.inf)
+    return bias + local.max(axis=1)
 
 
 def onnx_model(weights: np.ndarray, bias: float, *, doc: str = "") -> Any:
@@ -90,6 +85,9 @@ def onnx_model(weights: np.ndarray, bias: float, *, doc: str = "") -> Any:
         numpy_helper.from_array(np.array([1 << 62], dtype=np.int64), "end"),
         numpy_helper.from_array(np.array([1.0], dtype=np.float32), "onef"),
         numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
+        numpy_helper.from_array(np.array([0, 2, 0, 0], dtype=np.int64), "pads"),
+        numpy_helper.from_array(np.ones((1, 1, SPAN), dtype=np.float32), "ones"),
+        numpy_helper.from_array(np.array([1e9], dtype=np.float32), "big"),
     ]
 
     def node(op: str, inputs: list[str], output: str, **attrs: Any) -> str:
@@ -99,39 +97,43 @@ def onnx_model(weights: np.ndarray, bias: float, *, doc: str = "") -> Any:
     def cut(x: str, start: str, stop: str, name: str) -> str:
         return node("Slice", [x, start, stop, "axis1"], name)
 
-    ids, mask = "input_ids", "attention_mask"
-    # Slices along the sequence axis, as in `_hash`: a[:, :t-k] is Slice(0, -k), a[:, k:] is Slice(k, end).
-    head1, tail1 = cut(ids, "zero1", "minus1", "ids_head1"), cut(ids, "one1", "end", "ids_tail1")
-    head2, mid2, tail2 = (cut(ids, "zero1", "minus2", "ids_head2"), cut(ids, "one1", "minus1", "ids_mid2"),
-                          cut(ids, "two1", "end", "ids_tail2"))
+    ids = node("Pad", ["input_ids", "pads"], "ids_p")
+    mask = node("Pad", ["attention_mask", "pads"], "mask_p")
+    # As in `ngrams`: a, b, c are the tokens two before, one before and at each position.
+    a, b, c = cut(ids, "zero1", "minus2", "a"), cut(ids, "one1", "minus1", "b"), cut(ids, "two1", "end", "c")
+    ma, mb, mc = (cut(mask, "zero1", "minus2", "ma"), cut(mask, "one1", "minus1", "mb"),
+                  cut(mask, "two1", "end", "mc"))
     raw = [
-        ids,
-        node("Add", [node("Add", [node("Mul", [head1, "p1"], "bi_a"), tail1], "bi_b"), "c7"], "bi_raw"),
-        node("Add", [node("Add", [node("Mul", [node("Mod", [node("Add", [node("Mul", [head2, "p1"], "tri_a"), mid2],
+        c,
+        node("Add", [node("Add", [node("Mul", [b, "p1"], "bi_a"), c], "bi_b"), "c7"], "bi_raw"),
+        node("Add", [node("Add", [node("Mul", [node("Mod", [node("Add", [node("Mul", [a, "p1"], "tri_a"), b],
                                                                          "tri_b"), "p2"], "tri_c", fmod=0),
-                                                "p1"], "tri_d"), tail2], "tri_e"), "c13"], "tri_raw"),
+                                                "p1"], "tri_d"), c], "tri_e"), "c13"], "tri_raw"),
     ]
-    mhead1, mtail1 = cut(mask, "zero1", "minus1", "m_head1"), cut(mask, "one1", "end", "m_tail1")
-    mhead2, mmid2, mtail2 = (cut(mask, "zero1", "minus2", "m_head2"), cut(mask, "one1", "minus1", "m_mid2"),
-                             cut(mask, "two1", "end", "m_tail2"))
-    valid = [
-        mask,
-        node("Mul", [mhead1, mtail1], "m_bi"),
-        node("Mul", [node("Mul", [mhead2, mmid2], "m_tri_a"), mtail2], "m_tri"),
-    ]
-    sums, counts = [], []
+    valid = [mc, node("Mul", [mb, mc], "v_bi"), node("Mul", [node("Mul", [ma, mb], "v_tri_a"), mc], "v_tri")]
+    scores, counts = [], []
     for order, (h, v) in enumerate(zip(raw, valid)):
         reduced = node("Mod", [h, "p2"], f"h{order}_r", fmod=0)
         mixed = node("Mod", [node("Mul", [reduced, "mult"], f"h{order}_a"), "p2"], f"h{order}_b", fmod=0)
         bucket = node("Mod", [mixed, "buckets"], f"h{order}", fmod=0)
         w = node("Gather", ["weights", bucket], f"w{order}", axis=0)
         vf = node("Cast", [v], f"v{order}", to=TensorProto.FLOAT)
-        sums.append(node("ReduceSum", [node("Mul", [w, vf], f"wv{order}"), "axis1"], f"s{order}", keepdims=1))
-        counts.append(node("ReduceSum", [vf, "axis1"], f"c{order}", keepdims=1))
-    total = node("Add", [node("Add", [sums[0], sums[1]], "s01"), sums[2]], "s_all")
-    count = node("Max", [node("Add", [node("Add", [counts[0], counts[1]], "c01"), counts[2]], "c_all"), "onef"],
-                 "c_safe")
-    logit = node("Add", [node("Div", [total, count], "mean"), "bias"], "logit")
+        scores.append(node("Mul", [w, vf], f"wv{order}"))
+        counts.append(vf)
+    score = node("Add", [node("Add", [scores[0], scores[1]], "s01"), scores[2]], "score")
+    count = node("Add", [node("Add", [counts[0], counts[1]], "n01"), counts[2]], "count")
+
+    def span_sum(x: str, name: str) -> str:  # the sum over the SPAN positions ending at each one
+        x3 = node("Unsqueeze", [x, "axis1"], f"{name}_3d")
+        summed = node("Conv", [x3, "ones"], f"{name}_conv", pads=[SPAN - 1, 0], kernel_shape=[SPAN])
+        return node("Squeeze", [summed, "axis1"], name)
+
+    local = node("Div", [span_sum(score, "span_s"), node("Max", [span_sum(count, "span_n"), "onef"], "span_n1")],
+                 "local")
+    real = node("Cast", [cut("attention_mask", "zero1", "end", "mask_all")], "real", to=TensorProto.FLOAT)
+    masked = node("Add", [local, node("Mul", [node("Sub", [real, "onef"], "not_real"), "big"], "penalty")], "masked")
+    best = node("ReduceMax", [masked], "best", axes=[1], keepdims=1)
+    logit = node("Add", [best, "bias"], "logit")
     node("Concat", [node("Mul", [logit, node("Constant", [], "zerof", value_float=0.0)], "safe"), logit],
          "logits", axis=1)
     graph = helper.make_graph(
