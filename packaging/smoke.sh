@@ -33,6 +33,10 @@ curl -fs "http://127.0.0.1:$port/" | grep -c "Document Q&amp;A"
 curl -fs "http://127.0.0.1:$port/v1/completions" -H 'content-type: application/json' \
   -d '{"model": "gemma3-270m", "prompt": "Mail jane@example.com or call +44 20 7946 0958", "max_tokens": 2}' \
   | grep -o '"guardrails":\[[^]]*\]'
+# Named-entity PII inside the bundle (Presidio, spaCy and its English pipeline's data): flagged by default.
+curl -fs "http://127.0.0.1:$port/v1/completions" -H 'content-type: application/json' \
+  -d '{"model": "gemma3-270m", "prompt": "Write to Margaret Okafor at 221B Baker Street, London NW1 6XE", "max_tokens": 2}' \
+  | grep -o '"kind":"person"[^}]*}'
 curl -fs "http://127.0.0.1:$port/metrics" | grep -m1 '^appliance_requests_total'
 dist/appliance/appliance --data-dir "$data" usage verify
 
