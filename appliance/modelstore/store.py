@@ -62,6 +62,11 @@ def _copy_hashing(src: BinaryIO, dst: Path, progress: Progress | None) -> tuple[
     return digest.hexdigest(), size
 
 
+def _ships_with_the_appliance(manifest: Manifest) -> bool:
+    """Every file of the model comes from the catalogue folder itself (FileSource.bundled)."""
+    return all(f.source is not None and f.source.bundled is not None for f in manifest.files())
+
+
 def hash_file(path: Path, progress: Progress | None = None) -> tuple[str, int]:
     digest, size = hashlib.sha256(), 0
     with path.open("rb") as f:
@@ -347,17 +352,26 @@ class ModelStore:
                 write_manifest(wanted, tmp)
                 os.replace(tmp, existing)
                 return wanted
-            raise ModelStoreError(
-                f"{template.id} is installed but differs from the catalogue; run `appliance models remove "
-                f"{template.id}` first",
-            )
-        self._check_names_free(template.names())
+            if not _ships_with_the_appliance(template) or not _ships_with_the_appliance(current):
+                raise ModelStoreError(
+                    f"{template.id} is installed but differs from the catalogue; run `appliance models remove "
+                    f"{template.id}` first",
+                )
+            # A model whose files ship in the catalogue itself (retrained with a new release): replace it.
+            replacing = template.id
+        else:
+            replacing = None
+        self._check_names_free(template.names(), replacing=replacing)
+        trash = self.root / f".removing-{template.id}-{uuid.uuid4().hex[:8]}"
         with self._staging(template.id) as staging:
             for f in template.files():
                 if f.source is None:
                     raise ModelStoreError(f"catalogue entry {template.id} has no source for {f.name}")
                 self._materialise(f, f.source, staging / f.name, progress)
+            if replacing:
+                os.rename(self.root / template.id, trash)
             self._commit(staging, msgspec.structs.replace(template, created=int(time.time())))
+        shutil.rmtree(trash, ignore_errors=True)
         return template
 
     def install_copy(self, source_dir: Path, progress: Progress | None = None) -> Manifest | None:

@@ -112,3 +112,25 @@ def test_a_fresh_store_installs_the_bundled_models(tmp_path: Path) -> None:
             assert store.install(m) is not None
     assert {m.id for m in store.manifests()} == {"injection-guard", "injection-guard-indirect"}
     assert (tmp_path / "injection-guard" / "model.onnx").read_bytes() == (GUARD / "model.onnx").read_bytes()
+
+
+def test_a_retrained_bundled_model_replaces_the_installed_one(tmp_path: Path) -> None:
+    import hashlib
+
+    import msgspec
+
+    from appliance.modelstore.manifest import read_manifest, write_manifest
+    from appliance.modelstore.store import ModelStore
+
+    store = ModelStore(tmp_path)
+    template = next(m for m in catalog_manifests() if m.id == "injection-guard")
+    store.install(template)
+    # What an older release installed: other weights under the same id.
+    installed = tmp_path / "injection-guard"
+    (installed / "model.onnx").write_bytes(b"older weights")
+    old = read_manifest(installed / "manifest.toml")
+    older_file = msgspec.structs.replace(old.file, sha256=hashlib.sha256(b"older weights").hexdigest(), size=13)
+    write_manifest(msgspec.structs.replace(old, file=older_file), installed / "manifest.toml")
+    assert store.install(template) is not None
+    assert (installed / "model.onnx").read_bytes() == (GUARD / "model.onnx").read_bytes()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
