@@ -109,6 +109,18 @@ def test_stream_equals_whole_text_masking(detector: PiiDetector) -> None:
             assert _stream(detector, text, cuts) == expected, cuts
 
 
+def test_stream_holds_dates_and_leading_articles_with_the_entity(detector: PiiDetector) -> None:
+    # A date of birth is no capitalised word but is held back all the same; "the" joins the organisation.
+    texts = ["The applicant was born on 07/05/1941. Paid with 4111 1111 1111 1111 yesterday. More words follow.",
+             "Ticket 41380 was closed after the Advanced Team.\nOpen the Meeting page and click Submit. Prices in "
+             "Lima went up this year."]
+    for text in texts:
+        expected = mask(text, detector).text
+        assert "[DATE_OF_BIRTH_1]" in expected or "[ORGANISATION_1]" in expected
+        for start in range(2, 6):
+            assert _stream(detector, text, list(range(start, len(text), 4))) == expected
+
+
 def test_stream_runs_the_ner_once_per_few_words(detector: PiiDetector) -> None:
     calls = []
 

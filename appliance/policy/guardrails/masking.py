@@ -118,12 +118,13 @@ _ENTITY_HOLD_WORDS = 6
 """With named-entity kinds on, a name-like word (capitalised, or a number) is held back until this many
 words follow it: spaCy's NER decides on a word from ~4 tokens on either side. A run of name-like words
 (a multi-word name, an organisation, an address) is held back whole."""
-_NAME_PART = re.compile(r"[A-Z\d][\w'’.,-]*|(?:de|da|del|der|van|von|la|le|du|of|bin|al)")
+_NAME_PART = re.compile(r"[A-Z][\w'’.,-]*|(?:de|da|del|der|van|von|la|le|du|of|the|and|&|bin|al)")
 
 
 def _name_part(token: str) -> bool:
-    """Whether a token may continue a name, organisation or address ("Mary", "O'Neil", "van", "221B")."""
-    return bool(_NAME_PART.fullmatch(token))
+    """Whether a token may be part of a name, organisation, address or date ("Mary", "O'Neil", "van",
+    "221B", "07/05/1941")."""
+    return bool(_NAME_PART.fullmatch(token)) or any(c.isdigit() for c in token)
 
 
 def _joinable(token: str) -> bool:
