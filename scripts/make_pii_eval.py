@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/make_pii_eval.py make --seed 1 --n 600 --out /tmp/pii_eval.jsonl
     .venv/bin/python scripts/make_pii_eval.py score /tmp/pii_eval.jsonl
+    .venv/bin/python scripts/make_pii_eval.py stream /tmp/pii_eval.jsonl
 
 `make` writes JSONL lines {"text", "spans": [{"start", "end", "kind"}]}. Every word list below was written
 for this script (no public data set, no presidio-research data, no Faker): names from many languages,
@@ -353,6 +354,32 @@ def score(path: Path, patterns_only: bool) -> None:
     print(f"{long_elapsed * 1000 / kb:.1f} ms per KB as {len(docs)} documents of ~4 KB")
 
 
+def stream_check(path: Path, docs: int) -> None:
+    """Streamed masking against whole-text masking: documents of 4 texts each, fed in 4-character pieces
+    and at random split points, with the default kinds and with every kind."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from appliance.policy.guardrails.masking import MaskSession, StreamMasker
+    from appliance.policy.guardrails.ner import load_entity_detector
+    from appliance.policy.guardrails.pii import DEFAULT_KINDS, PiiDetector
+
+    detector = PiiDetector(entities=load_entity_detector())
+    rows = [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+    texts = [" ".join(rows[i:i + 4]) for i in range(0, min(len(rows), 4 * docs), 4)]
+    rng = random.Random(5)
+    for name, kinds in (("default kinds", DEFAULT_KINDS), ("every kind", detector.kinds)):
+        same = runs = 0
+        for text in texts:
+            expected = MaskSession().apply(text, detector.find(text, kinds))
+            for cuts in (list(range(rng.randint(2, 5), len(text), 4)),
+                         sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(5, 60))))):
+                masker = StreamMasker(detector, kinds=kinds)
+                bounds = [0, *cuts, len(text)]
+                got = "".join(masker.feed(text[a:b]) for a, b in zip(bounds, bounds[1:])) + masker.flush()
+                runs += 1
+                same += got == expected
+        print(f"{name}: streamed == whole-text masking in {same} of {runs} streams ({len(texts)} documents)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -363,11 +390,16 @@ def main() -> None:
     s = sub.add_parser("score")
     s.add_argument("path", type=Path)
     s.add_argument("--patterns-only", action="store_true", help="without the named-entity detector")
+    c = sub.add_parser("stream", help="check streamed masking against whole-text masking")
+    c.add_argument("path", type=Path)
+    c.add_argument("--docs", type=int, default=100)
     args = parser.parse_args()
     if args.command == "make":
         rows = make(args.seed, args.n)
         args.out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         print(f"wrote {len(rows)} texts to {args.out}")
+    elif args.command == "stream":
+        stream_check(args.path, args.docs)
     else:
         score(args.path, args.patterns_only)
 
