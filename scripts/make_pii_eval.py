@@ -3,6 +3,7 @@
     .venv/bin/python scripts/make_pii_eval.py make --seed 1 --n 600 --out /tmp/pii_eval.jsonl
     .venv/bin/python scripts/make_pii_eval.py score /tmp/pii_eval.jsonl
     .venv/bin/python scripts/make_pii_eval.py stream /tmp/pii_eval.jsonl
+    .venv/bin/python scripts/make_pii_eval.py convert tests/data/pii_handwritten.txt --out /tmp/pii_hand.jsonl
 
 `make` writes JSONL lines {"text", "spans": [{"start", "end", "kind"}]}. Every word list below was written
 for this script (no public data set, no presidio-research data, no Faker): names from many languages,
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import string
 import sys
 import time
@@ -346,12 +348,29 @@ def score(path: Path, patterns_only: bool) -> None:
         if len(doc) >= 4096:
             docs.append(doc)
             doc = ""
+    if not docs:
+        return
     t0 = time.perf_counter()
     for doc in docs:
         detector.find(doc)
     long_elapsed = time.perf_counter() - t0
     kb = sum(len(d.encode()) for d in docs) / 1024
     print(f"{long_elapsed * 1000 / kb:.1f} ms per KB as {len(docs)} documents of ~4 KB")
+
+
+_MARK = re.compile(r"\[\[([a-z_]+)\|(.+?)\]\]")
+
+
+def parse_marked(line: str) -> dict:
+    """One line with PII marked inline as [[kind|value]] ("\\n" for a line break) as a JSONL row."""
+    line = line.replace("\\n", "\n")
+    text, spans, pos = "", [], 0
+    for m in _MARK.finditer(line):
+        text += line[pos:m.start()]
+        spans.append({"start": len(text), "end": len(text) + len(m.group(2)), "kind": m.group(1)})
+        text += m.group(2)
+        pos = m.end()
+    return {"text": text + line[pos:], "spans": spans}
 
 
 def stream_check(path: Path, docs: int) -> None:
@@ -390,12 +409,20 @@ def main() -> None:
     s = sub.add_parser("score")
     s.add_argument("path", type=Path)
     s.add_argument("--patterns-only", action="store_true", help="without the named-entity detector")
+    v = sub.add_parser("convert", help="texts with PII marked inline as [[kind|value]] (tests/data) to JSONL")
+    v.add_argument("marked", type=Path)
+    v.add_argument("--out", type=Path, required=True)
     c = sub.add_parser("stream", help="check streamed masking against whole-text masking")
     c.add_argument("path", type=Path)
     c.add_argument("--docs", type=int, default=100)
     args = parser.parse_args()
     if args.command == "make":
         rows = make(args.seed, args.n)
+        args.out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        print(f"wrote {len(rows)} texts to {args.out}")
+    elif args.command == "convert":
+        rows = [parse_marked(line.rstrip("\n")) for line in args.marked.read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
         args.out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         print(f"wrote {len(rows)} texts to {args.out}")
     elif args.command == "stream":

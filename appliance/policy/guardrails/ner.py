@@ -33,6 +33,7 @@ _NOT_NAMES = frozenset({
     "cf", "idnr", "steuer-idnr", "tin", "vat", "ip", "ipv4", "ipv6", "url", "api", "jwt", "pem", "aws", "sku",
     "zip", "postcode", "po", "tel", "fax", "email", "e-mail", "sms", "otp", "mfa", "faq", "eta", "asap",
     "eur", "usd", "gbp", "jpy", "chf", "cad", "aud", "inr", "cny",
+    "hi", "hello", "hey", "dear", "thanks", "thank", "cheers", "regards", "best", "sincerely", "yours",
 })
 """Words spaCy's small English model takes for organisations or places that name a kind of value instead."""
 _ORG_WORDS = frozenset("""
@@ -67,6 +68,7 @@ _REGION_POSTCODE = (
     r"(?:,?\s+(?:[A-Z]{2}|[A-Z][a-z]+(?: [A-Z][a-z]+)?),?\s+\d{5}(?:-\d{4})?"  # US state + ZIP
     r"|,?\s+[A-Z]{1,2}\d[A-Z\d]?\s*\d[A-Z]{2}"  # UK postcode
     r"|,?\s+[A-Z]\d[A-Z]\s?\d[A-Z]\d"  # Canadian postal code
+    r"|,?\s+(?:NSW|VIC|QLD|WA|SA|TAS|ACT|NT)\s+\d{4}"  # Australian state and postcode
     r"|,?\s+\d{4,5}(?=[\s,.;)]|$))"
 )
 _ADDRESS_PATTERNS = [
@@ -84,7 +86,7 @@ _ADDRESS_PATTERNS = [
     ),
     # 12 rue de la Paix, 75002 Paris
     re.compile(
-        r"\b\d{1,4}(?:\s?(?:bis|ter))?,?\s+(?:rue|avenue|boulevard|bd|place|chemin|allée|quai|impasse|route)\s+"
+        r"\b\d{1,4}(?:\s?(?:bis|ter))?,?\s+(?:[Rr]ue|[Aa]venue|[Bb]oulevard|[Bb]d|[Pp]lace|[Cc]hemin|[Aa]llée|[Qq]uai|[Ii]mpasse|[Rr]oute)\s+"
         r"(?:(?:de|du|des|la|le|l'|d')\s*){0,2}[A-Z][\w'’-]+(?:\s+[A-Z][\w'’-]+){0,3}"
         r"(?:,\s*\d{5}\s+[A-Z][\w'’-]+(?:[ -][A-Z][\w'’-]+)?)?"
     ),
@@ -111,10 +113,16 @@ _TITLED = re.compile(
     rf"\b(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Professor|Sir|Dame|Rev|Capt|Sgt|Judge)\.?\s+((?:[A-Z]\.\s*)?{_NAME}(?:\s+{_NAME}){{0,2}})"
 )
 _CUED = re.compile(
-    rf"(?:\b(?:[Mm]y name is|[Nn]ame:|I am|I'm|[Cc]all me|[Ss]igned|[Pp]atient:?|[Cc]ustomer:?|[Cc]ontact:?|[Ee]mployee:?)"
-    rf"|^Dear|\bDear|(?:Regards|Sincerely|Thanks|Cheers|Best),?\s*\n)\s*({_NAME}(?:\s+{_NAME}){{1,2}})",
-    re.MULTILINE,
+    rf"(?:\b(?:[Mm]y name is|I am|I'm|[Cc]all me|[Ss]igned|[Pp]atient:?|[Cc]ustomer:?|[Cc]ontact:?|[Ee]mployee:?)"
+    rf"|\b(?:[Nn]ame|[Aa]pplicant|[Cc]andidate|[Cc]lient|[Tt]enant|[Gg]uest|[Pp]assenger|[Mm]ember|[Ss]tudent|"
+    rf"[Bb]eneficiary|[Oo]wner|[Aa]ttn|[Ff]ull name):"
+    rf"|\bDear)\s*({_NAME}(?:\s+{_NAME}){{1,2}})",
 )
+_GREETED = re.compile(
+    rf"(?:\b(?:Hi|Hello|Hey|Dear)\s+({_NAME})(?=[,!])|(?:Regards|Sincerely|Thanks|Cheers|Best|Yours),?[ \t]*\n[ \t]*"
+    rf"({_NAME}(?:[ \t]+{_NAME}){{0,2}})(?![\w ]*[a-z]{{3}}))",
+)
+"""A first name alone after a greeting ("Hi Noor,") or on the line after a sign-off ("Cheers,\\nTomasz")."""
 
 
 def _pattern_findings(text: str) -> list[PiiFinding]:
@@ -131,6 +139,9 @@ def _pattern_findings(text: str) -> list[PiiFinding]:
     for pattern in (_TITLED, _CUED):
         for m in pattern.finditer(text):
             found.append(PiiFinding("person", m.start(1), m.end(1)))
+    for m in _GREETED.finditer(text):
+        group = 1 if m.group(1) else 2
+        found.append(PiiFinding("person", m.start(group), m.end(group)))
     return found
 
 
@@ -198,6 +209,8 @@ def _relabel(
         words = value.split()
         if value.casefold() in _NOT_NAMES or not any(c.isalpha() for c in value):
             continue
+        if f.kind == "person" and any(c.isdigit() for c in value):
+            continue  # "eu-west-1": no one's name has digits
         if len(words) == 1 and text[max(0, f.start - 4):f.start] in ("the ", "The ") and not value.isupper():
             continue  # "the Board", "the Dashboard": a capitalised common noun, not a name
         if any(_overlap(f, p) for p in people) or (f.kind != "person" and _looks_like_a_person(words)):
