@@ -137,6 +137,10 @@ class EngineStats(msgspec.Struct, kw_only=True):
     ttft_p50_s: float | None = None
     queue_depth: int = 0
     busy_slots: int = 0
+    drafted_tokens: int = 0
+    """Tokens guessed by prompt lookup and decoded for verification (speculative decoding)."""
+    accepted_tokens: int = 0
+    """Of those, the ones the model agreed with: each saved a decode step."""
     rpc: RpcStatus | None = None
     """Split models only."""
 

@@ -37,6 +37,9 @@ class BatchSpec:
     prefix_min_tokens: int
     queue_timeout_s: float
     request_timeout_s: float
+    spec_draft: int = 0
+    spec_ngram: int = 3
+    spec_max_active: int = 2
 
 
 def build_batch_engine(
@@ -64,6 +67,9 @@ def build_batch_engine(
         prefix_min_tokens=spec.prefix_min_tokens,
         queue_timeout_s=spec.queue_timeout_s,
         request_timeout_s=spec.request_timeout_s,
+        spec_draft=spec.spec_draft,
+        spec_ngram=spec.spec_ngram,
+        spec_max_active=spec.spec_max_active,
     )
 
 
@@ -108,6 +114,9 @@ class NativeEngineFactory:
             prefix_min_tokens=s.prefix_cache_min_tokens,
             queue_timeout_s=s.queue_timeout_s,
             request_timeout_s=s.request_timeout_s,
+            spec_draft=s.speculative_draft,
+            spec_ngram=s.speculative_ngram,
+            spec_max_active=s.speculative_max_active,
         )
 
     def _onnx(self, manifest: Manifest, path: Path, tokenizer_path: Path) -> Any:

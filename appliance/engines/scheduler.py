@@ -8,6 +8,13 @@ to the waiting request through its `emit` callback (which must not block).
 A finished sequence leaves its tokens in its slot's KV cells; the next request is placed in the free
 slot whose cached tokens share the longest prefix with its prompt, and only the rest is computed.
 
+Speculation (`spec_draft` > 0): while few sequences generate, each one's pending token goes into the
+batch with up to `spec_draft` tokens guessed by prompt lookup (engines/speculation.py). The sequence then
+samples at the pending token's row as always; while the sampled token equals the next guess, that guess's
+row already holds the logits of the following position, so it samples again there. Each sample yields
+exactly one emitted token, drawn from the same distribution and RNG as without speculation; the cells of
+rejected guesses are removed.
+
 The native side is behind the small `BatchContext` protocol so the loop is testable with a fake.
 """
 
@@ -26,6 +33,7 @@ from typing import Any, Protocol
 
 import msgspec
 
+from appliance.engines.speculation import NgramDrafter
 from appliance.engines.stops import StopMatcher
 from appliance.errors import (
     ApplianceError,
@@ -88,6 +96,8 @@ class SchedulerStats:
     ttft_s: list[float] = field(default_factory=list)
     queue_depth: int = 0
     busy_slots: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
     def snapshot(self) -> EngineStats:
         hits = self.prefix_hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
@@ -105,6 +115,8 @@ class SchedulerStats:
             ttft_p50_s=round(ttft[len(ttft) // 2], 4) if ttft else None,
             queue_depth=self.queue_depth,
             busy_slots=self.busy_slots,
+            drafted_tokens=self.drafted_tokens,
+            accepted_tokens=self.accepted_tokens,
         )
 
 
@@ -163,6 +175,10 @@ class _Sequence:
         self.batch_index = -1
         self.prefix_hit = 0
         self.grammar: str | None = None
+        self.drafter: NgramDrafter | None = None
+        """The sequence's tokens so far (cells and pending), indexed for prompt lookup; made at its first draft."""
+        self.draft: list[int] = []
+        """Guessed tokens decoded after `pending` in this step."""
 
     @property
     def prefilling(self) -> bool:
@@ -187,8 +203,15 @@ class BatchScheduler:
         prefix_min_tokens: int = 32,
         queue_timeout_s: float,
         request_timeout_s: float,
+        spec_draft: int = 0,
+        spec_ngram: int = 3,
+        spec_max_active: int = 2,
     ) -> None:
         self.ctx = ctx
+        # Every speculating sequence's pending token and guesses fit in one batch.
+        self._spec_draft = max(0, min(spec_draft, ctx.n_batch // max(1, spec_max_active) - 1))
+        self._spec_ngram = spec_ngram
+        self._spec_max_active = spec_max_active
         self.model_id = model_id
         self.n_ctx = ctx.n_ctx_per_seq
         self._max_queue = max_queue
@@ -385,11 +408,18 @@ class BatchScheduler:
         generating: list[_Sequence] = []
         prefilled: list[_Sequence] = []
         # Generating sequences first: one token each keeps their latency flat while prompts stream in.
+        speculate = self._spec_draft > 0 and sum(s.pending is not None for s in active) <= self._spec_max_active
         for seq in active:
             seq.batch_index = -1
+            seq.draft = []
             if seq.pending is not None:
                 seq.batch_index = len(entries)
-                entries.append((seq.pending, len(self._slots[seq.slot].tokens), seq.slot, True))
+                pos = len(self._slots[seq.slot].tokens)
+                entries.append((seq.pending, pos, seq.slot, True))
+                if speculate:
+                    seq.draft = self._guess(seq, pos)
+                    entries.extend((t, pos + 1 + i, seq.slot, True) for i, t in enumerate(seq.draft))
+                    self.stats.drafted_tokens += len(seq.draft)
                 generating.append(seq)
         budget = self.ctx.n_batch - len(entries)
         for seq in active:
@@ -418,7 +448,38 @@ class BatchScheduler:
             if seq.batch_index >= 0:
                 if seq.followers:
                     self._fork(seq)
-                self._advance(seq, self.ctx.sample(seq.sampler, seq.batch_index), seq.batch_index)
+                if seq.draft:
+                    self._verify(seq)
+                else:
+                    self._advance(seq, self.ctx.sample(seq.sampler, seq.batch_index), seq.batch_index)
+
+    def _guess(self, seq: _Sequence, pos: int) -> list[int]:
+        """Tokens to decode after the pending one at `pos`: what followed the last n-gram before, as
+        many as the draft size, the sequence's context, its max_tokens and the batch allow."""
+        if seq.drafter is None:
+            seq.drafter = NgramDrafter(self._slots[seq.slot].tokens + [seq.pending], self._spec_ngram)  # type: ignore[list-item]
+        limit = min(self._spec_draft, self.n_ctx - pos - 2)
+        if seq.request.max_tokens is not None:
+            limit = min(limit, seq.request.max_tokens - seq.generated - 1)
+        return seq.drafter.draft(limit)
+
+    def _verify(self, seq: _Sequence) -> None:
+        """Sample along the decoded guesses while the model agrees with them (see the module's doc)."""
+        slot = self._slots[seq.slot]
+        index = seq.batch_index
+        for guess in seq.draft:
+            token = self.ctx.sample(seq.sampler, index)
+            self._advance(seq, token, index)
+            if seq.pending is None or token != guess:
+                break
+            # The guess's cell already holds this token: it is decoded, not pending.
+            slot.tokens.append(token)
+            seq.pending = None
+            self.stats.accepted_tokens += 1
+            index += 1
+        else:
+            self._advance(seq, self.ctx.sample(seq.sampler, index), index)
+        self.ctx.seq_rm(slot.index, len(slot.tokens), -1)
 
     def _advance(self, seq: _Sequence, token: int, batch_index: int) -> None:
         if seq.first_token_at is None:
@@ -449,6 +510,8 @@ class BatchScheduler:
             self._finish(seq, reason="length")
             return
         seq.pending = token
+        if seq.drafter is not None:
+            seq.drafter.extend([token])
 
     def _finish(
         self,

@@ -59,6 +59,11 @@ class _EngineCollector(Collector):
         prefix = CounterMetricFamily(
             "appliance_engine_prefix_hit_tokens", "Prompt tokens reused from the prefix cache", labels=["model"]
         )
+        speculated = CounterMetricFamily(
+            "appliance_speculative_tokens",
+            "Tokens guessed by prompt lookup and decoded for checking (drafted), and those the model kept (accepted)",
+            labels=["model", "outcome"],
+        )
         for model, s in self._status().items():
             state.add_metric([model], 1.0 if s["state"] == "ready" else 0.0)
             for name in _MODEL_STATES:
@@ -75,7 +80,9 @@ class _EngineCollector(Collector):
             hit.add_metric([model], engine.prefix_cache_hit_rate)
             prompt.add_metric([model], engine.prompt_tokens)
             prefix.add_metric([model], engine.prefix_hit_tokens)
-        yield from (state, states, loads, unloads, estimate, queue, busy, hit, prompt, prefix)
+            speculated.add_metric([model, "drafted"], engine.drafted_tokens)
+            speculated.add_metric([model, "accepted"], engine.accepted_tokens)
+        yield from (state, states, loads, unloads, estimate, queue, busy, hit, prompt, prefix, speculated)
         if self._memory is not None:
             memory = self._memory()
             if memory["limit_bytes"]:

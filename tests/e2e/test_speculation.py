@@ -1,0 +1,68 @@
+"""Draftless speculative decoding on the real Gemma 3 270M: greedy output is the same with and without
+it, a copying answer takes fewer decode steps, and the server counts what it guessed and kept."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from appliance.engines.factory import BatchSpec, build_batch_engine
+from appliance.types import Chunk, GenerationRequest, SamplingParams
+
+SOURCE = (
+    "The harbour master opens the north lock at six in the morning and closes it at nine in the evening. "
+    "Ships longer than ninety metres must book a pilot two days ahead through the port office."
+)
+COPY = f"Sources: [1] {SOURCE}\nQuestion: When is the north lock open, and what must long ships do?\nAnswer: {SOURCE[:40]}"
+OPEN = "Once upon a time, in a village by the sea, there lived"
+
+
+def _generate(engine, prompt: str, max_tokens: int = 48) -> str:
+    items: queue.Queue = queue.Queue()
+    engine.submit(GenerationRequest(prompt=prompt, max_tokens=max_tokens, sampling=SamplingParams(temperature=0.0)),
+                  items.put, threading.Event())
+    text = []
+    while True:
+        item = items.get(timeout=120)
+        assert isinstance(item, Chunk), item
+        text.append(item.text)
+        if item.finish_reason is not None:
+            return "".join(text)
+
+
+@pytest.fixture(scope="module")
+def engines(data_dir: Path):
+    path = next((data_dir / "models" / "gemma3-270m").glob("*.gguf"))
+    spec = dict(model_id="gemma3-270m", model_path=path, n_ctx_per_seq=1024, n_seq_max=2, n_batch=256, n_threads=2,
+                gpu_layers=0, max_queue=4, prefix_min_tokens=0, queue_timeout_s=60, request_timeout_s=300)
+    plain = build_batch_engine(BatchSpec(**spec))
+    fast = build_batch_engine(BatchSpec(**spec, spec_draft=8))
+    yield plain, fast
+    plain.close()
+    fast.close()
+
+
+def test_greedy_output_is_unchanged_and_a_copy_is_guessed(engines) -> None:
+    plain, fast = engines
+    for prompt in (COPY, OPEN):
+        assert _generate(fast, prompt) == _generate(plain, prompt)
+    stats = fast.engine_stats()
+    assert stats.accepted_tokens >= 10, stats
+    assert stats.drafted_tokens >= stats.accepted_tokens
+    assert plain.engine_stats().drafted_tokens == 0
+
+
+def test_the_server_counts_guessed_and_kept_tokens(server) -> None:
+    # A list that repeats: the second pass is guessed from the first.
+    days = "Monday, Tuesday, Wednesday, Thursday, Friday, Saturday, Sunday. "
+    body = {"model": "gemma3-270m", "prompt": days * 3 + "Monday,", "max_tokens": 32, "temperature": 0}
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    accepted = [line for line in metrics.splitlines()
+                if line.startswith('appliance_speculative_tokens_total{model="gemma3-270m",outcome="accepted"}')]
+    assert accepted and float(accepted[0].rsplit(" ", 1)[1]) > 0
