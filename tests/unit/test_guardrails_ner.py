@@ -200,3 +200,10 @@ def test_hand_written_texts(detector: PiiDetector) -> None:
     assert hits["address"] == gold["address"] and right["address"] == findings["address"]
     for kind in ("email", "phone", "credit_card", "iban", "us_ssn", "ip_address"):
         assert hits[kind] == gold[kind] and right[kind] == findings[kind], kind
+
+
+def test_tldextract_uses_its_bundled_suffix_list(detector: PiiDetector) -> None:
+    import tldextract.tldextract as tld_module
+
+    assert tuple(tld_module.TLD_EXTRACTOR.suffix_list_urls) == ()  # never fetched, even on first use
+    assert tld_module.TLD_EXTRACTOR("mail.example.co.uk").suffix == "co.uk"
