@@ -7,8 +7,8 @@ near "born"/"DOB") by pattern, and people named after a title or a cue ("Dr.", "
 None of Presidio's predefined pattern recognizers is registered: the validated ones in pii.py decide
 cards, IBANs, ids, phones, emails and IPs.
 
-`load_entity_detector()` takes one to two seconds and ~150 MB; `find` takes ~25 ms per KB on one core
-and must never run on the event loop (the gateway calls the guardrails from worker threads).
+`load_entity_detector()` takes about two seconds and ~150 MB; `find` costs spaCy's ~5 ms per call plus
+~25-45 ms per KB on one core, so it must never run on the event loop (the gateway screens on worker threads).
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ class EntityDetector:
         if not kinds or not text.strip():
             return []
         found = [f for f in _pattern_findings(text) if f.kind in kinds]
-        if kinds & {"person", "location", "organisation"}:
+        if kinds & {"person", "location", "organisation"} and any(c.isupper() for c in text):
             with self._lock:
                 results = self._analyzer.analyze(  # type: ignore[attr-defined]
                     text, language="en", entities=list(_SPACY_TO_KIND), score_threshold=_MIN_SCORE
