@@ -249,7 +249,8 @@ class AskService:
             tenant, collection, question, top_k=top_k * 3, mode="hybrid", flt=None, rerank=rerank
         )
         # Injected instructions in a document must never reach the prompt: screen before choosing.
-        kept = set(policy.screen_retrieved([h.text for h in hits]))
+        # The injection classifier scores them in one batch, on a worker thread (never on the event loop).
+        kept = set(await asyncio.to_thread(policy.screen_retrieved, [h.text for h in hits]))
         if quarantined is not None:
             quarantined.extend(
                 {"document_id": h.document_id, "chunk_id": str(h.chunk_id)} for i, h in enumerate(hits) if i not in kept
