@@ -340,6 +340,7 @@ _ENV_FIELDS: dict[str, tuple[str | None, str]] = {
     "APPLIANCE_GPU": ("models", "gpu"),
     "APPLIANCE_PARALLEL": ("models", "parallel"),
     "APPLIANCE_MAX_QUEUE": ("models", "max_queue"),
+    "APPLIANCE_SPECULATIVE_DRAFT": ("models", "speculative_draft"),
     "APPLIANCE_MAX_MEMORY": ("models", "max_memory"),
     "APPLIANCE_METRICS_ACCESS": ("gateway", "metrics_access"),
     "APPLIANCE_JSON_LOGS": ("gateway", "json_logs"),

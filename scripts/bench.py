@@ -16,6 +16,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -257,10 +258,24 @@ def levels_with_restarts(
     return results
 
 
-def appliance_server(data_dir: Path, parallel: int, n_ctx: int, threads: int) -> ServerProc:
+def bench_data_dir(models_from: Path) -> Path:
+    """A data directory of its own for the benchmarked servers (the models linked, nothing else), so a
+    server or test already running on `models_from` does not hold its lock."""
+    path = Path(tempfile.mkdtemp(prefix="appliance-bench-"))
+    (path / "models").mkdir()
+    for model in (models_from / "models").iterdir():
+        if not model.name.startswith("."):
+            (path / "models" / model.name).symlink_to(model)
+    return path
+
+
+def appliance_server(data_dir: Path, parallel: int, n_ctx: int, threads: int, speculative_draft: int = 0) -> ServerProc:
+    """The appliance with speculation off unless asked: the comparison servers here decode one token per
+    step, and the repeating story prompts would flatter prompt lookup (scripts/bench_spec.py measures it)."""
     port = free_port()
     cmd = [sys.executable, "-m", "appliance", "serve", "--port", str(port), "--data-dir", str(data_dir), "--log-level", "warning"]
-    env = {"APPLIANCE_PARALLEL": str(parallel), "APPLIANCE_N_CTX": str(n_ctx), "APPLIANCE_THREADS": str(threads)}
+    env = {"APPLIANCE_PARALLEL": str(parallel), "APPLIANCE_N_CTX": str(n_ctx), "APPLIANCE_THREADS": str(threads),
+           "APPLIANCE_SPECULATIVE_DRAFT": str(speculative_draft)}
     return ServerProc("appliance", cmd, port, env)
 
 
@@ -282,6 +297,7 @@ def main() -> None:
     for template in catalog_manifests():
         store.install(template)
     model_path = data_dir / "models" / MODEL_ID / "gemma-3-270m-q4_k_m.gguf"
+    data_dir = bench_data_dir(data_dir)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
     report = Report(machine=f"{os.cpu_count()} cores, {cpu}, {platform.system()} {platform.release()}", threads=args.threads)
 

@@ -1,0 +1,146 @@
+"""Draftless speculative decoding, measured: the appliance with and without it, and llama.cpp's own
+llama-server with and without its n-gram speculation, on the same prompts in one run.
+
+    .venv/bin/python scripts/bench_spec.py --llama-server PATH [--max-tokens 128] [--prompts 4]
+
+(`scripts/bench` builds llama-server from the llama.cpp vendored in llama-cpp-python's sdist; its path is
+.bench/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/llama-server.)
+
+Two kinds of prompt, each streamed greedily one at a time (decode tokens/s = tokens after the first
+over the time after the first):
+- grounded: XQuAD paragraphs as numbered sources, a question, "Answer:" (the shape of a document Q&A
+  prompt to a base model: answers copy their sources);
+- open-ended: story openings with nothing to copy.
+Then 8 clients at once on the open-ended prompts, aggregate tokens/s with speculation on and off (it
+stands aside while more than `models.speculative_max_active` sequences generate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from bench import MODEL_ID, ServerProc, appliance_server, bench_data_dir, free_port, run_level, stream_one  # noqa: E402
+
+from appliance.modelstore.catalog import catalog_manifests  # noqa: E402
+from appliance.modelstore.store import ModelStore  # noqa: E402
+
+XQUAD = REPO.parent / "shared" / "data" / "xquad" / "xquad.en.json"
+OPENINGS = [
+    "Once upon a time, in a small village by the sea,",
+    "The engineer opened the control room door and saw",
+    "In the spring of that year the river rose higher than anyone remembered, and",
+    "She had never trusted the old map, but tonight",
+    "The committee met on a grey Tuesday morning to decide",
+    "Deep in the forest, where the paths ran out,",
+    "When the last train left the station,",
+    "The recipe had been in the family for generations:",
+]
+
+
+def grounded_prompts(n: int) -> list[str]:
+    data = json.loads(XQUAD.read_text())["data"]
+    prompts = []
+    for article in data[: n]:
+        paras = article["paragraphs"][:2]
+        sources = "\n".join(f"[{i + 1}] {p['context']}" for i, p in enumerate(paras))
+        question = paras[0]["qas"][0]["question"]
+        prompts.append(f"Sources:\n{sources}\n\nQuestion: {question}\nAnswer (quote the sources, cite [n]):")
+    return prompts
+
+
+async def decode_rate(url: str, prompts: list[str], max_tokens: int) -> float:
+    """Median over the prompts of decode tokens/s, each prompt streamed alone after a warm-up."""
+    rates = []
+    async with httpx.AsyncClient(timeout=600) as client:
+        await stream_one(client, url, MODEL_ID, prompts[0], 4)
+        for prompt in prompts:
+            r = await stream_one(client, url, MODEL_ID, prompt, max_tokens)
+            if r.ok and r.itl:
+                # chunks can carry several tokens when guesses are accepted: count tokens, not chunks
+                rates.append((r.tokens - 1) / sum(r.itl))
+    return statistics.median(rates) if rates else float("nan")
+
+
+def measure(name: str, srv: ServerProc, sets: dict[str, list[str]], max_tokens: int) -> dict[str, float]:
+    try:
+        srv.wait_ready()
+        out = {kind: round(asyncio.run(decode_rate(srv.url, prompts, max_tokens)), 2) for kind, prompts in sets.items()}
+    finally:
+        srv.stop()
+    print(f"{name:<28} " + "  ".join(f"{k} {v:6.1f} tok/s" for k, v in out.items()), flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--llama-server", type=Path)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--draft", type=int, default=8, help="models.speculative_draft for the 'on' runs")
+    ap.add_argument("--out", type=Path, default=REPO / "bench-results" / "speculation.json")
+    args = ap.parse_args()
+    (REPO / "bench-results").mkdir(exist_ok=True)
+    data_dir = REPO / ".appliance-data" / "test"
+    store = ModelStore(data_dir / "models")
+    for template in catalog_manifests():
+        store.install(template)
+    model_path = data_dir / "models" / MODEL_ID / "gemma-3-270m-q4_k_m.gguf"
+    data_dir = bench_data_dir(data_dir)
+    sets = {"grounded": grounded_prompts(args.prompts), "open-ended": OPENINGS[: args.prompts]}
+    n_ctx = 2048
+
+    results: dict[str, dict[str, float]] = {}
+    results["appliance"] = measure("appliance", appliance_server(data_dir, 1, n_ctx, args.threads, 0), sets, args.max_tokens)
+    results["appliance+spec"] = measure(
+        "appliance + speculation", appliance_server(data_dir, 1, n_ctx, args.threads, args.draft), sets, args.max_tokens
+    )
+    if args.llama_server:
+        def llama_server(extra: list[str]) -> ServerProc:
+            port = free_port()
+            cmd = [str(args.llama_server), "-m", str(model_path), "--port", str(port), "-np", "1", "-c", str(n_ctx),
+                   "-t", str(args.threads), "-tb", str(args.threads), "--alias", MODEL_ID, "--no-webui", *extra]
+            return ServerProc("llama_server", cmd, port)
+
+        results["llama-server"] = measure("llama-server", llama_server([]), sets, args.max_tokens)
+        results["llama-server+spec"] = measure(
+            "llama-server --spec-type ngram-simple", llama_server(["--spec-type", "ngram-simple"]), sets, args.max_tokens
+        )
+
+    aggregate = {}
+    for label, draft in (("off", 0), ("on", args.draft)):
+        srv = appliance_server(data_dir, 8, 512, args.threads, draft)
+        try:
+            srv.wait_ready()
+            level = asyncio.run(run_level(srv.url, MODEL_ID, OPENINGS * 2, 8, args.max_tokens))
+        finally:
+            srv.stop()
+        aggregate[label] = level.agg_tps
+        print(f"appliance, 8 clients, speculation {label}: {level.agg_tps:.1f} tok/s", flush=True)
+
+    print("\nspeedup from speculation (decode tokens/s, on / off):")
+    for kind in sets:
+        line = f"  {kind:<11} appliance {results['appliance+spec'][kind] / results['appliance'][kind]:.2f}x (target"
+        line += " >= 1.5x)" if kind == "grounded" else " >= 0.97x)"
+        if "llama-server" in results:
+            line += f"; llama-server {results['llama-server+spec'][kind] / results['llama-server'][kind]:.2f}x"
+            line += f"; appliance+spec / llama-server+spec {results['appliance+spec'][kind] / results['llama-server+spec'][kind]:.2f}x"
+        print(line)
+    print(f"  8 clients  appliance {aggregate['on'] / aggregate['off']:.2f}x (target >= 1.0x, no loss)")
+    args.out.write_text(json.dumps({"single_stream": results, "eight_clients": aggregate}, indent=2))
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
