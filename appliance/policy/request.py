@@ -346,8 +346,8 @@ class RequestContext:
     def note_route(self, route: str, hops: list[tuple[str, str]], path: str) -> None:
         self.usage.route_path = path
         served = [model for model, outcome in hops if outcome in ("served", "cached", "cache")]
-        if served:
-            self.usage.model = served[0]
+        # The model that answered; none did: the route itself (not the last candidate that refused).
+        self.usage.model = served[0] if served else route
         m = self.gateway.metrics
         for model, outcome in hops:
             m.route_hops.labels(route=route, model=model, outcome=outcome).inc()

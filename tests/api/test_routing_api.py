@@ -178,8 +178,8 @@ def test_when_every_candidate_fails_a_cached_answer_then_503(routed: RoutedWorld
         assert "auto>chat-a(queue_full)>chat-b(queue_full)" in error["message"]
         assert 'appliance_routed_requests_total{result="unavailable",route="auto"} 1.0' in client.get("/metrics").text
     db = connect(tmp_path / "gateway.db")
-    last = db.execute("SELECT status, outcome, route_path, prompt_tokens FROM usage ORDER BY seq DESC LIMIT 1").fetchone()
-    assert tuple(last) == (503, "error", "auto>chat-a(queue_full)>chat-b(queue_full)", 0)
+    last = db.execute("SELECT model, status, outcome, route_path, prompt_tokens FROM usage ORDER BY seq DESC LIMIT 1").fetchone()
+    assert tuple(last) == ("auto", 503, "error", "auto>chat-a(queue_full)>chat-b(queue_full)", 0)
 
 
 def test_a_prompt_too_long_for_a_candidate_goes_to_one_it_fits(routed: RoutedWorld, tmp_path: Path) -> None:
