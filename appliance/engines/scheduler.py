@@ -422,9 +422,12 @@ class BatchScheduler:
                     self.stats.drafted_tokens += len(seq.draft)
                 generating.append(seq)
         budget = self.ctx.n_batch - len(entries)
+        copied: set[int] = set()
         for seq in active:
             if budget <= 0:
                 break
+            if seq.prefilling and self._share_prefix(seq, active, copied):
+                continue
             if seq.prefilling:
                 end = min(len(seq.prompt), seq.n_past + budget)
                 for i in range(seq.n_past, end):
@@ -452,6 +455,37 @@ class BatchScheduler:
                     self._verify(seq)
                 else:
                     self._advance(seq, self.ctx.sample(seq.sampler, seq.batch_index), seq.batch_index)
+
+    def _share_prefix(self, seq: _Sequence, active: list[_Sequence], copied: set[int]) -> bool:
+        """Compute a shared prompt prefix once across slots. If another slot's cells (busy or free) hold
+        more of this prompt than its own, copy them over and go on from there; if another sequence is
+        prefilling the same prefix and is ahead, wait a step for it (True) rather than compute it twice.
+        Slots given a copy in this step are no donors: their cells are filled by the coming decode."""
+        if not self._prefix_min:
+            return False
+        slot = self._slots[seq.slot]
+        best, shared = None, 0
+        for other in self._slots:
+            if other is slot or other.index in copied:
+                continue
+            n = min(_common_prefix(other.tokens, seq.prompt), len(seq.prompt) - 1)
+            if n > shared:
+                best, shared = other, n
+        if best is not None and shared - seq.n_past >= self._prefix_min:
+            self.ctx.seq_cp(best.index, slot.index)
+            self.ctx.seq_rm(slot.index, shared, -1)
+            slot.tokens = seq.prompt[:shared]
+            self.stats.prefix_hit_tokens += shared - seq.n_past
+            seq.prefix_hit = seq.n_past = shared
+            copied.add(slot.index)
+        for other in active:
+            if other is seq or not other.prefilling:
+                continue
+            common = min(_common_prefix(other.prompt, seq.prompt), len(seq.prompt) - 1)
+            ahead = (other.n_past, -other.submitted) > (seq.n_past, -seq.submitted)
+            if ahead and other.n_past < common and common - seq.n_past >= self._prefix_min:
+                return True
+        return False
 
     def _guess(self, seq: _Sequence, pos: int) -> list[int]:
         """Tokens to decode after the pending one at `pos`: what followed the last n-gram before, as

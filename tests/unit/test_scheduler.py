@@ -352,3 +352,46 @@ def test_n_above_the_free_slots_queues_the_rest(ctx: FakeBatchContext) -> None:
             break
     assert done == {0, 1, 2} and item.usage.completion_tokens == 15
     sched.close()
+
+
+SYSTEM = "You are a careful assistant of the port. "  # 41 characters: several prefill steps at n_batch 16
+
+
+def _prefilled_tokens(ctx: FakeBatchContext, slot: int) -> int:
+    """Prompt tokens decoded for a slot (entries that asked for no logits, plus each prompt's last)."""
+    return sum(1 for d in ctx.decodes for e in d if e[2] == slot and not e[3])
+
+
+def test_concurrent_prompts_compute_their_shared_prefix_once() -> None:
+    ctx = FakeBatchContext(n_seq_max=2)
+    ctx.n_ctx_per_seq = 128
+    sched = make(ctx)
+    outs = [Collector(), Collector()]
+    for i, out in enumerate(outs):
+        sched.submit(request(SYSTEM + f"question {i}?"), out, threading.Event())
+    assert [o.result()[0] for o in outs] == ["hello", "hello"]
+    sched.close()
+    # One slot computed the shared 42 tokens (BOS + SYSTEM); the other waited, got a copy and computed the rest.
+    assert ctx.copies and ctx.copies[-1] in ((0, 1), (1, 0))
+    follower = ctx.copies[-1][1]
+    assert _prefilled_tokens(ctx, follower) < 15
+    assert sched.engine_stats().prefix_hit_tokens >= len(SYSTEM)
+
+
+def test_a_busy_slot_lends_its_cached_prefix() -> None:
+    ctx = FakeBatchContext(n_seq_max=2, step_delay=0.01)
+    ctx.n_ctx_per_seq = 128
+    ctx._reply_for = "a long reply that keeps the first slot busy for a while"
+    sched = make(ctx)
+    first, second = Collector(), Collector()
+    sched.submit(request(SYSTEM + "first?"), first, threading.Event())
+    deadline = time.monotonic() + 5
+    while sched.engine_stats().generated_tokens < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sched.submit(request(SYSTEM + "second?"), second, threading.Event())
+    assert second.result()[0] == ctx._reply_for and first.result()[0] == ctx._reply_for
+    sched.close()
+    assert (0, 1) in ctx.copies
+    assert _prefilled_tokens(ctx, 1) < 10
+    # The copy was trimmed to the shared prefix.
+    assert (1, len(SYSTEM) + 1, -1) in ctx.removed
