@@ -50,27 +50,17 @@ def build_batch_engine(
     from appliance.engines.scheduler import BatchScheduler
 
     ctx = LlamaBatchContext(
-        spec.model_path,
-        model_id=spec.model_id,
-        n_ctx_per_seq=spec.n_ctx_per_seq,
-        n_seq_max=spec.n_seq_max,
-        n_batch=spec.n_batch,
-        n_threads=spec.n_threads,
-        gpu_layers=spec.gpu_layers,
-        devices=devices,
-        tensor_split=tensor_split,
+        spec.model_path, **{name: getattr(spec, name) for name in _CONTEXT_FIELDS}, devices=devices, tensor_split=tensor_split
     )
-    return BatchScheduler(
-        ctx,
-        model_id=spec.model_id,
-        max_queue=spec.max_queue,
-        prefix_min_tokens=spec.prefix_min_tokens,
-        queue_timeout_s=spec.queue_timeout_s,
-        request_timeout_s=spec.request_timeout_s,
-        spec_draft=spec.spec_draft,
-        spec_ngram=spec.spec_ngram,
-        spec_max_active=spec.spec_max_active,
-    )
+    return BatchScheduler(ctx, model_id=spec.model_id, **{name: getattr(spec, name) for name in _SCHEDULER_FIELDS})
+
+
+# The fields of a BatchSpec that are the llama.cpp context's, and those that are the scheduler's limits: each
+# passed as the keyword argument of the same name.
+_CONTEXT_FIELDS = ("model_id", "n_ctx_per_seq", "n_seq_max", "n_batch", "n_threads", "gpu_layers")
+_SCHEDULER_FIELDS = (
+    "max_queue", "prefix_min_tokens", "queue_timeout_s", "request_timeout_s", "spec_draft", "spec_ngram", "spec_max_active",
+)
 
 
 class NativeEngineFactory:
