@@ -282,6 +282,10 @@ class RouteSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """How long a request waits for a loading candidate before it moves to the next one."""
     cached_fallback: bool = True
     """When every candidate failed, serve a cached answer to the same request (any candidate's) before the 503."""
+    mode: Literal["fallback", "cascade"] = "fallback"
+    """`cascade`: a whole (non-streamed) answer below `cascade_min_logprob`, or an ungrounded grounded answer, is asked of the next candidate too; the better answer is returned."""
+    cascade_min_logprob: Annotated[float, msgspec.Meta(le=0)] = -1.0
+    """Cascade mode's confidence floor: the mean log-probability of the answer's tokens."""
 
 
 def check_routes(routes: dict[str, RouteSettings]) -> None:

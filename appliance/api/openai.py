@@ -118,7 +118,10 @@ async def _grounded_chat(
     async def on(model: str) -> Any:
         return await run(tenant, body.collection or "", body.question(), model=model, **args)
 
-    result = await (routing.grounded(body.model, tenant, ctx, on) if routing.is_route(body.model) else on(body.model))
+    if routing.is_route(body.model):
+        result = await routing.grounded(body.model, tenant, ctx, on, whole=not body.stream)
+    else:
+        result = await on(body.model)
     if body.stream:
         return Stream(sse(_grounded_events(result)), media_type="text/event-stream", headers=SSE_HEADERS)
     answer = result

@@ -92,6 +92,11 @@ class RequestUsage:
         """Grounded answers check citations after the last token: their record waits for the end of the
         response (still written before its last byte; the in-flight journal covers a crash meanwhile)."""
         self.reservation: Reservation | None = None
+        self.earlier_reservations: list[Reservation] = []
+        """A routed request in cascade mode: the reservations of candidates whose whole answer was set aside."""
+        self._carried_prompt = 0
+        self._carried_completion = 0
+        """Tokens of those answers: they were computed, so they count (and bill) with the final one."""
         self._journaled = False
         self._checkpoint_at = 0.0
         self._complete = False
@@ -100,12 +105,21 @@ class RequestUsage:
     # -- while it runs -------------------------------------------------------------------------
 
     def reserved(self, manifest: Manifest, prompt_tokens: int, reservation: Reservation) -> None:
+        # A routed request on its next candidate:
+        if self._complete:  # cascade: the last candidate answered in full; its tokens were spent
+            if self.reservation is not None:
+                self.earlier_reservations.append(self.reservation)
+            self._carried_prompt, self._carried_completion = self.prompt_tokens, self.completion_tokens
+            self._complete = False
+        elif self.reservation is not None:  # fallback: the last one was passed over before its first token
+            self._gateway.budgets.settle(self.reservation, 0)
         self.model = manifest.id
         self.reservation = reservation
         if manifest.kind == "embedding":
             self.embedding_tokens = prompt_tokens
             return
-        self.prompt_tokens = prompt_tokens
+        self.prompt_tokens = self._carried_prompt + prompt_tokens
+        self.completion_tokens = self._carried_completion
         self._journaled = True
         self._gateway.meter.begin(self._record("ok", 200))
 
@@ -116,7 +130,8 @@ class RequestUsage:
                 self.first_token_at = now
             self.last_token_at = now
         if self.outcome != "cached":
-            self.completion_tokens = max(self.completion_tokens, chunk.generated or self.completion_tokens + 1)
+            counted = self._carried_completion + chunk.generated if chunk.generated else self.completion_tokens + 1
+            self.completion_tokens = max(self.completion_tokens, counted)
         if chunk.usage is not None:
             self.finish(chunk.usage)
         elif self._journaled and now - self._checkpoint_at >= _CHECKPOINT_EVERY_S:
@@ -128,10 +143,18 @@ class RequestUsage:
             )
             future.add_done_callback(_log_failure)
 
+    def keep_earlier_answer(self) -> None:
+        """Cascade mode: the answer set aside stands because the candidates after it failed before any
+        output; the usage is that answer's (and the ones before it), not the failed attempt's prompt."""
+        if not self._complete:  # a later candidate reserved (and carried the earlier tokens) before it failed
+            self.prompt_tokens, self.completion_tokens = self._carried_prompt, self._carried_completion
+        self.complete()
+
     def finish(self, usage: Usage) -> None:
         """The generation's real count is known: the record is written before the last byte goes out."""
         if self.outcome != "cached":  # a cached answer ran no model: it costs no tokens
-            self.prompt_tokens, self.completion_tokens = usage.prompt_tokens, usage.completion_tokens
+            self.prompt_tokens = self._carried_prompt + usage.prompt_tokens
+            self.completion_tokens = self._carried_completion + usage.completion_tokens
         self.complete()
 
     def complete(self, outcome: Outcome | None = None) -> None:
@@ -184,6 +207,8 @@ class RequestUsage:
             # Refused or failed before any output (queue full, timeout, engine error): nothing to bill.
             self.prompt_tokens = self.completion_tokens = self.embedding_tokens = 0
         used = self.prompt_tokens + self.completion_tokens + self.embedding_tokens
+        for earlier in self.earlier_reservations:  # cascade: `used` counts their tokens too
+            self._gateway.budgets.settle(earlier, 0)
         self._gateway.budgets.settle(self.reservation, used)
         if self._identity.principal is None or not self.metered:
             return
@@ -274,9 +299,6 @@ class RequestContext:
 
     def reserve(self, manifest: Manifest, prompt_tokens: int, max_tokens: int) -> None:
         self.allow_model(manifest)
-        if self.usage.reservation is not None:
-            # A routed request that moved on from a candidate: that candidate's reservation used nothing.
-            self.gateway.budgets.settle(self.usage.reservation, 0)
         self.usage.model = manifest.id
         tokens = prompt_tokens + max_tokens
         try:
@@ -348,6 +370,8 @@ class RequestContext:
         served = [model for model, outcome in hops if outcome in ("served", "cached", "cache")]
         # The model that answered; none did: the route itself (not the last candidate that refused).
         self.usage.model = served[0] if served else route
+        if served and hops[-1][1] not in ("served", "cached", "cache", "worse"):
+            self.usage.keep_earlier_answer()  # cascade: an answer set aside stands, the candidates after it failed
         m = self.gateway.metrics
         for model, outcome in hops:
             m.route_hops.labels(route=route, model=model, outcome=outcome).inc()

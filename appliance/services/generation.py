@@ -33,6 +33,8 @@ class Attempt(msgspec.Struct, frozen=True, kw_only=True):
     """Wait at most this long for the model to load; None: models.load_timeout_s."""
     fit_context: bool = False
     """Refuse (ContextLengthExceeded) when prompt + max_tokens exceed the context, rather than stop at the end."""
+    logprobs: bool = False
+    """Compute the generated tokens' log-probabilities even when the request did not ask (cascade mode)."""
 
 
 def _filtered(f: OutputFilter, chunk: Chunk) -> str:
@@ -90,6 +92,18 @@ class Generation:
 
     async def aclose(self) -> None:
         await self._rest.aclose()  # type: ignore[attr-defined]
+
+    async def replay(self) -> tuple[Generation, list[TokenLogprob]]:
+        """Run to the end; a new Generation that hands out the whole answer at once, and its token logprobs.
+
+        For a routed request that may yet prefer another model's answer (cascade mode): the policy has seen
+        every chunk already, so the replay has no observers.
+        """
+        [(text, finish, logprobs)], usage = await self.collect_all()
+        whole = Chunk(text=text, finish_reason=finish, usage=usage, logprobs=tuple(logprobs))  # type: ignore[arg-type]
+        again = Generation(self.manifest, whole, _nothing())
+        again.cached, again.tools_offered = self.cached, self.tools_offered
+        return again, logprobs
 
     async def collect(self) -> tuple[str, str, Usage]:
         [(text, finish, _)], usage = await self.collect_all()
@@ -376,6 +390,8 @@ class GenerationService:
             # Tokenised once, off the event loop; the engine takes the ids instead of tokenising again.
             ids = tuple(await asyncio.to_thread(engine.tokenize, generation.prompt))
             generation = msgspec.structs.replace(generation, prompt_ids=ids)
+            if attempt.logprobs and generation.logprobs is None:
+                generation = msgspec.structs.replace(generation, logprobs=0)
             prompt_tokens = len(ids)
             if attempt.fit_context and prompt_tokens + (generation.max_tokens or 0) > engine.n_ctx:
                 raise ContextLengthExceeded(

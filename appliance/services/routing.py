@@ -61,7 +61,8 @@ class RouteHop(msgspec.Struct, frozen=True):
     outcome: str
     """"served", "cached" (the response cache answered for this candidate), "cache" (the last-resort cached
     answer), or why the candidate was passed over: loading, failed, no_room, queue_full, queue_timeout,
-    timeout, context, peer_unavailable, error."""
+    timeout, context, peer_unavailable, error; in cascade mode "low_confidence" (its answer was set aside
+    while the next candidate answered) and "worse" (it answered, but an answer set aside scored higher)."""
 
 
 class RoutePath:
@@ -200,7 +201,7 @@ class RoutingService:
                 return None
             return await asyncio.to_thread(self._generation.cached_chat, manifest, request, texts, policy, tenant)
 
-        return await self._walk(request.model, candidates, policy, start, cached)
+        return await self._walk(request.model, candidates, policy, start, cached, whole=not request.stream and request.n == 1)
 
     async def complete(
         self, request: CompletionRequest, policy: RequestPolicy = OPEN_POLICY, *, tenant: str = "",
@@ -221,14 +222,16 @@ class RoutingService:
         async def cached(manifest: Manifest) -> Generation | None:
             return await asyncio.to_thread(self._generation.cached_completion, manifest, request, prompt, policy, tenant)
 
-        return await self._walk(request.model, candidates, policy, start, cached)
+        return await self._walk(request.model, candidates, policy, start, cached, whole=not request.stream and request.n == 1)
 
     async def grounded(
-        self, name: str, tenant: str, policy: RequestPolicy, run: Callable[[str], Awaitable[Any]]
+        self, name: str, tenant: str, policy: RequestPolicy, run: Callable[[str], Awaitable[Any]], *, whole: bool
     ) -> Any:
         """A grounded answer (`collection`) on a route: `run(model_id)` per candidate until one starts.
 
         Retrieval runs again for each candidate tried; the wait for a loading model is models.load_timeout_s.
+        `whole`: `run` returns a finished Answer (not a stream), which cascade mode may set aside when it is
+        not grounded.
         """
         facts = RequestFacts(tenant=tenant, needs=frozenset({"collection"}))
         candidates = self._allowed(self.ladder(name, facts), name, policy)
@@ -239,7 +242,7 @@ class RoutingService:
         async def cached(manifest: Manifest) -> None:
             return None
 
-        return await self._walk(name, candidates, policy, start, cached)
+        return await self._walk(name, candidates, policy, start, cached, whole=whole, assess=_by_grounding)
 
     def _allowed(self, candidates: list[Manifest], name: str, policy: RequestPolicy) -> list[Manifest]:
         """The candidates the caller may use; the route exists for a caller who may use one of them."""
@@ -261,15 +264,26 @@ class RoutingService:
         policy: RequestPolicy,
         start: Callable[[Manifest, Attempt], Awaitable[Any]],
         cached: Callable[[Manifest], Awaitable[Generation | None]],
+        *,
+        whole: bool = False,
+        assess: Callable[[Any, float], Awaitable[tuple[Any, float, bool]]] | None = None,
     ) -> Any:
+        """Try `candidates` in order. With `whole` (the client takes the answer in one piece) and the route in
+        cascade mode, each answer is judged by `assess` (default: its mean token logprob) and a doubtful one
+        is kept aside while the next candidate answers; the best-scoring answer is returned."""
         route = self._routes[name]
-        attempt = Attempt(load_wait_s=route.load_wait_s, fit_context=True)
+        cascade = whole and route.mode == "cascade"
+        assess = (assess or _by_logprob) if cascade else None
+        attempt = Attempt(load_wait_s=route.load_wait_s, fit_context=True, logprobs=cascade)
         path = RoutePath(name)
         errors: list[ApplianceError] = []
+        kept: list[tuple[float, int, Any]] = []  # (score, hop index, answer) of doubtful answers set aside
         try:
-            for manifest in candidates:
+            for i, manifest in enumerate(candidates):
                 try:
                     result = await start(manifest, attempt)
+                    if assess is not None:
+                        result, score, good = await assess(result, route.cascade_min_logprob)
                 except _NotForThis:
                     path.hops.append(RouteHop(manifest.id, "unsupported"))
                     continue
@@ -279,8 +293,18 @@ class RoutingService:
                     path.hops.append(RouteHop(manifest.id, reason))
                     errors.append(exc)
                     continue
-                path.hops.append(RouteHop(manifest.id, "cached" if getattr(result, "cached", False) else "served"))
-                return result
+                served = "cached" if getattr(result, "cached", False) else "served"
+                if assess is None or good or i == len(candidates) - 1:
+                    if kept and assess is not None and not good and max(kept, key=_score)[0] > score:
+                        path.hops.append(RouteHop(manifest.id, "worse"))
+                        return _choose(kept, path)  # an answer set aside earlier scored better
+                    path.hops.append(RouteHop(manifest.id, served))
+                    return result
+                log.info("route %s: %s answered with low confidence (%.3f): asking the next", name, manifest.id, score)
+                kept.append((score, len(path.hops), result))
+                path.hops.append(RouteHop(manifest.id, "low_confidence"))
+            if kept:  # the later candidates failed: the best answer set aside stands
+                return _choose(kept, path)
             if errors and all(isinstance(e, ContextLengthExceeded) for e in errors):
                 raise errors[-1]  # the request is too long for every candidate: the caller's to fix
             if route.cached_fallback:
@@ -312,6 +336,33 @@ class RoutingService:
             state = self._registry.status()[manifest.id]["state"]
             return {"failed": "failed", "unloaded": "no_room"}.get(state, "loading")
         return "error"
+
+
+def _score(entry: tuple[float, int, Any]) -> float:
+    return entry[0]
+
+
+def _choose(kept: list[tuple[float, int, Any]], path: RoutePath) -> Any:
+    """The best-scoring answer set aside; its hop becomes the served one."""
+    _, hop, answer = max(kept, key=_score)
+    path.hops[hop] = RouteHop(path.hops[hop].model, "served")
+    return answer
+
+
+async def _by_logprob(generation: Generation, floor: float) -> tuple[Generation, float, bool]:
+    """Cascade mode's confidence: the mean log-probability of the answer's tokens (a cached answer, which
+    has none, is trusted)."""
+    whole, logprobs = await generation.replay()
+    if not logprobs:
+        return whole, 0.0, True
+    mean = sum(t.logprob for t in logprobs) / len(logprobs)
+    return whole, mean, mean >= floor
+
+
+async def _by_grounding(answer: Any, floor: float) -> tuple[Any, float, bool]:
+    """A grounded answer is trusted when its citations check out (or it had no sources to cite)."""
+    good = bool(answer.grounded or not answer.sources)
+    return answer, 1.0 if good else 0.0, good
 
 
 class _NotForThis(Exception):

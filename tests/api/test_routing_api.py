@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from appliance.errors import ServerOverloaded
@@ -38,10 +39,19 @@ class FullEngine(FakeChatEngine):
         super().__init__(model_id, reply=f"reply of {model_id}", n_ctx=4096)
         self.full = True
 
+        self.logprob = -0.5
+        """Each token's log-probability (when the request asks for them)."""
+
     def submit(self, request: GenerationRequest, emit: Callable[[object], None], cancel: threading.Event) -> None:
         if self.full:
             raise ServerOverloaded("The queue is full.", retry_after=3)
         super().submit(request, emit, cancel)
+
+    def _sequence(self, request: GenerationRequest, cancel: threading.Event, prompt_tokens: int) -> Any:
+        for chunk in super()._sequence(request, cancel, prompt_tokens):
+            yield msgspec.structs.replace(
+                chunk, logprobs=tuple(msgspec.structs.replace(t, logprob=self.logprob) for t in chunk.logprobs)
+            )
 
 
 class RoutedWorld(World):
@@ -234,3 +244,76 @@ def test_an_unknown_candidate_stops_the_app_from_starting(routed: RoutedWorld, t
 
     with pytest.raises(SettingsError, match="candidate 'missing'"):
         _client(routed, tmp_path, routes='[routing.auto]\ncandidates = ["chat-a", "missing"]\n')
+
+
+CASCADE = """
+[routing.auto]
+candidates = ["chat-a", "chat-b"]
+mode = "cascade"
+cascade_min_logprob = -0.4
+"""
+
+
+def _usage_row(tmp_path: Path) -> tuple[Any, ...]:
+    db = connect(tmp_path / "gateway.db")
+    row = db.execute(
+        "SELECT model, prompt_tokens, completion_tokens, route_path FROM usage"
+        " WHERE route = 'POST /v1/chat/completions' ORDER BY seq DESC LIMIT 1"
+    ).fetchone()
+    return tuple(row)
+
+
+def test_cascade_asks_the_next_candidate_when_the_answer_is_doubtful(routed: RoutedWorld, tmp_path: Path) -> None:
+    routed.a.logprob, routed.b.logprob = -0.9, -0.2
+    with _client(routed, tmp_path, routes=CASCADE) as client:
+        _wait_ready(client, "chat-a", "chat-b")
+        r = client.post("/v1/chat/completions", json=_chat())
+        assert r.status_code == 200, r.text
+        assert r.headers["x-route"] == "auto>chat-a(low_confidence)>chat-b"
+        body = r.json()
+        assert body["model"] == "chat-b" and body["choices"][0]["message"]["content"] == "reply of chat-b"
+        assert body["choices"][0]["logprobs"] is None  # computed for the judgement, not shown unasked
+        assert body["usage"]["completion_tokens"] == 3
+        # Both answers were computed: the record bills both (3 words each, a 1-word prompt each).
+        assert _usage_row(tmp_path) == ("chat-b", 2, 6, "auto>chat-a(low_confidence)>chat-b")
+        # A confident first answer stops there.
+        routed.a.logprob = -0.1
+        r = client.post("/v1/chat/completions", json=_chat(max_tokens=2))
+        assert (r.headers["x-route"], r.json()["model"]) == ("auto>chat-a", "chat-a")
+
+
+def test_cascade_returns_the_better_of_two_doubtful_answers(routed: RoutedWorld, tmp_path: Path) -> None:
+    routed.a.logprob, routed.b.logprob = -0.5, -0.9
+    with _client(routed, tmp_path, routes=CASCADE) as client:
+        _wait_ready(client, "chat-a", "chat-b")
+        r = client.post("/v1/chat/completions", json=_chat())
+        assert r.headers["x-route"] == "auto>chat-a>chat-b(worse)"
+        assert r.json()["choices"][0]["message"]["content"] == "reply of chat-a"
+        assert _usage_row(tmp_path) == ("chat-a", 2, 6, "auto>chat-a>chat-b(worse)")
+        # The next candidate fails before any output: the answer set aside stands, billed alone.
+        routed.b.full = True
+        r = client.post("/v1/chat/completions", json=_chat(max_tokens=2))
+        assert r.headers["x-route"] == "auto>chat-a>chat-b(queue_full)"
+        assert r.json()["choices"][0]["message"]["content"] == "reply of"
+        assert _usage_row(tmp_path) == ("chat-a", 1, 2, "auto>chat-a>chat-b(queue_full)")
+        # A streamed answer cannot be taken back: cascade mode routes it like fallback mode.
+        routed.b.full = False
+        with client.stream("POST", "/v1/chat/completions", json=_chat(stream=True)) as stream:
+            assert stream.headers["x-route"] == "auto>chat-a"
+
+
+def test_a_grounded_chat_on_a_route_falls_to_the_next_candidate(routed: RoutedWorld, tmp_path: Path) -> None:
+    routed.a.full = True
+    routed.b.reply = "Llamas eat grass and hay every day. [1]"
+    with _client(routed, tmp_path, APPLIANCE_EMBEDDING_MODEL="embed-model") as client:
+        _wait_ready(client, "chat-a", "chat-b", "embed-model")
+        assert client.post("/v1/collections", json={"name": "docs"}).status_code == 201
+        text = "Llamas live in the Andes. Llamas eat grass and hay every day."
+        assert client.post("/v1/collections/docs/documents", json={"text": text, "id": "llamas"}).status_code == 200
+        r = client.post("/v1/chat/completions", json=_chat(
+            collection="docs", messages=[{"role": "user", "content": "What do llamas eat?"}], max_tokens=16,
+        ))
+        assert r.status_code == 200, r.text
+        assert r.headers["x-route"] == "auto>chat-a(queue_full)>chat-b"
+        assert r.json()["model"] == "chat-b"
+        assert r.json()["citations"]
