@@ -3,6 +3,7 @@
     .venv/bin/python scripts/chat_prompts.py --url http://127.0.0.1:8080 [--models smollm2-135m,gemma3-270m]
 
 Greedy (temperature 0), one request at a time, `Cache-Control: no-cache` so every answer is computed.
+A routed model id (settings [routing.<name>]) may be given too: each answer then shows its X-Route path.
 A check passes when the answer contains one of the expected words (case-insensitive): a rough signal of
 whether a model follows simple instructions, not a benchmark.
 """
@@ -52,8 +53,9 @@ def main() -> None:
                 passed += ok
                 tokens += body["usage"]["completion_tokens"]
                 seconds += elapsed
+                route = f" [{r.headers['x-route']}]" if "x-route" in r.headers else ""
                 print(f"- {'ok  ' if ok else 'MISS'} {elapsed:5.2f} s {body['usage']['completion_tokens']:3d} tok  "
-                      f"{prompt!r} -> {answer[:100]!r}")
+                      f"{prompt!r} -> {answer[:100]!r}{route}")
             print(f"{model}: {passed}/{len(PROMPTS)} checks, {tokens} tokens in {seconds:.1f} s "
                   f"({tokens / seconds:.1f} tokens/s including prompt processing), "
                   f"mean latency {seconds / len(PROMPTS):.2f} s\n")
