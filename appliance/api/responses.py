@@ -28,7 +28,8 @@ from appliance.protocol.openai_responses import (
     new_response_id,
 )
 from appliance.protocol.responses import now
-from appliance.services.generation import Generation, GenerationService
+from appliance.services.generation import Generation
+from appliance.services.routing import RoutingService
 from appliance.types import Usage
 
 def _response(
@@ -90,10 +91,12 @@ async def _events(body: ResponsesRequest, generation: Generation) -> AsyncIterat
     "summary": "OpenAI Responses API: text input and output, instructions, streaming events",
 })
 async def create_response(
-    request: Request, generation_service: GenerationService, ctx: RequestContext
+    request: Request, routing_service: RoutingService, ctx: RequestContext
 ) -> Response[bytes] | Stream:
     body: ResponsesRequest = decode_request(await request.body(), ResponsesRequest)
-    generation = await generation_service.chat(body.to_chat(), ctx, cache_scope=_cache_scope(request, ctx))
+    generation = await routing_service.chat(
+        body.to_chat(), ctx, tenant=ctx.tenant.name, cache_scope=_cache_scope(request, ctx)
+    )
     headers = _cache_headers(generation)
     if body.stream:
         return Stream(_events(body, generation), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})

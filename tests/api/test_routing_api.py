@@ -317,3 +317,12 @@ def test_a_grounded_chat_on_a_route_falls_to_the_next_candidate(routed: RoutedWo
         assert r.headers["x-route"] == "auto>chat-a(queue_full)>chat-b"
         assert r.json()["model"] == "chat-b"
         assert r.json()["citations"]
+
+
+def test_the_responses_api_takes_a_routed_model_id(routed: RoutedWorld, tmp_path: Path) -> None:
+    routed.a.full = True
+    with _client(routed, tmp_path) as client:
+        _wait_ready(client, "chat-a", "chat-b")
+        r = client.post("/v1/responses", json={"model": "auto", "input": "hi"})
+        assert r.status_code == 200, r.text
+        assert (r.headers["x-route"], r.json()["model"]) == ("auto>chat-a(queue_full)>chat-b", "chat-b")
