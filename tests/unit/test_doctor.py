@@ -18,12 +18,11 @@ from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import click
 import pytest
 from click.testing import CliRunner
 
 from appliance import __version__
-from appliance.cli_doctor import register
+from appliance.cli import main
 from appliance.doctor import (
     BuildProbe,
     MemoryInfo,
@@ -384,9 +383,7 @@ def test_rpc_worker_not_listening_fails() -> None:
 def _invoke(data_dir: Path, tmp_path: Path, *args: str) -> tuple[int, str]:
     config = tmp_path / "appliance.toml"
     config.write_text(f'data_dir = "{data_dir}"\n[server]\nport = {free_port()}\n')
-    group = click.Group()
-    register(group)
-    result = CliRunner().invoke(group, ["doctor", "--config", str(config), *args])
+    result = CliRunner().invoke(main, ["doctor", "--config", str(config), *args])
     return result.exit_code, result.stdout
 
 
@@ -412,9 +409,7 @@ def test_exit_1_on_a_fail(data_dir: Path, tiny_model: Path, tmp_path: Path) -> N
 def test_bad_settings_are_a_fail_line(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text("[server]\nport = 0\n")
-    group = click.Group()
-    register(group)
-    result = CliRunner().invoke(group, ["doctor", "--config", str(config)])
+    result = CliRunner().invoke(main, ["doctor", "--config", str(config)])
     assert result.exit_code == 1 and result.stdout.startswith("FAIL")
 
 
