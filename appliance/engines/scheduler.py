@@ -266,7 +266,9 @@ class BatchScheduler:
         for one in seqs:
             one.grammar = grammar
         with self._lock:
-            if len(self._waiting) >= self._max_queue:
+            # Free slots take waiting requests at the next step: only those beyond them are queued.
+            free = sum(slot.seq is None for slot in self._slots)
+            if len(self._waiting) >= self._max_queue + free:
                 self.stats.rejected["queue_full"] = self.stats.rejected.get("queue_full", 0) + 1
                 raise ServerOverloaded(
                     f"The server is at capacity ({self._max_queue} requests waiting); retry shortly.",

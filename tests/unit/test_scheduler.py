@@ -395,3 +395,18 @@ def test_a_busy_slot_lends_its_cached_prefix() -> None:
     assert _prefilled_tokens(ctx, 1) < 10
     # The copy was trimmed to the shared prefix.
     assert (1, len(SYSTEM) + 1, -1) in ctx.removed
+
+
+def test_no_queue_still_serves_free_slots() -> None:
+    """max_queue = 0: nothing waits, but a request that finds a free slot is served."""
+    ctx = FakeBatchContext(n_seq_max=1)
+    ctx.gate.clear()
+    sched = make(ctx, max_queue=0)
+    first = Collector()
+    sched.submit(request("a"), first, threading.Event())
+    time.sleep(0.1)  # admitted into the only slot, blocked in decode
+    with pytest.raises(ServerOverloaded):
+        sched.submit(request("b"), Collector(), threading.Event())
+    ctx.gate.set()
+    assert first.result()[0] == "hello"
+    sched.close()
