@@ -158,6 +158,13 @@ async def _decoded(
     return body, await forward_if_needed(cluster, ctx, request, raw, body.model)
 
 
+async def _forward_unless_routed(
+    routing: RoutingService, cluster: Cluster, ctx: RequestContext, request: Request, raw: bytes, model: str
+) -> Response[bytes] | Stream | None:
+    """A peer's answer when federation sends this model there; a routed id is the routing service's to place."""
+    return None if routing.is_route(model) else await forward_if_needed(cluster, ctx, request, raw, model)
+
+
 def _assistant_message(text: str, finish: str, tools_offered: bool) -> tuple[AssistantMessage, str]:
     """The message and finish reason of a whole answer; an answer that is tool calls becomes `tool_calls`."""
     if not tools_offered:
@@ -266,13 +273,9 @@ class OpenAIController(Controller):
         body: ChatCompletionRequest = decode_request(raw, ChatCompletionRequest)
         if body.collection is not None:
             return await _grounded_chat(body, ask_service, routing_service, ctx)
-        if not routing_service.is_route(body.model) and (
-            forwarded := await forward_if_needed(cluster, ctx, request, raw, body.model)
-        ) is not None:
+        if (forwarded := await _forward_unless_routed(routing_service, cluster, ctx, request, raw, body.model)) is not None:
             return forwarded
-        generation = await routing_service.chat(
-            body, ctx, tenant=ctx.tenant.name, cache_scope=_cache_scope(request, ctx)
-        )
+        generation = await routing_service.chat(body, ctx, tenant=ctx.tenant.name, cache_scope=_cache_scope(request, ctx))
         headers = _cache_headers(generation)
         logprobs = body.logprob_count() is not None
         if body.stream:
@@ -300,13 +303,9 @@ class OpenAIController(Controller):
     ) -> Response[bytes] | Stream:
         raw = await request.body()
         body: CompletionRequest = decode_request(raw, CompletionRequest)
-        if not routing_service.is_route(body.model) and (
-            forwarded := await forward_if_needed(cluster, ctx, request, raw, body.model)
-        ) is not None:
+        if (forwarded := await _forward_unless_routed(routing_service, cluster, ctx, request, raw, body.model)) is not None:
             return forwarded
-        generation = await routing_service.complete(
-            body, ctx, tenant=ctx.tenant.name, cache_scope=_cache_scope(request, ctx)
-        )
+        generation = await routing_service.complete(body, ctx, tenant=ctx.tenant.name, cache_scope=_cache_scope(request, ctx))
         headers = _cache_headers(generation)
         echo = body.prompt_text if body.echo else ""
         logprobs = body.logprob_count() is not None
