@@ -134,3 +134,19 @@ def test_a_retrained_bundled_model_replaces_the_installed_one(tmp_path: Path) ->
     assert store.install(template) is not None
     assert (installed / "model.onnx").read_bytes() == (GUARD / "model.onnx").read_bytes()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_training_scores_windows_as_the_graph_does() -> None:
+    import sys
+
+    sys.path.insert(0, str(CATALOG_DIR.parent / "scripts"))
+    import train_injection
+
+    rng = np.random.default_rng(11)
+    weights = rng.normal(size=F.BUCKETS)
+    windows = [[list(rng.integers(0, 30522, size=n)) for n in sizes] for sizes in ((5,), (40, 3), (1, 17, 64))]
+    flat = train_injection.Windows(windows)
+    trained, _ = flat.window_best(weights, 0.5)
+    expected = [F.logits(weights, 0.5, np.array([w]), np.ones((1, len(w)), dtype=np.int64))[0]
+                for ws in windows for w in ws]
+    assert np.allclose(trained, expected)
