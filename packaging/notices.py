@@ -224,6 +224,26 @@ def model_manifests(bundle: sbom.BundleContents, models_dir: Path | None) -> lis
     return [tomllib.loads(p.read_text(encoding="utf-8")) for p in paths]
 
 
+def bundled_model_section(manifest: dict, entries: list[dict]) -> Section:
+    """A model whose files ship in the repository's models/ folder (trained for this project): the
+    project's own licence, and its card, which lists the data it was trained from and their licences."""
+    files = ", ".join(f"{e['source']['bundled']} (sha256 {e.get('sha256')})" for e in entries)
+    s = Section(f"Model {manifest.get('id')}: bundled with the appliance", "", "Apache-2.0",
+                f"Files shipped in the appliance's models/ folder: {files}")
+    if manifest.get("description"):
+        s.notes.append(manifest["description"])
+    # the card sits beside its own files, or (one card for a family) beside the first file it shares
+    folders = [str(manifest.get("id")), *(e["source"]["bundled"].split("/")[0] for e in entries)]
+    card = next((sbom.ROOT / "models" / f / "CARD.md" for f in folders if (sbom.ROOT / "models" / f / "CARD.md").is_file()),
+                None)
+    if card is not None:
+        s.texts.append(("Model card (training data and their licences)", card.read_text(encoding="utf-8")))
+    common = common_licence_text("Apache-2.0")
+    if common:
+        s.texts.append(common)
+    return s
+
+
 def model_sections(manifests: list[dict]) -> list[Section]:
     sections = []
     for m in manifests:
@@ -233,6 +253,10 @@ def model_sections(manifests: list[dict]) -> list[Section]:
             source = entry.get("source") or {}
             if source.get("package"):
                 packages.append((source["package"], f"{entry.get('name')} (sha256 {entry.get('sha256')})"))
+        bundled = [(m.get(part) or {}) for part in ("file", "tokenizer")]
+        bundled = [e for e in bundled if (e.get("source") or {}).get("bundled")]
+        if bundled:
+            sections.append(bundled_model_section(m, bundled))
         for package, provides in packages:
             try:
                 dist = importlib.metadata.distribution(package)

@@ -41,7 +41,8 @@ def test_archive_contents(bundle: Path, release_archive: Path) -> None:
     names = {p.name for p in bundle.iterdir()}
     assert {"appliance", "_internal", "install.sh", "RELEASE", "SHA256SUMS", "INSTALL.md", "models", "systemd",
             "sbom.cdx.json", "THIRD-PARTY-NOTICES"} <= names
-    assert {p.name for p in (bundle / "models").iterdir()} == {"gemma3-270m", "smollm2-135m", "all-minilm-l6-v2"}
+    assert {p.name for p in (bundle / "models").iterdir()} == {
+        "gemma3-270m", "smollm2-135m", "all-minilm-l6-v2", "injection-guard", "injection-guard-indirect"}
     # The portable build: one CPU backend per instruction set down to plain x86-64, no required features.
     release = dict(line.split("=", 1) for line in (bundle / "RELEASE").read_text().splitlines())
     assert "x64" in release["cpu_variants"].split() and release["cpu_features"] == ""
@@ -56,8 +57,8 @@ def test_archive_contents(bundle: Path, release_archive: Path) -> None:
     assert {"llama-cpp-python", "onnxruntime", "tantivy", "usearch", "litestar"} <= names_in_sbom
     libraries = [lib["name"] for c in sbom["components"] for lib in c.get("components", [])]
     assert any(name.startswith("libllama") for name in libraries) and any("onnxruntime" in n for n in libraries)
-    assert (bundle / "THIRD-PARTY-NOTICES").is_dir() and "Gemma" in (bundle / "THIRD-PARTY-NOTICES").joinpath(
-        "THIRD-PARTY-NOTICES.md").read_text()
+    notices = (bundle / "THIRD-PARTY-NOTICES" / "THIRD-PARTY-NOTICES.md").read_text()
+    assert "Gemma" in notices and "Model injection-guard: bundled with the appliance" in notices
     # The archive's own checksum, written beside it, is what an operator checks after carrying it.
     expected = (release_archive.parent / f"{release_archive.name}.sha256").read_text().split()[0]
     assert hashlib.sha256(release_archive.read_bytes()).hexdigest() == expected
