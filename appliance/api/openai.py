@@ -184,6 +184,8 @@ def _guardrail_fields(ctx: RequestContext) -> dict[str, Any]:
         fields["guardrails"] = [msgspec.to_builtins(a) for a in actions]
     if ctx.pii_map:
         fields["pii_map"] = ctx.pii_map
+    if ctx.quarantined:
+        fields["quarantined"] = ctx.quarantined
     return fields
 
 

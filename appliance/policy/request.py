@@ -260,6 +260,8 @@ class RequestContext:
         self._mask_session: MaskSession | None = None
         self.pii_map: dict[str, str] | None = None
         """{placeholder: original} of masked input, only when the tenant's policy asks for a reversible mask."""
+        self.quarantined: list[dict[str, str]] = []
+        """Tool results the injection guardrail replaced with a notice ({"message_index", "tool_call_id"})."""
 
     # -- identity, for the edge ----------------------------------------------------------------
 
@@ -348,6 +350,13 @@ class RequestContext:
         self.usage.retrieved_chunks += len(texts)
         kept, actions = self.gateway.guardrails.check_retrieved(texts, self.guardrail_policy)
         self.usage.guardrails.extend(actions)
+        return kept
+
+    def screen_tool_results(self, texts: list[str], call_ids: list[str], indices: list[int]) -> list[int]:
+        kept, actions = self.gateway.guardrails.check_retrieved(texts, self.guardrail_policy, stage="tool")
+        self.usage.guardrails.extend(actions)
+        self.quarantined += [{"message_index": str(indices[i]), "tool_call_id": call_ids[i]}
+                             for i in sorted(set(range(len(texts))) - set(kept))]
         return kept
 
     def on_chunk(self, chunk: Chunk) -> None:

@@ -106,7 +106,8 @@ class ChatCompletion(msgspec.Struct):
     """Appliance extension, with `collection` in the request: the checked citations (else absent)."""
     grounded: bool | msgspec.UnsetType = msgspec.UNSET
     quarantined: list[Any] | msgspec.UnsetType = msgspec.UNSET
-    """Appliance extension: retrieved chunks the injection guardrail kept out of the prompt."""
+    """Appliance extension: retrieved chunks (grounded answers) or tool results ({"message_index",
+    "tool_call_id"}) the injection guardrail kept out of the prompt."""
     guardrails: list[Any] | msgspec.UnsetType = msgspec.UNSET
     """Appliance extension: what the guardrails did to this request (kinds and counts, never the text)."""
     pii_map: dict[str, str] | msgspec.UnsetType = msgspec.UNSET
@@ -150,6 +151,8 @@ class ChatCompletionChunk(msgspec.Struct):
     """Appliance extension, on the chunk with finish_reason: what the guardrails did (kinds and counts)."""
     pii_map: dict[str, str] | msgspec.UnsetType = msgspec.UNSET
     """Appliance extension, on the chunk with finish_reason: the reversible mask map, when asked for."""
+    quarantined: list[Any] | msgspec.UnsetType = msgspec.UNSET
+    """Appliance extension, on the chunk with finish_reason: tool results the injection guardrail withheld."""
 
 
 class TextChoice(msgspec.Struct):

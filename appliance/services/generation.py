@@ -24,6 +24,8 @@ from appliance.types import Chunk, GenerationRequest, SamplingParams, TokenLogpr
 
 log = logging.getLogger(__name__)
 _END = object()
+TOOL_RESULT_QUARANTINED = "[tool result withheld: the injection guardrail found instructions in it]"
+"""What the model reads in place of a tool result that carries a prompt injection."""
 
 
 class Attempt(msgspec.Struct, frozen=True, kw_only=True):
@@ -148,6 +150,15 @@ class GenerationService:
     def screen_chat(request: ChatCompletionRequest, policy: RequestPolicy = OPEN_POLICY) -> list[str]:
         """Each message's text after the input guardrails (once per request, whichever models it tries)."""
         texts = [m.text(i) for i, m in enumerate(request.messages)]
+        # Tool results are third-party content, like retrieved chunks: screened for injection in one batch,
+        # and one that carries an injection reaches the model as a short notice instead (policy: drop).
+        tools = [i for i, m in enumerate(request.messages) if m.role == "tool"]
+        if tools:
+            kept = set(policy.screen_tool_results([texts[i] for i in tools],
+                                                  [request.messages[i].tool_call_id or "" for i in tools], tools))
+            for n, i in enumerate(tools):
+                if n not in kept:
+                    texts[i] = TOOL_RESULT_QUARANTINED
         # The user's turns are instructions (injection is checked there); the rest is screened for PII only.
         for instructions, indices in (
             (True, [i for i, m in enumerate(request.messages) if m.role == "user"]),

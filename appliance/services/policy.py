@@ -30,6 +30,10 @@ class RequestPolicy(Protocol):
     def screen_retrieved(self, texts: list[str]) -> list[int]:
         """Indices of retrieved chunks that may reach the prompt (injection guardrail)."""
 
+    def screen_tool_results(self, texts: list[str], call_ids: list[str], indices: list[int]) -> list[int]:
+        """Indices of tool results (role "tool" messages at `indices` of the request, answering `call_ids`)
+        that may reach the prompt as they are: the injection guardrail screens them as retrieved content."""
+
     def on_chunk(self, chunk: Chunk) -> None:
         """Sees every generated chunk (token counts, time to first token; the last one carries usage)."""
 
@@ -69,6 +73,9 @@ class _OpenPolicy:
         return None
 
     def screen_retrieved(self, texts: list[str]) -> list[int]:
+        return list(range(len(texts)))
+
+    def screen_tool_results(self, texts: list[str], call_ids: list[str], indices: list[int]) -> list[int]:
         return list(range(len(texts)))
 
     def on_chunk(self, chunk: Chunk) -> None:

@@ -10,7 +10,7 @@ from appliance.policy.guardrails.masking import MaskSession, StreamMasker
 from appliance.policy.guardrails.ner import EntitiesUnavailable
 from appliance.policy.guardrails.pii import DEFAULT_KINDS, EntityFinder, PiiDetector
 from appliance.policy.guardrails.policy import GuardrailPolicy
-from appliance.policy.guardrails.types import GuardrailAction, InputDecision
+from appliance.policy.guardrails.types import GuardrailAction, InputDecision, Stage
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,13 @@ class Guardrails:
         mapping = dict(session.mapping) if policy.reversible_mask and session.mapping is not None else None
         return InputDecision(text=masked, actions=tuple(actions), mapping=mapping, injection=verdict)
 
-    def check_retrieved(self, chunks: list[str], policy: GuardrailPolicy) -> tuple[list[int], list[GuardrailAction]]:
-        """Indices of the chunks to keep, in order, and audit actions for those dropped or flagged."""
+    def check_retrieved(
+        self, chunks: list[str], policy: GuardrailPolicy, *, stage: Stage = "retrieved"
+    ) -> tuple[list[int], list[GuardrailAction]]:
+        """Indices of the chunks to keep, in order, and audit actions for those dropped or flagged.
+
+        Retrieved chunks and tool results (`stage="tool"`) are both third-party content: the indirect
+        classifier and rules screen them, and the policy's `retrieved_injection` says what happens."""
         if policy.retrieved_injection == "allow":
             return list(range(len(chunks))), []
         kept: list[int] = []
@@ -90,8 +95,8 @@ class Guardrails:
             kept.append(i)
         if not hits:
             return kept, []
-        log.info("guardrail: %d retrieved chunk(s) with injection, %s", hits, policy.retrieved_injection)
-        action = GuardrailAction(stage="retrieved", kind="injection", action=policy.retrieved_injection,
+        log.info("guardrail: %d %s text(s) with injection, %s", hits, stage, policy.retrieved_injection)
+        action = GuardrailAction(stage=stage, kind="injection", action=policy.retrieved_injection,
                                  count=hits, rules=tuple(sorted(rules)))
         return kept, [action]
 

@@ -7,7 +7,8 @@ from typing import Literal
 
 import msgspec
 
-Stage = Literal["input", "retrieved", "output"]
+Stage = Literal["input", "retrieved", "tool", "output"]
+"""Where a guardrail acted: user input, retrieved chunks, tool results (role "tool" messages), output."""
 PiiKind = Literal[
     "secret", "iban", "credit_card", "us_ssn", "uk_nino", "es_dni", "fr_nir", "it_fiscal_code", "de_idnr",
     "email", "ip_address", "phone", "person", "address", "location", "organisation", "date_of_birth",
