@@ -179,6 +179,9 @@ class _Sequence:
         """The sequence's tokens so far (cells and pending), indexed for prompt lookup; made at its first draft."""
         self.draft: list[int] = []
         """Guessed tokens decoded after `pending` in this step."""
+        self.draft_cap = 0
+        """How many tokens the next guess may have: grows while guesses are kept whole, shrinks to what was
+        kept after a miss (each guessed row costs a logits row over the whole vocabulary)."""
 
     @property
     def prefilling(self) -> bool:
@@ -494,7 +497,9 @@ class BatchScheduler:
         many as the draft size, the sequence's context, its max_tokens and the batch allow."""
         if seq.drafter is None:
             seq.drafter = NgramDrafter(self._slots[seq.slot].tokens + [seq.pending], self._spec_ngram)  # type: ignore[list-item]
-        limit = min(self._spec_draft, self.n_ctx - pos - 2)
+        if seq.draft_cap == 0:
+            seq.draft_cap = self._spec_draft
+        limit = min(seq.draft_cap, self.n_ctx - pos - 2)
         if seq.request.max_tokens is not None:
             limit = min(limit, seq.request.max_tokens - seq.generated - 1)
         return seq.drafter.draft(limit)
@@ -503,6 +508,7 @@ class BatchScheduler:
         """Sample along the decoded guesses while the model agrees with them (see the module's doc)."""
         slot = self._slots[seq.slot]
         index = seq.batch_index
+        kept = 0
         for guess in seq.draft:
             token = self.ctx.sample(seq.sampler, index)
             self._advance(seq, token, index)
@@ -511,10 +517,13 @@ class BatchScheduler:
             # The guess's cell already holds this token: it is decoded, not pending.
             slot.tokens.append(token)
             seq.pending = None
-            self.stats.accepted_tokens += 1
+            kept += 1
             index += 1
         else:
             self._advance(seq, self.ctx.sample(seq.sampler, index), index)
+        self.stats.accepted_tokens += kept
+        whole = kept == len(seq.draft)
+        seq.draft_cap = min(self._spec_draft, 2 * seq.draft_cap) if whole else max(1, kept + 1)
         self.ctx.seq_rm(slot.index, len(slot.tokens), -1)
 
     def _advance(self, seq: _Sequence, token: int, batch_index: int) -> None:

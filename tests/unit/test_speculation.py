@@ -102,3 +102,19 @@ def test_no_guesses_while_more_sequences_generate_than_allowed() -> None:
     # While both generate, each decode carries one token per sequence.
     both = [d for d in ctx.decodes[1:] if {e[2] for e in d} == {0, 1}]
     assert both and all(len(d) == 2 for d in both)
+
+
+def test_a_missed_guess_shrinks_the_next_one() -> None:
+    ctx = CopyContext()
+    # The prompt teaches "xyz" -> "abcdefgh"; the reply never follows it, so guesses keep missing.
+    ctx._reply_for = "xyz1xyz2xyz3"
+    sched = make(ctx, spec_draft=8)
+    out = Collector()
+    sched.submit(request("xyzabcdefgh xyz"), out, threading.Event())
+    assert out.result()[0] == "xyz1xyz2xyz3"
+    sched.close()
+    sizes = [len(d) for d in _generating_entries(ctx)]
+    # The first guess of several tokens misses (the reply never goes on as the prompt did) ...
+    first_miss = next(i for i, n in enumerate(sizes) if n > 2)
+    # ... and from then on each guess is one token: a miss at the first guess leaves room for one.
+    assert sizes[first_miss + 1:] and max(sizes[first_miss + 1:]) <= 2
