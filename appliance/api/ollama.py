@@ -24,7 +24,7 @@ from litestar.response import Stream
 from appliance import __version__
 from appliance.api.cluster import forward_if_needed
 from appliance.api.http import json_response
-from appliance.api.ollama_models import listed_model, running_model, show_response
+from appliance.api.ollama_models import listed_model, ollama_serves, running_model, show_response
 from appliance.engines.registry import ModelRegistry
 from appliance.errors import ApplianceError, EngineError, InvalidRequest, ModelNotFound
 from appliance.modelstore.manifest import Manifest, ModelKind
@@ -410,7 +410,7 @@ class OllamaController(Controller):
     @get("/tags", opt=_opt("list the models", None, TagsResponse))
     async def ollama_tags(self, registry: ModelRegistry, ctx: RequestContext) -> Response[bytes]:
         allowed = ctx.tenant.allowed_models
-        models = [listed_model(m) for m in registry.manifests() if allowed is None or m.id in allowed]
+        models = [listed_model(m) for m in registry.manifests() if ollama_serves(m) and (allowed is None or m.id in allowed)]
         return json_response(TagsResponse(models))
 
     @get("/ps", opt=_opt("list the loaded models", None, PsResponse))

@@ -68,6 +68,11 @@ def running_model(
 _CAPABILITIES = {"chat": ["completion", "tools"], "completion": ["completion"], "embedding": ["embedding"]}
 
 
+def ollama_serves(manifest: Manifest) -> bool:
+    """Whether Ollama's API can use the model (generate, chat or embed): classifiers and rerankers are not listed."""
+    return manifest.kind in _CAPABILITIES
+
+
 def show_response(manifest: Manifest, context_window: int | None) -> ShowResponse:
     arch = manifest.architecture
     info: dict[str, Any] = {"general.basename": manifest.id}
