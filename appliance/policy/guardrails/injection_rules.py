@@ -100,6 +100,13 @@ _POINTER = r"(?:the\s+)?(?:following|subsequent|next|below|given|attached)\s+(?:
 _IN_CODE = frozenset({"code_block"})
 _CODE_CALLS = frozenset({"code_system_call", "code_network_call"})
 _SENTENCE_OPENER = rf"{_LEAD}{_POLITE}"
+_ORDINARY_MODES = (
+    r"(?:json|dark|light|night|airplane|flight|edit|insert|visual|normal|command|safe|debug|verbose|quiet|silent|"
+    r"offline|online|multiline|wordwrap|sleep|power|eco|test|maintenance|kiosk|full[- ]?screen|presentation|"
+    r"compatibility|interactive|batch|strict|raw|read[- ]only|focus|reader|reading|private|incognito|guest|"
+    r"recovery|setup|tablet|desktop|landscape|portrait|manual|auto|automatic|sport|cruise|overtime)"
+)
+"""Modes that software and devices have ("enable JSON mode", "switch to dark mode"): not a persona switch."""
 _IMPERATIVE_OPENER = rf"{_LEAD}{_POLITE}(?!{_NOT_IMPERATIVE}\b)[a-z][\w'-]*\b"
 
 RULES: tuple[InjectionRule, ...] = (
@@ -149,7 +156,7 @@ RULES: tuple[InjectionRule, ...] = (
         "role_override", 0.6,
         r"\bpretend (?:to be|that you are|you are|you're)\b|\brole[- ]?play(?:ing)?\b(?:\W+\w+){0,3}?\W+as\b|"
         r"\bimagine (?:that )?you are\b|\bhenceforth,? you\b|"
-        r"\b(?:switch|enter|activate|enable)(?:ing)?\s+(?:\w+\s+){0,2}?mode\b",
+        r"\b(?:switch|enter|activate|enable)(?:ing)?\s+(?:(?!" + _ORDINARY_MODES + r"\b)\w+\s+){0,2}?mode\b",
     ),
     InjectionRule("act_as", 0.35, r"\b(?:act|behave|respond) (?:as|like) (?:an?|the|my|if)\b"),
     InjectionRule(
