@@ -54,6 +54,8 @@ sys.path.insert(0, str(REPO))
 from appliance.policy.guardrails import injection_features as F  # noqa: E402
 from appliance.policy.guardrails.evaluate import EvalFileError, insert_attack, read_eval_file  # noqa: E402
 from appliance.policy.guardrails.injection import RuleInjectionDetector  # noqa: E402
+from appliance.policy.guardrails import synthetic  # noqa: E402
+from appliance.policy.guardrails.synthetic import pii_samples  # noqa: E402
 
 MIRRORS = Path("/work/.mirror")
 SHARED = REPO.parent / "shared" / "data"
@@ -470,6 +472,15 @@ def build(seed: int, extra: list[Path]) -> tuple[list[Example], list[Example]]:
     for name, texts in (("xquad-questions", xquad_questions), ("gsm8k", gsm), ("self-instruct", si_turns),
                         ("self-instruct-t0", t0), ("bipia-questions", bipia_questions)):
         direct += [Example(t, 0, name, t) for t in texts]
+    # Turns full of contact details, card numbers and ids (the appliance's own seeded PII generator, written
+    # for the PII evaluation): a turn that is mostly an e-mail address was flagged without them.
+    direct += [Example(x.text, 0, "pii-synthetic", x.text) for x in pii_samples(seed=seed + 1, n=600)]
+    prng = random.Random(seed + 104729)  # and bare lists of addresses and numbers, which score on few n-grams
+    for _ in range(400):
+        items = [prng.choice((synthetic.email, synthetic.email, synthetic.phone))(prng) for _ in range(prng.randint(1, 5))]
+        text = prng.choice(("", "Contact list:\n", "Emails:\n", "Attendees:\n", "Send it to ", "cc: ", "Call ")) + \
+            prng.choice(("\n", ", ", "; ")).join(items)
+        direct.append(Example(text, 0, "pii-synthetic", text))
     # Document-bearing turns draw on their own generator, so the indirect model's data stays as it was.
     drng = random.Random(seed + 7919)
     data = json.loads((SHARED / "xquad" / "xquad.en.json").read_text(encoding="utf-8"))["data"]
@@ -905,6 +916,9 @@ def write_card(path: Path, rows: dict[str, Any], args: argparse.Namespace) -> No
         "trained on (tasks a user may ask for: trained on, they raised false positives on document turns).",
         "Row `greeted-turns`: a fifth of the benign turns again with a greeting in front (\"Hi,\", \"Hello!\"):",
         "many jailbreaks open with one, and a greeting alone flagged a turn before they were added.",
+        "Row `pii-synthetic`: 600 texts of the appliance's seeded PII generator (contact details, card numbers,",
+        "ids; appliance/policy/guardrails/synthetic.py) and 400 bare lists of its e-mail addresses and phone",
+        "numbers, as benign turns: a turn that was mostly e-mail addresses was flagged without them.",
         "",
         "Reserved for independent evaluation and never read by the training script: Tensor Trust, BIPIA's",
         "test split, presidio-research's generated datasets, PubMedQA, COVID-QA. The training data is not",
