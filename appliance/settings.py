@@ -115,8 +115,8 @@ class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Most tokens decoded in one step (prompt chunks plus one token per generating sequence)."""
     prefix_cache_min_tokens: Annotated[int, msgspec.Meta(ge=0)] = 32
     """Reuse a slot's cached prompt prefix only when it is at least this long; 0 turns the prefix cache off."""
-    speculative_draft: Annotated[int, msgspec.Meta(ge=0, le=64)] = 8
-    """Most tokens guessed per step by prompt lookup (draftless speculative decoding); 0 turns it off."""
+    speculative_draft: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
+    """Most tokens guessed per step by prompt lookup (draftless speculative decoding, e.g. 8); 0: off."""
     speculative_ngram: Annotated[int, msgspec.Meta(ge=1, le=16)] = 3
     """Length of the n-gram looked up in the sequence's prompt and output to make a guess."""
     speculative_max_active: Annotated[int, msgspec.Meta(ge=1, le=256)] = 2

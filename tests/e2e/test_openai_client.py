@@ -181,20 +181,20 @@ def test_models_report_the_context_a_request_can_use(client: OpenAI) -> None:
     listed = {m.id: m.model_dump() for m in client.models.list()}
     assert listed["all-minilm-l6-v2"]["context_length"] == 256
     # a prompt that fits the reported window is served; one past it is refused
-    fits = client.completions.create(model="gemma3", prompt="word " * (card["context_length"] - 64), max_tokens=1)
+    fits = client.completions.create(model="gemma3", prompt="data " * (card["context_length"] - 64), max_tokens=1)
     assert fits.usage is not None and fits.usage.prompt_tokens < card["context_length"]
     with pytest.raises(openai.BadRequestError) as info:
-        client.completions.create(model="gemma3", prompt="word " * (card["context_length"] + 10), max_tokens=1)
+        client.completions.create(model="gemma3", prompt="data " * (card["context_length"] + 10), max_tokens=1)
     assert "maximum context length is 4096 tokens" in info.value.body["message"]  # type: ignore[index]
 
 
 def test_prompt_longer_than_context_is_400(client: OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        client.completions.create(model="gemma3-270m", prompt="word " * 6000, max_tokens=4)
+        client.completions.create(model="gemma3-270m", prompt="data " * 6000, max_tokens=4)
     assert info.value.body["code"] == "context_length_exceeded"  # type: ignore[index]
     assert info.value.body["param"] == "prompt"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="gemma3", messages=[{"role": "user", "content": "word " * 6000}])
+        client.chat.completions.create(model="gemma3", messages=[{"role": "user", "content": "data " * 6000}])
     assert info.value.body["param"] == "messages"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as info:
         client.embeddings.create(model="minilm", input="word " * 400)

@@ -12,6 +12,7 @@ import pytest
 
 from appliance.engines.factory import BatchSpec, build_batch_engine
 from appliance.types import Chunk, GenerationRequest, SamplingParams
+from tests.e2e.conftest import fresh_data_dir, start_server, stop_server
 
 SOURCE = (
     "The harbour master opens the north lock at six in the morning and closes it at nine in the evening. "
@@ -56,7 +57,16 @@ def test_greedy_output_is_unchanged_and_a_copy_is_guessed(engines) -> None:
     assert plain.engine_stats().drafted_tokens == 0
 
 
-def test_the_server_counts_guessed_and_kept_tokens(server) -> None:
+@pytest.fixture(scope="module")
+def speculating(data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    base = tmp_path_factory.mktemp("speculating")
+    srv = start_server(fresh_data_dir(data_dir, base / "data"), base / "server.log", env={"APPLIANCE_SPECULATIVE_DRAFT": "8"})
+    yield srv
+    stop_server(srv)
+
+
+def test_the_server_counts_guessed_and_kept_tokens(speculating) -> None:
+    server = speculating
     # A list that repeats: the second pass is guessed from the first.
     days = "Monday, Tuesday, Wednesday, Thursday, Friday, Saturday, Sunday. "
     body = {"model": "gemma3-270m", "prompt": days * 3 + "Monday,", "max_tokens": 32, "temperature": 0}
