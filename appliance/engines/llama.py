@@ -13,18 +13,13 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-# llama.cpp's CPU threads are an OpenMP team. After each parallel region (one per llama_decode) libgomp's
-# default keeps the idle threads spinning for a while, which on a small machine takes the cores from the
-# event loop, the guardrails and the clients between decode steps; PASSIVE puts them to sleep at once.
-# Read by libgomp when it loads, so it is set before llama_cpp is imported; an operator's own value wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import llama_cpp  # noqa: E402
-import numpy as np  # noqa: E402
-from llama_cpp import _ggml  # noqa: E402
+import llama_cpp
+import numpy as np
+from llama_cpp import _ggml
 
-from appliance.errors import EngineError, InvalidRequest  # noqa: E402
-from appliance.types import (  # noqa: E402
+from appliance.errors import EngineError, InvalidRequest
+from appliance.types import (
     TOOL_CALL_CLOSE,
     TOOL_CALL_OPEN,
     SamplingParams,
