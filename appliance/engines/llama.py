@@ -13,7 +13,6 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-
 import llama_cpp
 import numpy as np
 from llama_cpp import _ggml
