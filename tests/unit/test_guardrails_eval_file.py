@@ -93,3 +93,14 @@ def test_a_classifier_without_the_injection_label_is_refused(tmp_path: Path) -> 
                                        "--classifier", "guard"])
     assert result.exit_code != 0 and "'INJECTION' is not a label of 'guard'" in result.output
     assert "gateway.injection_label" in result.output
+
+
+def test_a_customers_person_spans_are_scored_with_the_named_entity_detector(tmp_path) -> None:
+    from appliance.policy.guardrails.evaluate import evaluate_file
+
+    data = tmp_path / "pii.jsonl"
+    text = "Please send the contract to Maria Gonzalez before Friday."
+    start = text.index("Maria")
+    data.write_text(json.dumps({"text": text, "spans": [{"start": start, "end": start + 14, "kind": "person"}]}) + "\n")
+    report = evaluate_file(data)
+    assert report["pii"]["per_kind"]["person"]["recall"] == 1.0

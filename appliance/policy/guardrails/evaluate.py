@@ -268,6 +268,14 @@ def read_eval_file(path: Path) -> tuple[list[InjectionLine], list[PiiLine]]:
     return injection, pii
 
 
+def default_pii_detector() -> PiiDetector:
+    """What the gateway screens with: the pattern kinds, and the named entities when spaCy's pipeline is
+    installed (a customer's person and address spans would otherwise all count as misses)."""
+    from appliance.policy.guardrails.ner import LazyEntityDetector, missing_packages
+
+    return PiiDetector(entities=None if missing_packages() else LazyEntityDetector())
+
+
 def evaluate_file(
     path: Path, *, threshold: float = 0.5, classifier: InjectionClassifier | None = None,
     retrieved_classifier: InjectionClassifier | None = None, pii: PiiDetector | None = None,
@@ -299,7 +307,7 @@ def evaluate_file(
                 "ms_per_text": round(elapsed * 1000 / len(lines), 3),
             }
     if pii_lines:
-        detector_pii = pii or PiiDetector()
+        detector_pii = pii or default_pii_detector()
         counts: dict[str, Counter[str]] = defaultdict(Counter)
         for x in pii_lines:
             _count_spans(detector_pii.find(x.text), x.spans, counts)
