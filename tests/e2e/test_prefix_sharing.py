@@ -19,14 +19,15 @@ MANUAL = " ".join(
 )
 
 
-def _submit(engine, prompt: str, max_tokens: int = 24) -> queue.Queue:
+def submit_greedy(engine, prompt: str, max_tokens: int = 24) -> queue.Queue:
+    """A greedy generation on a batch engine; its chunks arrive on the returned queue (see greedy_text)."""
     items: queue.Queue = queue.Queue()
     request = GenerationRequest(prompt=prompt, max_tokens=max_tokens, sampling=SamplingParams(temperature=0.0))
     engine.submit(request, items.put, threading.Event())
     return items
 
 
-def _text(items: queue.Queue) -> str:
+def greedy_text(items: queue.Queue) -> str:
     text = []
     while True:
         item = items.get(timeout=300)
@@ -48,25 +49,25 @@ def test_a_prefix_computed_once_gives_the_cold_answers(spec: dict) -> None:
                f"{MANUAL}\nQuestion: which vessels need a pilot?\nAnswer:"]
     cold = build_batch_engine(BatchSpec(**spec, prefix_min_tokens=0))
     try:
-        expected = [_text(_submit(cold, p)) for p in prompts]
+        expected = [greedy_text(submit_greedy(cold, p)) for p in prompts]
     finally:
         cold.close()
     shared = build_batch_engine(BatchSpec(**spec, prefix_min_tokens=32))
     try:
         # Both at once: one computes the manual, the other waits and gets a copy.
-        together = [_submit(shared, p) for p in prompts]
-        assert [_text(q) for q in together] == expected
+        together = [submit_greedy(shared, p) for p in prompts]
+        assert [greedy_text(q) for q in together] == expected
         stats = shared.engine_stats()
         manual_tokens = len(shared.tokenize(MANUAL))
         assert stats.prefix_hit_tokens >= 0.95 * manual_tokens, stats
         # A busy slot lends its prefix: the second arrives while the first is generating.
-        first = _submit(shared, prompts[0].replace("north", "north "), max_tokens=48)
+        first = submit_greedy(shared, prompts[0].replace("north", "north "), max_tokens=48)
         deadline = time.monotonic() + 120
         while shared.engine_stats().busy_slots == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         before = shared.engine_stats().prefix_hit_tokens
-        assert _text(_submit(shared, prompts[1])) == expected[1]
-        _text(first)
+        assert greedy_text(submit_greedy(shared, prompts[1])) == expected[1]
+        greedy_text(first)
         assert shared.engine_stats().prefix_hit_tokens - before >= 0.95 * manual_tokens
     finally:
         shared.close()

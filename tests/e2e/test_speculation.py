@@ -3,16 +3,14 @@ it, a copying answer takes fewer decode steps, and the server counts what it gue
 
 from __future__ import annotations
 
-import queue
-import threading
 from pathlib import Path
 
 import httpx
 import pytest
 
 from appliance.engines.factory import BatchSpec, build_batch_engine
-from appliance.types import Chunk, GenerationRequest, SamplingParams
 from tests.e2e.conftest import fresh_data_dir, start_server, stop_server
+from tests.e2e.test_prefix_sharing import greedy_text, submit_greedy
 
 SOURCE = (
     "The harbour master opens the north lock at six in the morning and closes it at nine in the evening. "
@@ -23,16 +21,7 @@ OPEN = "Once upon a time, in a village by the sea, there lived"
 
 
 def _generate(engine, prompt: str, max_tokens: int = 48) -> str:
-    items: queue.Queue = queue.Queue()
-    engine.submit(GenerationRequest(prompt=prompt, max_tokens=max_tokens, sampling=SamplingParams(temperature=0.0)),
-                  items.put, threading.Event())
-    text = []
-    while True:
-        item = items.get(timeout=120)
-        assert isinstance(item, Chunk), item
-        text.append(item.text)
-        if item.finish_reason is not None:
-            return "".join(text)
+    return greedy_text(submit_greedy(engine, prompt, max_tokens))
 
 
 @pytest.fixture(scope="module")
