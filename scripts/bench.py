@@ -258,6 +258,14 @@ def levels_with_restarts(
     return results
 
 
+def llama_server_proc(binary: Path, model_path: Path, slots: int, n_ctx: int, threads: int, *extra: str) -> ServerProc:
+    """llama.cpp's llama-server on a free port with `slots` sequences of `n_ctx` tokens each."""
+    port = free_port()
+    cmd = [str(binary), "-m", str(model_path), "--port", str(port), "-np", str(slots), "-c", str(n_ctx * slots),
+           "-t", str(threads), "-tb", str(threads), "--alias", MODEL_ID, "--no-webui", *extra]
+    return ServerProc("llama_server", cmd, port)
+
+
 def bench_data_dir(models_from: Path) -> Path:
     """A data directory of its own for the benchmarked servers (the models linked, nothing else), so a
     server or test already running on `models_from` does not hold its lock."""
@@ -344,10 +352,7 @@ def main() -> None:
     if args.llama_server:
 
         def llama_server(n: int) -> ServerProc:
-            port = free_port()
-            cmd = [str(args.llama_server), "-m", str(model_path), "--port", str(port), "-np", str(n), "-c", str(n_ctx * n),
-                   "-t", str(args.threads), "-tb", str(args.threads), "--alias", MODEL_ID, "--no-webui"]
-            return ServerProc("llama_server", cmd, port)
+            return llama_server_proc(args.llama_server, model_path, n, n_ctx, args.threads)
 
         runs["llama-server"] = levels_with_restarts("llama-server", llama_server, levels, prompts, args.max_tokens, report)
     report.levels = runs

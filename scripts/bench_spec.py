@@ -33,7 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench import MODEL_ID, ServerProc, appliance_server, bench_data_dir, free_port, run_level, stream_one  # noqa: E402
+from bench import (  # noqa: E402
+    MODEL_ID, ServerProc, appliance_server, bench_data_dir, llama_server_proc, run_level, stream_one,
+)
 
 from appliance.modelstore.catalog import catalog_manifests  # noqa: E402
 from appliance.modelstore.store import ModelStore  # noqa: E402
@@ -109,10 +111,7 @@ def shared_prefix_ttft(args: argparse.Namespace, data_dir: Path, model_path: Pat
     finally:
         srv.stop()
     if args.llama_server:
-        port = free_port()
-        cmd = [str(args.llama_server), "-m", str(model_path), "--port", str(port), "-np", "8", "-c", str(2048 * 8),
-               "-t", str(args.threads), "-tb", str(args.threads), "--alias", MODEL_ID, "--no-webui"]
-        srv = ServerProc("llama_server", cmd, port)
+        srv = llama_server_proc(args.llama_server, model_path, 8, 2048, args.threads)
         try:
             srv.wait_ready()
             out["llama-server"] = round(asyncio.run(ttft(srv.url)), 4)
@@ -148,10 +147,7 @@ def main() -> None:
     )
     if args.llama_server:
         def llama_server(extra: list[str]) -> ServerProc:
-            port = free_port()
-            cmd = [str(args.llama_server), "-m", str(model_path), "--port", str(port), "-np", "1", "-c", str(n_ctx),
-                   "-t", str(args.threads), "-tb", str(args.threads), "--alias", MODEL_ID, "--no-webui", *extra]
-            return ServerProc("llama_server", cmd, port)
+            return llama_server_proc(args.llama_server, model_path, 1, n_ctx, args.threads, *extra)
 
         results["llama-server"] = measure("llama-server", llama_server([]), sets, args.max_tokens)
         results["llama-server+spec"] = measure(
