@@ -266,6 +266,16 @@ def llama_server_proc(binary: Path, model_path: Path, slots: int, n_ctx: int, th
     return ServerProc("llama_server", cmd, port)
 
 
+def bench_models() -> tuple[Path, Path]:
+    """The bundled models materialised in the test data directory; Gemma's GGUF, and a data directory of
+    the benchmark's own that links them."""
+    models_from = REPO / ".appliance-data" / "test"
+    store = ModelStore(models_from / "models")
+    for template in catalog_manifests():
+        store.install(template)
+    return models_from / "models" / MODEL_ID / "gemma-3-270m-q4_k_m.gguf", bench_data_dir(models_from)
+
+
 def bench_data_dir(models_from: Path) -> Path:
     """A data directory of its own for the benchmarked servers (the models linked, nothing else), so a
     server or test already running on `models_from` does not hold its lock."""
@@ -300,12 +310,7 @@ def main() -> None:
     levels = [int(x) for x in args.levels.split(",")]
     (REPO / "bench-results").mkdir(exist_ok=True)
 
-    data_dir = REPO / ".appliance-data" / "test"
-    store = ModelStore(data_dir / "models")
-    for template in catalog_manifests():
-        store.install(template)
-    model_path = data_dir / "models" / MODEL_ID / "gemma-3-270m-q4_k_m.gguf"
-    data_dir = bench_data_dir(data_dir)
+    model_path, data_dir = bench_models()
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
     report = Report(machine=f"{os.cpu_count()} cores, {cpu}, {platform.system()} {platform.release()}", threads=args.threads)
 

@@ -34,11 +34,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench import (  # noqa: E402
-    MODEL_ID, ServerProc, appliance_server, bench_data_dir, llama_server_proc, run_level, stream_one,
+    MODEL_ID, ServerProc, appliance_server, bench_models, llama_server_proc, run_level, stream_one,
 )
 
-from appliance.modelstore.catalog import catalog_manifests  # noqa: E402
-from appliance.modelstore.store import ModelStore  # noqa: E402
 
 XQUAD = REPO.parent / "shared" / "data" / "xquad" / "xquad.en.json"
 OPENINGS = [
@@ -131,12 +129,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench-results" / "speculation.json")
     args = ap.parse_args()
     (REPO / "bench-results").mkdir(exist_ok=True)
-    data_dir = REPO / ".appliance-data" / "test"
-    store = ModelStore(data_dir / "models")
-    for template in catalog_manifests():
-        store.install(template)
-    model_path = data_dir / "models" / MODEL_ID / "gemma-3-270m-q4_k_m.gguf"
-    data_dir = bench_data_dir(data_dir)
+    model_path, data_dir = bench_models()
     sets = {"grounded": grounded_prompts(args.prompts), "open-ended": OPENINGS[: args.prompts]}
     n_ctx = 2048
 
