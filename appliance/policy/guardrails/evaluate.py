@@ -22,6 +22,7 @@ import msgspec
 from appliance.policy.guardrails.injection import InjectionClassifier, InjectionDetector, RuleInjectionDetector
 from appliance.policy.guardrails.pii import PiiDetector
 from appliance.policy.guardrails.synthetic import PiiSample, pii_samples
+from appliance.policy.guardrails.types import PiiFinding
 
 POSITIONS = ("start", "middle", "end")
 _BOUNDARY = re.compile(r"\n|(?<=[.!?])\s+")
@@ -205,15 +206,10 @@ class InjectionLine(msgspec.Struct, frozen=True):
     scope: str
 
 
-class PiiSpan(msgspec.Struct, frozen=True):
-    start: int
-    end: int
-    kind: str
-
-
 class PiiLine(msgspec.Struct, frozen=True):
     text: str
-    spans: tuple[PiiSpan, ...]
+    spans: tuple[PiiFinding, ...]
+    """The gold spans, in the detector's own type."""
 
 
 def read_eval_file(path: Path) -> tuple[list[InjectionLine], list[PiiLine]]:
@@ -255,7 +251,7 @@ def read_eval_file(path: Path) -> tuple[list[InjectionLine], list[PiiLine]]:
             injection.append(InjectionLine(text, label, scope))
         if "spans" in row:
             try:
-                spans = msgspec.convert(row["spans"], tuple[PiiSpan, ...])
+                spans = msgspec.convert(row["spans"], tuple[PiiFinding, ...])
             except msgspec.ValidationError as exc:
                 raise EvalFileError(f'{where}: "spans" must be a list of {{"start", "end", "kind"}}: {exc}') from None
             for span in spans:
