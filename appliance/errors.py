@@ -51,6 +51,14 @@ class ModelNotFound(ApplianceError):
     code = "model_not_found"
 
 
+class RequestNotFound(ApplianceError):
+    """No usage record of the caller's tenant has this request id (feedback on an unknown or foreign request)."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "request_not_found"
+
+
 class PayloadTooLarge(ApplianceError):
     status = 413
     type = "invalid_request_error"

@@ -271,13 +271,52 @@ class RouteRule(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Matches prompts at most this many characters long; None: no upper bound."""
 
 
+class SplitVariant(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One arm of a traffic split, e.g. {model = "smollm2-135m", weight = 10}."""
+
+    model: RouteName
+    """The model id, alias or route that serves this variant's requests first."""
+    weight: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
+    """Its share of the traffic: weight / the sum of the split's weights (0: no new traffic)."""
+    name: RouteName | None = None
+    """The variant's name in usage records and `eval compare`; default: `model`."""
+
+    @property
+    def label(self) -> str:
+        return self.name or self.model
+
+
+class ShadowSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A candidate model that answers a copy of a share of a route's requests; its output never reaches the client."""
+
+    model: RouteName
+    """The candidate: a chat model id or alias of this node (not a route)."""
+    share: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.1
+    """The fraction of the route's requests copied to it."""
+    max_concurrent: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
+    """Shadow runs of this route at once; a request that finds them all busy is not shadowed (recorded as skipped)."""
+    keep_chars: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 2000
+    """Characters of each output (the served one's and the shadow's) stored with the record; its SHA-256 covers all of it."""
+
+
+Sticky = Literal["key", "conversation", "none"]
+
+
 class RouteSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A virtual model id, e.g. [routing.auto]: an ordered ladder of candidate models, and rules choosing it."""
 
-    candidates: Annotated[list[RouteName], msgspec.Meta(min_length=1, max_length=16)]
+    candidates: Annotated[list[RouteName], msgspec.Meta(max_length=16)] = msgspec.field(default_factory=list)
     """The ladder when no rule matches: tried in order, the next when one is loading, failed, full or timed out."""
     rules: Annotated[list[RouteRule], msgspec.Meta(max_length=64)] = msgspec.field(default_factory=list)
     """Checked in order; the first that matches gives the ladder instead of `candidates`."""
+    split: Annotated[list[SplitVariant], msgspec.Meta(max_length=16)] = msgspec.field(default_factory=list)
+    """Canary / A/B: when no rule matches, each request is given a variant by weight; its model comes first,
+    then the other variants' (and `candidates`) as the fallback ladder."""
+    sticky: Sticky = "key"
+    """How a split assigns: `key` (the API key; the tenant without keys), `conversation` (the X-Conversation-Id
+    header, else the first system and user messages), `none` (each request drawn anew)."""
+    shadow: ShadowSettings | None = None
+    """Copy a share of the requests to a candidate model in the background and record its answer beside the served one."""
     load_wait_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0
     """How long a request waits for a loading candidate before it moves to the next one."""
     cached_fallback: bool = True
@@ -287,13 +326,34 @@ class RouteSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cascade_min_logprob: Annotated[float, msgspec.Meta(le=0)] = -1.0
     """Cascade mode's confidence floor: the mean log-probability of the answer's tokens."""
 
+    def names(self) -> list[str]:
+        """Every model or route this route names (candidates, rules, split; not the shadow)."""
+        return [*self.candidates, *(c for rule in self.rules for c in rule.use), *(v.model for v in self.split)]
+
+
+def _check_route(name: str, route: RouteSettings, routes: dict[str, RouteSettings]) -> None:
+    if not route.candidates and not route.split:
+        raise ValueError(f"routing.{name}: give `candidates` (a ladder) or `split` (weighted variants)")
+    if route.split:
+        if len(route.split) < 2:
+            raise ValueError(f"routing.{name}.split: a split needs two variants or more (one model: use `candidates`)")
+        labels = [v.label for v in route.split]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"routing.{name}.split: variant names must differ ({', '.join(labels)}); set `name`")
+        if sum(v.weight for v in route.split) <= 0:
+            raise ValueError(f"routing.{name}.split: the weights add up to 0; give a variant a weight above 0")
+    if route.shadow is not None and route.shadow.model in routes:
+        raise ValueError(f"routing.{name}.shadow: '{route.shadow.model}' is a route; a shadow is one model id")
+
 
 def check_routes(routes: dict[str, RouteSettings]) -> None:
-    """Refuse a route that names itself through other routes (a cycle). Unknown models are checked
-    against the registry when the app is built (services/routing.py)."""
+    """Refuse a route that names itself through other routes (a cycle), and splits and shadows that make no
+    sense. Unknown models are checked against the registry when the app is built (services/routing.py)."""
+    for name, route in routes.items():
+        _check_route(name, route, routes)
+
     def refs(name: str) -> list[str]:
-        route = routes[name]
-        return [c for c in (*route.candidates, *(c for r in route.rules for c in r.use)) if c in routes]
+        return [c for c in routes[name].names() if c in routes]
 
     state: dict[str, int] = {}  # 1: on the current path, 2: done
 

@@ -75,7 +75,38 @@ def _m3_usage_route_path(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE usage ADD COLUMN route_path TEXT")
 
 
-MIGRATIONS = (_m1_tenants_and_keys, _m2_usage, _m3_usage_route_path)
+def _m4_variants_feedback_shadow(conn: sqlite3.Connection) -> None:
+    # The split variant a routed request was given (canary / A/B); NULL when its route has no split.
+    conn.execute("ALTER TABLE usage ADD COLUMN variant TEXT")
+    conn.execute("CREATE INDEX usage_request ON usage(request_id)")
+    # Users' verdicts on answers: every one kept; the latest per request counts (eval compare).
+    conn.execute(
+        """CREATE TABLE feedback (
+            id INTEGER PRIMARY KEY, ts REAL NOT NULL, request_id TEXT NOT NULL,
+            tenant TEXT, key_id TEXT,
+            score REAL NOT NULL,          -- -1 (bad) .. 1 (good)
+            comment TEXT
+        )"""
+    )
+    conn.execute("CREATE INDEX feedback_request ON feedback(request_id)")
+    # A shadow model's answer to a copy of a routed request (never sent), beside the served answer.
+    conn.execute(
+        """CREATE TABLE shadow (
+            id INTEGER PRIMARY KEY, ts REAL NOT NULL, request_id TEXT NOT NULL,
+            tenant TEXT, route TEXT NOT NULL, variant TEXT, served_model TEXT,
+            model TEXT NOT NULL,
+            outcome TEXT NOT NULL,        -- ok | error | skipped_busy | skipped_not_ready | skipped_not_allowed
+            latency_ms REAL, ttft_ms REAL,
+            prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
+            output_sha256 TEXT, output TEXT,                -- output: the first shadow.keep_chars characters
+            served_output_sha256 TEXT, served_output TEXT,
+            error TEXT
+        )"""
+    )
+    conn.execute("CREATE INDEX shadow_request ON shadow(request_id)")
+
+
+MIGRATIONS = (_m1_tenants_and_keys, _m2_usage, _m3_usage_route_path, _m4_variants_feedback_shadow)
 
 
 def open_gateway_db(data_dir: Path) -> sqlite3.Connection:

@@ -34,11 +34,11 @@ GroupBy = Literal["model", "key", "day", "tenant", "route"]
 _RECORD_FIELDS = (
     "request_id", "ts", "tenant", "key_id", "model", "route", "status", "outcome", "prompt_tokens",
     "completion_tokens", "embedding_tokens", "retrieved_chunks", "latency_ms", "ttft_ms", "guardrails", "peer",
-    "route_path",
+    "route_path", "variant",
 )
 # Fields added after records were written: a record's hash covers them only when they are set, so the
 # chain written before they existed still verifies.
-_OPTIONAL_FIELDS = ("route_path",)
+_OPTIONAL_FIELDS = ("route_path", "variant")
 
 
 class UsageRecord(msgspec.Struct, kw_only=True):
@@ -60,6 +60,8 @@ class UsageRecord(msgspec.Struct, kw_only=True):
     peer: str | None = None
     route_path: str | None = None
     """A routed model id's path, e.g. "auto>smollm2-135m(queue_full)>gemma3-270m"; None for a plain model id."""
+    variant: str | None = None
+    """The split variant (canary / A/B) the request was given; None when its route has no split."""
 
     @property
     def tokens(self) -> int:
