@@ -146,7 +146,7 @@ def create_app(settings: Settings, registry: ModelRegistry) -> Litestar:
         semantic_threshold=settings.gateway.semantic_cache_threshold,
     )
     generation = GenerationService(registry, cache, embed_prompt=_prompt_embedder(registry, settings))
-    routing = RoutingService(settings.routing, registry, generation)
+    routing = RoutingService(settings.routing, registry, generation, slots=settings.models.parallel)
     embeddings = EmbeddingService(registry, max_inputs=settings.models.max_embedding_inputs)
     reranker = RerankService(registry, default_model=settings.retrieval.rerank_model)
     documents = DocumentService(
@@ -174,9 +174,10 @@ def create_app(settings: Settings, registry: ModelRegistry) -> Litestar:
             asyncio.get_running_loop().create_task(_resume(documents))
         background.append(asyncio.get_running_loop().create_task(gateway.metrics.loop_lag.run()))
 
-    def shutdown() -> None:
+    async def shutdown() -> None:
         for task in background:
             task.cancel()
+        await routing.close()
         documents.close()
         registry.close()
         gateway.close()

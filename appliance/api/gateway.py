@@ -61,6 +61,7 @@ def gateway_middleware(gateway: Gateway, peer_auth: PeerAuth | None = None) -> C
             request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
             route = scope.get("path_template") or scope["path"]
             ctx = gateway.context(request_id, route, scope["method"])
+            ctx.conversation_id = headers.get("x-conversation-id", "")[:256] or None
             scope.setdefault("state", {})["ctx"] = ctx
             token = request_id_var.set(request_id)
             status = 0
@@ -73,6 +74,8 @@ def gateway_middleware(gateway: Gateway, peer_auth: PeerAuth | None = None) -> C
                     message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
                     if ctx.usage.route_path is not None:  # a routed model id: the hops it took (services/routing.py)
                         message["headers"].append((b"x-route", ctx.usage.route_path.encode()))
+                    if ctx.usage.variant is not None:  # a split's variant (canary / A/B)
+                        message["headers"].append((b"x-route-variant", ctx.usage.variant.encode()))
                 elif message["type"] == "http.response.body" and status and not ctx.usage.recorded:
                     # The one place a request is settled: durable before the bytes that end the answer.
                     if ctx.usage.ready_to_settle or not message.get("more_body", False):

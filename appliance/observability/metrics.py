@@ -190,6 +190,11 @@ class Metrics:
             "Requests to routed model ids by result: first (first candidate), fallback (a later one), unavailable (503)",
             ["route", "result"], registry=r,
         )
+        self.shadow = Counter(
+            "appliance_shadow_requests",
+            "Shadow copies of routed requests by outcome: ok, error, skipped_busy, skipped_not_ready, skipped_not_allowed",
+            ["route", "model", "outcome"], registry=r,
+        )
         if engine_status is not None:
             r.register(_EngineCollector(engine_status, model_memory))
         self.loop_lag = LoopLag(r)

@@ -15,12 +15,14 @@ from pathlib import Path
 from appliance.errors import ApplianceError, AuthenticationFailed
 from appliance.observability.metrics import Metrics
 from appliance.policy.db import open_gateway_db
+from appliance.policy.experiments import ExperimentStore
 from appliance.policy.limits import BudgetLedger, RateLimits
 from appliance.policy.guardrails import Guardrails, InjectionClassifier
 from appliance.policy.guardrails.ner import LazyEntityDetector, missing_packages
 from appliance.policy.metering import UsageMeter
 from appliance.policy.request import RequestContext
 from appliance.policy.tenancy import ApiKey, TenantStore
+from appliance.storage.sqlite import connect
 from appliance.settings import GatewaySettings
 from appliance.types import DEFAULT_TENANT, Principal
 
@@ -50,6 +52,8 @@ class Gateway:
         self.settings = settings
         self.tenants = TenantStore(self._conn)
         self.meter = UsageMeter(self._conn, settings.prices)
+        self.experiments = ExperimentStore(connect(data_dir / "gateway.db"))
+        """Feedback and shadow answers (their own connection: the meter's transactions stay its own)."""
         self.rates = RateLimits(settings)
         self.budgets = BudgetLedger(self.meter)
         self.metrics = metrics or Metrics()
@@ -86,6 +90,7 @@ class Gateway:
 
     def close(self) -> None:
         self.journal.shutdown(wait=True)
+        self.experiments.close()
         self._conn.close()
 
 

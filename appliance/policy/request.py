@@ -20,6 +20,7 @@ from appliance.errors import ModelNotFound, RateLimited
 from appliance.modelstore.manifest import Manifest
 from appliance.policy.guardrails import GuardrailAction, GuardrailBlocked, GuardrailPolicy, MaskSession, StreamMasker
 from appliance.policy.limits import Reservation
+from appliance.policy.experiments import ShadowRecord
 from appliance.policy.metering import Outcome, UsageRecord
 from appliance.policy.tenancy import ApiKey, Tenant, policy_of
 from appliance.types import Chunk, Principal, Usage
@@ -87,6 +88,8 @@ class RequestUsage:
         self.peer: str | None = None
         self.route_path: str | None = None
         """A routed model id's hops, e.g. "auto>smollm2-135m(queue_full)>gemma3-270m" (sent as X-Route)."""
+        self.variant: str | None = None
+        """The split variant of a routed model id (sent as X-Route-Variant)."""
         self.metered = True
         self.hold_record = False
         """Grounded answers check citations after the last token: their record waits for the end of the
@@ -188,7 +191,7 @@ class RequestUsage:
             prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
             embedding_tokens=self.embedding_tokens, retrieved_chunks=self.retrieved_chunks,
             latency_ms=(time.monotonic() - self.started) * 1000, ttft_ms=self._ttft_ms(),
-            guardrails=list(self.guardrails), peer=self.peer, route_path=self.route_path,
+            guardrails=list(self.guardrails), peer=self.peer, route_path=self.route_path, variant=self.variant,
         )
 
     def settle(self, status: int, outcome: Outcome | None = None) -> None:
@@ -262,6 +265,8 @@ class RequestContext:
         """{placeholder: original} of masked input, only when the tenant's policy asks for a reversible mask."""
         self.quarantined: list[dict[str, str]] = []
         """Tool results the injection guardrail replaced with a notice ({"message_index", "tool_call_id"})."""
+        self.conversation_id: str | None = None
+        """The client's X-Conversation-Id: keeps a conversation on one split variant (`sticky = "conversation"`)."""
 
     # -- identity, for the edge ----------------------------------------------------------------
 
@@ -295,9 +300,15 @@ class RequestContext:
     # -- RequestPolicy -------------------------------------------------------------------------
 
     def allow_model(self, manifest: Manifest) -> None:
+        # A model allowed to a tenant includes its adapters (BASE:ADAPTER); listing BASE:ADAPTER alone
+        # allows that adapter without the bare base model.
         allowed = self.tenant.allowed_models
-        if allowed is not None and manifest.id not in allowed:
+        if allowed is not None and manifest.id not in allowed and (manifest.adapter is None or manifest.engine_id not in allowed):
             raise ModelNotFound(f"The model '{manifest.id}' does not exist.", param="model")
+
+    @property
+    def default_adapter(self) -> str | None:
+        return self.tenant.default_adapter
 
     def reserve(self, manifest: Manifest, prompt_tokens: int, max_tokens: int) -> None:
         self.allow_model(manifest)
@@ -374,8 +385,9 @@ class RequestContext:
         if not grounded:
             self.usage.guardrails.append(GuardrailAction(stage="output", kind="ungrounded", action="flag"))
 
-    def note_route(self, route: str, hops: list[tuple[str, str]], path: str) -> None:
+    def note_route(self, route: str, hops: list[tuple[str, str]], path: str, variant: str | None = None) -> None:
         self.usage.route_path = path
+        self.usage.variant = variant
         served = [model for model, outcome in hops if outcome in ("served", "cached", "cache")]
         # The model that answered; none did: the route itself (not the last candidate that refused).
         self.usage.model = served[0] if served else route
@@ -386,6 +398,17 @@ class RequestContext:
             m.route_hops.labels(route=route, model=model, outcome=outcome).inc()
         result = "unavailable" if not served else "first" if len(hops) == 1 else "fallback"
         m.routed.labels(route=route, result=result).inc()
+
+    def affinity(self) -> tuple[str, str | None]:
+        p = self.identity.principal
+        caller = (p.key_id or p.tenant) if p is not None else ""
+        return caller, self.conversation_id
+
+    def note_shadow(self, record: ShadowRecord) -> None:
+        p = self.identity.principal
+        record = msgspec.structs.replace(record, request_id=self.request_id, tenant=p.tenant if p else None)
+        self.gateway.experiments.record_shadow(record)
+        self.gateway.metrics.shadow.labels(route=record.route, model=record.model, outcome=record.outcome).inc()
 
     def hold_record(self) -> None:
         """Grounded answers: settle with the response's last message, after the citations are checked."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from appliance.modelstore.manifest import Manifest
+from appliance.policy.experiments import ShadowRecord
 from appliance.types import Chunk
 
 
@@ -23,6 +24,10 @@ class OutputFilter(Protocol):
 class RequestPolicy(Protocol):
     def allow_model(self, manifest: Manifest) -> None:
         """Raise if the caller may not use this model."""
+
+    @property
+    def default_adapter(self) -> str | None:
+        """The LoRA adapter the caller's requests use when they name none (applied to its base model only)."""
 
     def reserve(self, manifest: Manifest, prompt_tokens: int, max_tokens: int) -> None:
         """Charge rate limits and reserve budget for prompt + max_tokens (0 for embeddings), or raise 429."""
@@ -61,11 +66,21 @@ class RequestPolicy(Protocol):
     def note_grounding(self, grounded: bool) -> None:
         """Whether the answer's citations checked out (an ungrounded answer is flagged in the audit trail)."""
 
-    def note_route(self, route: str, hops: list[tuple[str, str]], path: str) -> None:
-        """A routed model id was resolved: each (model, outcome) tried, and the path as one line."""
+    def note_route(self, route: str, hops: list[tuple[str, str]], path: str, variant: str | None = None) -> None:
+        """A routed model id was resolved: each (model, outcome) tried, the path as one line, and the split
+        variant the request was given (None: no split)."""
+
+    def affinity(self) -> tuple[str, str | None]:
+        """What keeps a caller on one split variant: (the API key id, else the tenant; the client's
+        X-Conversation-Id, or None)."""
+
+    def note_shadow(self, record: ShadowRecord) -> None:
+        """A shadow model's answer to a copy of this request (after the response ended; a blocking write)."""
 
 
 class _OpenPolicy:
+    default_adapter = None
+
     def allow_model(self, manifest: Manifest) -> None:
         return None
 
@@ -102,7 +117,13 @@ class _OpenPolicy:
     def note_grounding(self, grounded: bool) -> None:
         return None
 
-    def note_route(self, route: str, hops: list[tuple[str, str]], path: str) -> None:
+    def note_route(self, route: str, hops: list[tuple[str, str]], path: str, variant: str | None = None) -> None:
+        return None
+
+    def affinity(self) -> tuple[str, str | None]:
+        return "", None
+
+    def note_shadow(self, record: ShadowRecord) -> None:
         return None
 
 

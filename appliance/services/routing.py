@@ -9,12 +9,20 @@ was produced is never moved: by then the client may have output.
 
 Every hop is reported to the request's policy (`note_route`): the gateway writes it into the usage
 record, counts it in /metrics, and sends it as the `X-Route` header.
+
+Traffic shaping, for changing models safely: a route's `split` gives each request a variant by weight
+(canary, A/B), the same one for the same API key or conversation (a hash, no state); its `shadow` copies a
+share of the requests to a candidate model after the served answer is complete, and hands the candidate's
+answer to the policy (`note_shadow`) to be recorded beside the served one. The client never sees it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import random
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -35,10 +43,12 @@ from appliance.errors import (
     SettingsError,
 )
 from appliance.modelstore.manifest import Manifest
+from appliance.policy.experiments import ShadowOutcome, ShadowRecord
 from appliance.protocol.openai import ChatCompletionRequest, CompletionRequest
 from appliance.services.generation import Attempt, Generation, GenerationService
-from appliance.services.policy import OPEN_POLICY, RequestPolicy
-from appliance.settings import RouteRule, RouteSettings
+from appliance.services.policy import OPEN_POLICY, OutputFilter, RequestPolicy
+from appliance.settings import RouteRule, RouteSettings, ShadowSettings, SplitVariant
+from appliance.types import Chunk
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +64,10 @@ class RequestFacts(msgspec.Struct, frozen=True, kw_only=True):
     needs: frozenset[str] = frozenset()
     """Of "response_format" (a JSON one), "tools", "collection"."""
     prompt_chars: int = 0
+    caller: str = ""
+    """The API key id (the tenant without keys): what `sticky = "key"` hashes."""
+    conversation: str = ""
+    """The client's X-Conversation-Id, else a digest of the first system and user messages (`sticky = "conversation"`)."""
 
 
 class RouteHop(msgspec.Struct, frozen=True):
@@ -85,7 +99,12 @@ class RoutePath:
         return ">".join(parts)
 
 
-def chat_facts(request: ChatCompletionRequest, tenant: str) -> RequestFacts:
+def conversation_of(texts: list[str]) -> str:
+    """A conversation's id when the client sent none: every turn of a chat re-sends its opening messages."""
+    return hashlib.sha256("\0".join(texts).encode()).hexdigest()[:32]
+
+
+def chat_facts(request: ChatCompletionRequest, tenant: str, policy: RequestPolicy = OPEN_POLICY) -> RequestFacts:
     needs = set()
     if request.response_format is not None and request.response_format.type != "text":
         needs.add("response_format")
@@ -94,7 +113,33 @@ def chat_facts(request: ChatCompletionRequest, tenant: str) -> RequestFacts:
     if request.collection is not None:
         needs.add("collection")
     chars = sum(len(m.text(i)) for i, m in enumerate(request.messages))
-    return RequestFacts(tenant=tenant, needs=frozenset(needs), prompt_chars=chars)
+    caller, conversation = policy.affinity()
+    if conversation is None:
+        opening = [next((m.text(i) for i, m in enumerate(request.messages) if m.role == role), "") for role in ("system", "user")]
+        conversation = conversation_of(opening)
+    return RequestFacts(tenant=tenant, needs=frozenset(needs), prompt_chars=chars, caller=caller or tenant,
+                        conversation=conversation)
+
+
+def split_point(route: str, sticky_id: str) -> float:
+    """Where in [0, 1) a key or conversation falls in a route's split: the same place for the same id, and
+    independent between routes. Variants take consecutive ranges in the order listed, so raising the last
+    variant's weight only moves ids onto it."""
+    digest = hashlib.sha256(f"{route}\0{sticky_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def choose_variant(name: str, route: RouteSettings, facts: RequestFacts) -> SplitVariant:
+    """The variant of `route`'s split this request is given (by `route.sticky`)."""
+    sticky_id = {"key": facts.caller or facts.tenant, "conversation": facts.conversation or facts.caller}.get(route.sticky)
+    point = random.random() if sticky_id is None else split_point(name, sticky_id)
+    target = point * sum(v.weight for v in route.split)
+    reached = 0
+    for variant in route.split:
+        reached += variant.weight
+        if variant.weight and target < reached:
+            return variant
+    return next(v for v in reversed(route.split) if v.weight)  # float rounding at the very top
 
 
 def _matches(rule: RouteRule, facts: RequestFacts) -> bool:
@@ -111,12 +156,19 @@ class RoutingService:
     """Resolves routed model ids and walks their ladders. Plain model ids go straight to the generation service."""
 
     def __init__(
-        self, routes: Mapping[str, RouteSettings], registry: ModelRegistry, generation: GenerationService
+        self, routes: Mapping[str, RouteSettings], registry: ModelRegistry, generation: GenerationService,
+        *, slots: int = 1,
     ) -> None:
-        """Raises SettingsError when a route names a model this node does not serve for chat, or shadows one."""
+        """Raises SettingsError when a route names a model this node does not serve for chat, or shadows one.
+
+        `slots`: generations a model runs at once (models.parallel); a shadow model with all of them busy,
+        or anyone waiting, is not given shadow copies."""
         self._routes = dict(routes)
         self._registry = registry
         self._generation = generation
+        self._slots = slots
+        self._shadows_running: dict[str, int] = {}
+        self._shadow_tasks: set[asyncio.Task[None]] = set()
         for name, route in self._routes.items():
             try:
                 registry.resolve(name)
@@ -124,7 +176,16 @@ class RoutingService:
                 pass
             else:
                 raise SettingsError(f"routing.{name}: a model already has this id or alias; name the route otherwise")
-            for candidate in (*route.candidates, *(c for rule in route.rules for c in rule.use)):
+            if route.shadow is not None:
+                try:
+                    registry.resolve(route.shadow.model, kinds=("chat",))
+                except ApplianceError as exc:
+                    known = ", ".join(m.id for m in registry.manifests() if m.kind == "chat")
+                    raise SettingsError(
+                        f"routing.{name}.shadow: '{route.shadow.model}' is not a chat model of this node "
+                        f"({exc.message} Chat models: {known or 'none'})"
+                    ) from None
+            for candidate in route.names():
                 if candidate in self._routes:
                     continue
                 try:
@@ -146,15 +207,21 @@ class RoutingService:
 
     def models_of(self, name: str) -> list[Manifest]:
         """Every model the route may use, whatever the rules say (for listing and permissions)."""
-        route = self._routes[name]
-        names = [*route.candidates, *(c for rule in route.rules for c in rule.use)]
-        return self._expand(names, RequestFacts(tenant=""), every_rule=True)
+        return self._expand(self._routes[name].names(), RequestFacts(tenant=""), every_rule=True)
 
     def ladder(self, name: str, facts: RequestFacts) -> list[Manifest]:
-        """The candidates this request tries, in order: the first matching rule's, else the route's own."""
+        """The candidates this request tries, in order: the first matching rule's, else the split variant's
+        model then the other variants', else the route's own candidates."""
         return self._expand([name], facts)
 
-    def _expand(self, names: list[str], facts: RequestFacts, *, every_rule: bool = False) -> list[Manifest]:
+    def plan(self, name: str, facts: RequestFacts) -> tuple[list[Manifest], str | None]:
+        """The ladder, and the split variant the request was given (None: no split decided it)."""
+        variants: list[str] = []
+        return self._expand([name], facts, variants=variants), (variants[0] if variants else None)
+
+    def _expand(
+        self, names: list[str], facts: RequestFacts, *, every_rule: bool = False, variants: list[str] | None = None
+    ) -> list[Manifest]:
         out: dict[str, Manifest] = {}
 
         def add(name: str) -> None:
@@ -164,10 +231,18 @@ class RoutingService:
                 out.setdefault(manifest.id, manifest)
                 return
             if every_rule:
-                chosen = [*route.candidates, *(c for rule in route.rules for c in rule.use)]
+                chosen = route.names()
+            elif (rule := next((r for r in route.rules if _matches(r, facts)), None)) is not None:
+                chosen = rule.use
+            elif route.split:
+                variant = choose_variant(name, route, facts)
+                if variants is not None:
+                    variants.append(variant.label)
+                # A variant's model falls back to the other variants' (weight 0: not even as a fallback).
+                others = [v.model for v in route.split if v is not variant and v.weight]
+                chosen = [variant.model, *others, *route.candidates]
             else:
-                rule = next((r for r in route.rules if _matches(r, facts)), None)
-                chosen = route.candidates if rule is None else rule.use
+                chosen = route.candidates
             for candidate in chosen:
                 add(candidate)  # settings refused cycles, so this ends
 
@@ -185,8 +260,9 @@ class RoutingService:
         if not self.is_route(request.model):
             return await self._generation.chat(request, policy, cache_scope=cache_scope)
         request.check()
-        facts = chat_facts(request, tenant)
-        candidates = self._allowed(self.ladder(request.model, facts), request.model, policy)
+        facts = chat_facts(request, tenant, policy)
+        ladder, variant = self.plan(request.model, facts)
+        candidates = self._allowed(ladder, request.model, policy)
         texts = await asyncio.to_thread(self._generation.screen_chat, request, policy)
 
         async def start(manifest: Manifest, attempt: Attempt) -> Generation:
@@ -201,7 +277,18 @@ class RoutingService:
                 return None
             return await asyncio.to_thread(self._generation.cached_chat, manifest, request, texts, policy, tenant)
 
-        return await self._walk(request.model, candidates, policy, start, cached, whole=not request.stream and request.n == 1)
+        served = await self._walk(
+            request.model, candidates, policy, start, cached, whole=not request.stream and request.n == 1, variant=variant
+        )
+        shadow_request = msgspec.structs.replace(request, n=1, stream=False, stream_options=None, priority="batch")
+
+        async def shadow(manifest: Manifest, shadow_policy: RequestPolicy) -> Generation:
+            return await self._generation.start_chat(
+                manifest, shadow_request, texts, shadow_policy, attempt=Attempt(load_wait_s=1.0)
+            )
+
+        self._shadow(request.model, variant, served, policy, shadow)
+        return served
 
     async def complete(
         self, request: CompletionRequest, policy: RequestPolicy = OPEN_POLICY, *, tenant: str = "",
@@ -210,8 +297,11 @@ class RoutingService:
         if not self.is_route(request.model):
             return await self._generation.complete(request, policy, cache_scope=cache_scope)
         request.check()
-        facts = RequestFacts(tenant=tenant, prompt_chars=len(request.prompt_text))
-        candidates = self._allowed(self.ladder(request.model, facts), request.model, policy)
+        caller, conversation = policy.affinity()
+        facts = RequestFacts(tenant=tenant, prompt_chars=len(request.prompt_text), caller=caller or tenant,
+                             conversation=conversation or conversation_of([request.prompt_text]))
+        ladder, variant = self.plan(request.model, facts)
+        candidates = self._allowed(ladder, request.model, policy)
         [prompt] = await asyncio.to_thread(policy.screen_input, [request.prompt_text])
 
         async def start(manifest: Manifest, attempt: Attempt) -> Generation:
@@ -222,7 +312,19 @@ class RoutingService:
         async def cached(manifest: Manifest) -> Generation | None:
             return await asyncio.to_thread(self._generation.cached_completion, manifest, request, prompt, policy, tenant)
 
-        return await self._walk(request.model, candidates, policy, start, cached, whole=not request.stream and request.n == 1)
+        served = await self._walk(
+            request.model, candidates, policy, start, cached, whole=not request.stream and request.n == 1, variant=variant
+        )
+        shadow_request = msgspec.structs.replace(request, n=1, stream=False, stream_options=None, priority="batch",
+                                                 echo=False)
+
+        async def shadow(manifest: Manifest, shadow_policy: RequestPolicy) -> Generation:
+            return await self._generation.start_completion(
+                manifest, shadow_request, prompt, shadow_policy, attempt=Attempt(load_wait_s=1.0)
+            )
+
+        self._shadow(request.model, variant, served, policy, shadow)
+        return served
 
     async def grounded(
         self, name: str, tenant: str, policy: RequestPolicy, run: Callable[[str], Awaitable[Any]], *, whole: bool
@@ -233,8 +335,11 @@ class RoutingService:
         `whole`: `run` returns a finished Answer (not a stream), which cascade mode may set aside when it is
         not grounded.
         """
-        facts = RequestFacts(tenant=tenant, needs=frozenset({"collection"}))
-        candidates = self._allowed(self.ladder(name, facts), name, policy)
+        caller, conversation = policy.affinity()
+        facts = RequestFacts(tenant=tenant, needs=frozenset({"collection"}), caller=caller or tenant,
+                             conversation=conversation or "")
+        ladder, variant = self.plan(name, facts)
+        candidates = self._allowed(ladder, name, policy)
 
         async def start(manifest: Manifest, attempt: Attempt) -> Any:
             return await run(manifest.id)
@@ -242,7 +347,8 @@ class RoutingService:
         async def cached(manifest: Manifest) -> None:
             return None
 
-        return await self._walk(name, candidates, policy, start, cached, whole=whole, assess=_by_grounding)
+        return await self._walk(name, candidates, policy, start, cached, whole=whole, assess=_by_grounding,
+                                variant=variant)
 
     def _allowed(self, candidates: list[Manifest], name: str, policy: RequestPolicy) -> list[Manifest]:
         """The candidates the caller may use; the route exists for a caller who may use one of them."""
@@ -267,6 +373,7 @@ class RoutingService:
         *,
         whole: bool = False,
         assess: Callable[[Any, float], Awaitable[tuple[Any, float, bool]]] | None = None,
+        variant: str | None = None,
     ) -> Any:
         """Try `candidates` in order. With `whole` (the client takes the answer in one piece) and the route in
         cascade mode, each answer is judged by `assess` (default: its mean token logprob) and a doubtful one
@@ -319,7 +426,106 @@ class RoutingService:
                 param="model", retry_after=min(hints) if hints else None,
             )
         finally:
-            policy.note_route(name, [(h.model, h.outcome) for h in path.hops], path.header())
+            policy.note_route(name, [(h.model, h.outcome) for h in path.hops], path.header(), variant)
+
+    # -- shadows -------------------------------------------------------------------------------
+
+    def _shadow(
+        self, name: str, variant: str | None, served: Generation, policy: RequestPolicy,
+        launch: Callable[[Manifest, RequestPolicy], Awaitable[Generation]],
+    ) -> None:
+        """Draw whether this request is copied to the route's shadow model; if so, run the copy once the
+        served answer is complete (an answer the client abandons is not shadowed)."""
+        settings = self._routes[name].shadow
+        if settings is None or random.random() >= settings.share:
+            return
+        manifest = self._registry.resolve(settings.model, kinds=("chat",))
+        base = ShadowRecord(request_id="", ts=time.time(), tenant=None, route=name, variant=variant,
+                            served_model=served.manifest.id, model=manifest.id, outcome="ok")
+        try:
+            policy.allow_model(manifest)  # a tenant kept off a model does not reach it through a shadow either
+        except ModelNotFound:
+            self._spawn(asyncio.to_thread(policy.note_shadow, msgspec.structs.replace(base, outcome="skipped_not_allowed")))
+            return
+        parts: list[str] = []
+
+        def watch(chunk: Chunk) -> None:
+            if chunk.index == 0:
+                parts.append(chunk.text)
+            if chunk.usage is not None:
+                text = "".join(parts)
+                record = msgspec.structs.replace(
+                    base, served_output_sha256=_sha256(text), served_output=text[: settings.keep_chars]
+                )
+                self._spawn(self._run_shadow(name, settings, manifest, record, policy, launch))
+
+        served.observe(watch)
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._shadow_tasks.add(task)  # held until done: the loop keeps only weak references to tasks
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    def _shadow_room(self, name: str, settings: ShadowSettings, manifest: Manifest) -> ShadowOutcome | None:
+        """Why the shadow copy may not run now (None: it may). A shadow never loads a model, never queues
+        behind real traffic, and never runs more than `max_concurrent` copies of a route at once."""
+        if self._shadows_running.get(name, 0) >= settings.max_concurrent:
+            return "skipped_busy"
+        status = self._registry.status().get(manifest.id, {})
+        if status.get("state") != "ready":
+            return "skipped_not_ready"
+        stats = status.get("engine")
+        if stats is not None and (stats.queue_depth > 0 or stats.busy_slots >= self._slots):
+            return "skipped_busy"
+        return None
+
+    async def _run_shadow(
+        self, name: str, settings: ShadowSettings, manifest: Manifest, record: ShadowRecord, policy: RequestPolicy,
+        launch: Callable[[Manifest, RequestPolicy], Awaitable[Generation]],
+    ) -> None:
+        try:
+            skipped = self._shadow_room(name, settings, manifest)
+            if skipped is not None:
+                log.info("route %s: shadow copy to %s skipped (%s)", name, manifest.id, skipped)
+                record = msgspec.structs.replace(record, outcome=skipped)
+            else:
+                record = await self._shadow_answer(name, settings, manifest, record, policy, launch)
+            await asyncio.to_thread(policy.note_shadow, record)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("route %s: recording the shadow answer of %s failed", name, manifest.id)
+
+    async def _shadow_answer(
+        self, name: str, settings: ShadowSettings, manifest: Manifest, record: ShadowRecord, policy: RequestPolicy,
+        launch: Callable[[Manifest, RequestPolicy], Awaitable[Generation]],
+    ) -> ShadowRecord:
+        self._shadows_running[name] = self._shadows_running.get(name, 0) + 1
+        shadow_policy = _ShadowPolicy(policy)
+        started = time.monotonic()
+        try:
+            generation = await launch(manifest, shadow_policy)
+            text, _, usage = await generation.collect()
+        except ServerOverloaded as exc:  # its queue filled between the check and the submit
+            return msgspec.structs.replace(record, outcome="skipped_busy", error=exc.message)
+        except ApplianceError as exc:
+            log.info("route %s: shadow %s failed: %s", name, manifest.id, exc.message)
+            return msgspec.structs.replace(record, outcome="error", error=exc.message)
+        finally:
+            self._shadows_running[name] -= 1
+        first = shadow_policy.first_token_at
+        return msgspec.structs.replace(
+            record, latency_ms=round((time.monotonic() - started) * 1000, 3),
+            ttft_ms=None if first is None else round((first - started) * 1000, 3),
+            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+            output_sha256=_sha256(text), output=text[: settings.keep_chars],
+        )
+
+    async def close(self) -> None:
+        """Stop shadow copies still running (server shutdown)."""
+        for task in list(self._shadow_tasks):
+            task.cancel()
+        await asyncio.gather(*self._shadow_tasks, return_exceptions=True)
 
     def _reason(self, manifest: Manifest, exc: ApplianceError) -> str:
         if isinstance(exc, ContextLengthExceeded):
@@ -363,6 +569,66 @@ async def _by_grounding(answer: Any, floor: float) -> tuple[Any, float, bool]:
     """A grounded answer is trusted when its citations check out (or it had no sources to cite)."""
     good = bool(answer.grounded or not answer.sources)
     return answer, 1.0 if good else 0.0, good
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class _ShadowPolicy:
+    """The policy of a shadow copy: the served request's input was screened already, and nothing is billed
+    or limited (the copy is the operator's experiment, not the tenant's request). Times the first token."""
+
+    def __init__(self, served: RequestPolicy) -> None:
+        self._served = served
+        self.started = time.monotonic()
+        self.first_token_at: float | None = None
+
+    def allow_model(self, manifest: Manifest) -> None:
+        return None
+
+    def reserve(self, manifest: Manifest, prompt_tokens: int, max_tokens: int) -> None:
+        return None
+
+    def screen_retrieved(self, texts: list[str]) -> list[int]:
+        return list(range(len(texts)))
+
+    def screen_tool_results(self, texts: list[str], call_ids: list[str], indices: list[int]) -> list[int]:
+        return list(range(len(texts)))
+
+    def on_chunk(self, chunk: Chunk) -> None:
+        if self.first_token_at is None and (chunk.text or chunk.generated):
+            self.first_token_at = time.monotonic()
+
+    def screen_input(self, texts: list[str], *, instructions: bool = True) -> list[str]:
+        return texts
+
+    def cap_max_tokens(self, requested: int | None) -> int | None:
+        return self._served.cap_max_tokens(requested)
+
+    def output_filter(self) -> OutputFilter | None:
+        return None
+
+    def served_from_cache(self) -> None:
+        return None
+
+    def count_retrieved(self, chunks: int) -> None:
+        return None
+
+    def hold_record(self) -> None:
+        return None
+
+    def note_grounding(self, grounded: bool) -> None:
+        return None
+
+    def note_route(self, route: str, hops: list[tuple[str, str]], path: str, variant: str | None = None) -> None:
+        return None
+
+    def affinity(self) -> tuple[str, str | None]:
+        return self._served.affinity()
+
+    def note_shadow(self, record: ShadowRecord) -> None:
+        return None
 
 
 class _NotForThis(Exception):

@@ -11,7 +11,7 @@ from appliance.engines.registry import ModelRegistry
 from appliance.errors import ModelNotFound, SettingsError
 from appliance.protocol.openai import ChatCompletionRequest
 from appliance.services.generation import GenerationService
-from appliance.services.routing import RequestFacts, RouteHop, RoutePath, RoutingService, chat_facts
+from appliance.services.routing import RequestFacts, RouteHop, RoutePath, RoutingService, chat_facts, conversation_of
 from appliance.settings import load_settings
 from tests.fakes import manifest
 
@@ -120,7 +120,8 @@ def test_facts_of_a_chat_request() -> None:
         "response_format": {"type": "json_object"},
     }, ChatCompletionRequest)
     facts = chat_facts(body, "acme")
-    assert facts == RequestFacts(tenant="acme", needs=frozenset({"response_format"}), prompt_chars=10)
+    assert facts == RequestFacts(tenant="acme", needs=frozenset({"response_format"}), prompt_chars=10, caller="acme",
+                                 conversation=conversation_of(["be brief", "hi"]))
 
 
 def test_the_path_header_names_each_hop_and_why() -> None:
