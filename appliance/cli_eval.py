@@ -1,4 +1,4 @@
-"""Command line for the quality measurements: `appliance eval guardrails | retrieval | answers`."""
+"""Command line for the quality measurements: `appliance eval guardrails | retrieval | answers | compare`."""
 
 from __future__ import annotations
 
@@ -225,6 +225,64 @@ def eval_answers(ctx: click.Context, dataset: Path, limit: int, model: str | Non
         registry.close()
     for key, value in scores.items():
         click.echo(f"{key:<22} {value:.3f}")
+
+
+@eval_group.command("compare")
+@click.option("--route", help="Only this routed model id.")
+@click.option("--since", help="Start (ISO date/time or Unix seconds), inclusive.")
+@click.option("--until", help="End (ISO date/time or Unix seconds), exclusive.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def eval_compare(ctx: click.Context, route: str | None, since: str | None, until: str | None, as_json: bool) -> None:
+    """Variants of routed model ids side by side, from the usage records, feedback and shadow answers:
+    requests, latency and time-to-first-token percentiles, tokens, cost ([gateway.prices]), feedback
+    (the latest verdict per request, -1..1), the grounded rate of grounded answers, and per shadow model
+    how often its answer was the served one's."""
+    from appliance.policy.db import open_gateway_db
+    from appliance.policy.experiments import compare, compare_rows
+    from appliance.policy.metering import parse_time
+
+    settings = data_settings(ctx)
+    try:
+        window = parse_time(since, "since"), parse_time(until, "until")
+    except ApplianceError as exc:
+        raise click.BadParameter(exc.message) from None
+    conn = open_gateway_db(settings.data_dir)
+    try:
+        rows = compare_rows(compare(conn, settings.gateway.prices, route=route, since=window[0], until=window[1]))
+    finally:
+        conn.close()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no routed requests" + (f" for route {route}" if route else "") + " in this window")
+        return
+    click.echo(_compare_table(rows))
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def _compare_table(rows: list[dict[str, Any]]) -> str:
+    header = ["ROUTE", "VARIANT", "REQS", "ERR", "P50_MS", "P95_MS", "TTFT50", "TTFT95", "PROMPT", "COMPL", "COST",
+              "FEEDBACK", "MEAN", "GROUNDED", "SAME_AS_SERVED"]
+    cells = [header]
+    for r in rows:
+        reqs = f"{r['requests']}" + (f"+{r['skipped']} skipped" if r["skipped"] else "")
+        grounded = "-" if r["grounded_rate"] is None else f"{r['grounded_rate']:.2f} of {r['grounded_answers']}"
+        cells.append([
+            r["route"], r["variant"], reqs, str(r["errors"]), _ms(r["latency_p50_ms"]), _ms(r["latency_p95_ms"]),
+            _ms(r["ttft_p50_ms"]), _ms(r["ttft_p95_ms"]), str(r["prompt_tokens"]), str(r["completion_tokens"]),
+            f"{r['cost']:.6f}", str(r["feedback"]), "-" if r["feedback_mean"] is None else f"{r['feedback_mean']:+.2f}",
+            grounded, "-" if r["same_output"] is None else f"{r['same_output']:.2f}",
+        ])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))).rstrip()
+        for row in cells
+    )
 
 
 def register(main: click.Group) -> None:

@@ -18,6 +18,7 @@ from appliance.api.errors import handle_appliance_error, handle_http_exception, 
 from appliance.api.admin import AdminController, metrics, usage_report
 from appliance.api.cluster import cluster_state
 from appliance.api.documents import DocumentsController
+from appliance.api.feedback import feedback
 from appliance.api.gateway import context_of, gateway_middleware
 from appliance.api.ollama import OllamaController
 from appliance.api.responses import create_response
@@ -188,7 +189,7 @@ def create_app(settings: Settings, registry: ModelRegistry) -> Litestar:
     return Litestar(
         route_handlers=[
             _page_handler(), health, version, metrics, usage_report,
-            OpenAIController, create_response, OllamaController, rerank, DocumentsController, AdminController, cluster_state, *openapi_handlers(_PAGE_HEADERS),
+            OpenAIController, create_response, feedback, OllamaController, rerank, DocumentsController, AdminController, cluster_state, *openapi_handlers(_PAGE_HEADERS),
         ],
         middleware=[gateway_middleware(gateway, peer_auth=cluster.verifier)],
         dependencies={
