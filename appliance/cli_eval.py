@@ -266,14 +266,14 @@ def _ms(value: float | None) -> str:
 
 
 def _compare_table(rows: list[dict[str, Any]]) -> str:
-    header = ["ROUTE", "VARIANT", "REQS", "ERR", "P50_MS", "P95_MS", "TTFT50", "TTFT95", "PROMPT", "COMPL", "COST",
+    header = ["ROUTE", "VARIANT", "REQS", "ERR", "CACHED", "P50_MS", "P95_MS", "TTFT50", "TTFT95", "PROMPT", "COMPL", "COST",
               "FEEDBACK", "MEAN", "GROUNDED", "SAME_AS_SERVED"]
     cells = [header]
     for r in rows:
         reqs = f"{r['requests']}" + (f"+{r['skipped']} skipped" if r["skipped"] else "")
         grounded = "-" if r["grounded_rate"] is None else f"{r['grounded_rate']:.2f} of {r['grounded_answers']}"
         cells.append([
-            r["route"], r["variant"], reqs, str(r["errors"]), _ms(r["latency_p50_ms"]), _ms(r["latency_p95_ms"]),
+            r["route"], r["variant"], reqs, str(r["errors"]), str(r["cached"]), _ms(r["latency_p50_ms"]), _ms(r["latency_p95_ms"]),
             _ms(r["ttft_p50_ms"]), _ms(r["ttft_p95_ms"]), str(r["prompt_tokens"]), str(r["completion_tokens"]),
             f"{r['cost']:.6f}", str(r["feedback"]), "-" if r["feedback_mean"] is None else f"{r['feedback_mean']:+.2f}",
             grounded, "-" if r["same_output"] is None else f"{r['same_output']:.2f}",

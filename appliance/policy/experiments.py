@@ -109,6 +109,8 @@ class VariantReport(msgspec.Struct, kw_only=True):
     shadow: bool = False
     requests: int = 0
     errors: int = 0
+    cached: int = 0
+    """Answered from the response cache (no model ran): left out of the latency percentiles."""
     skipped: int = 0
     """Shadows only: copies not run because the shadow model or the route's shadow slots were busy."""
     latency_p50_ms: float | None = None
@@ -182,9 +184,11 @@ def _served(route: str, variant: str, rows: list[sqlite3.Row], prices: dict[str,
     report = VariantReport(route=route, variant=variant, requests=len(rows))
     ok = [r for r in rows if r["status"] < 400]
     report.errors = len(rows) - len(ok)
-    report.latency_p50_ms = percentile([r["latency_ms"] for r in ok if r["latency_ms"] is not None], 50)
-    report.latency_p95_ms = percentile([r["latency_ms"] for r in ok if r["latency_ms"] is not None], 95)
-    ttfts = [r["ttft_ms"] for r in ok if r["ttft_ms"] is not None]
+    ran = [r for r in ok if r["outcome"] != "cached"]
+    report.cached = len(ok) - len(ran)
+    latencies = [r["latency_ms"] for r in ran if r["latency_ms"] is not None]
+    report.latency_p50_ms, report.latency_p95_ms = percentile(latencies, 50), percentile(latencies, 95)
+    ttfts = [r["ttft_ms"] for r in ran if r["ttft_ms"] is not None]
     report.ttft_p50_ms, report.ttft_p95_ms = percentile(ttfts, 50), percentile(ttfts, 95)
     for r in rows:
         report.prompt_tokens += r["prompt_tokens"]

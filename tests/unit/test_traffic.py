@@ -173,6 +173,7 @@ def test_compare_reports_each_variant_and_each_shadow(tmp_path: Path) -> None:
     store = ExperimentStore(open_gateway_db(tmp_path))
     for i, latency in enumerate([100.0, 200.0, 300.0, 400.0]):
         _usage(meter, f"s{i}", latency_ms=latency)
+    _usage(meter, "s-hit", latency_ms=2.0, outcome="cached", prompt_tokens=0, completion_tokens=0)
     _usage(meter, "c0", model="next", variant="candidate", route_path="canary>next", latency_ms=50.0,
            prompt_tokens=100, completion_tokens=50)
     # The candidate's variant fell back to the stable model once; and one of its requests failed.
@@ -195,7 +196,8 @@ def test_compare_reports_each_variant_and_each_shadow(tmp_path: Path) -> None:
     reports = {(r.route, r.variant): r for r in compare(conn, prices)}
     assert set(reports) == {("canary", "candidate"), ("canary", "stable"), ("docs", "stable"), ("canary", "shadow:next")}
     stable = reports[("canary", "stable")]
-    assert (stable.requests, stable.latency_p50_ms, stable.latency_p95_ms) == (4, 250.0, 385.0)
+    # A cached answer counts as a request, not in the latencies (no model ran).
+    assert (stable.requests, stable.cached, stable.latency_p50_ms, stable.latency_p95_ms) == (5, 1, 250.0, 385.0)
     assert stable.feedback == 0 and stable.feedback_mean is None and stable.grounded_rate is None
     candidate = reports[("canary", "candidate")]
     assert (candidate.requests, candidate.errors, candidate.models) == (3, 1, {"next": 1, "stable": 1})
