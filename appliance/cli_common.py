@@ -123,6 +123,7 @@ def build_registry(
         NativeEngineFactory(store, settings.models),
         load_timeout_s=settings.models.load_timeout_s if load_timeout_s is None else load_timeout_s,
         n_ctx=settings.models.n_ctx,
+        models_dir=settings.models_dir,
     )
     return registry, manifests
 

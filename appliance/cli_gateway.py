@@ -56,6 +56,16 @@ def tenants() -> None:
     """Tenants: the teams that share this appliance, each with its own keys, limits and data."""
 
 
+def _check_adapter(ctx: click.Context, name: str | None) -> None:
+    from appliance.modelstore.store import ModelStore
+
+    if name is None:
+        return
+    found = ModelStore(data_settings(ctx).models_dir).find(name)
+    if found is None or found.kind != "adapter":
+        raise click.BadParameter(f"no LoRA adapter named {name!r} (appliance models list)", param_hint="--default-adapter")
+
+
 @tenants.command("create")
 @click.argument("name")
 @click.option("--models", "allowed", help="Comma-separated model ids this tenant may use (default: all).")
@@ -64,6 +74,7 @@ def tenants() -> None:
 @click.option("--daily-tokens", type=click.IntRange(min=0), help="Token budget per UTC day.")
 @click.option("--monthly-tokens", type=click.IntRange(min=0), help="Token budget per UTC month.")
 @click.option("--guardrails", help='Guardrail policy as JSON, e.g. \'{"pii_input": "mask"}\'.')
+@click.option("--default-adapter", help="LoRA adapter id its requests to that adapter's base model use by default.")
 @click.pass_context
 def tenants_create(ctx: click.Context, name: str, allowed: str | None, guardrails: str | None, **limits: Any) -> None:
     """Create a tenant."""
@@ -75,6 +86,7 @@ def tenants_create(ctx: click.Context, name: str, allowed: str | None, guardrail
             fields["guardrails"] = json.loads(guardrails)
         except json.JSONDecodeError as exc:
             raise click.BadParameter(f"not JSON: {exc}", param_hint="--guardrails") from None
+    _check_adapter(ctx, fields.get("default_adapter"))
     with _db(ctx) as (store, _):
         tenant = store.create_tenant(name, **fields)
     click.echo(f"created tenant {tenant.name}")
@@ -88,10 +100,14 @@ def tenants_create(ctx: click.Context, name: str, allowed: str | None, guardrail
 @click.option("--daily-tokens", type=click.IntRange(min=0))
 @click.option("--monthly-tokens", type=click.IntRange(min=0))
 @click.option("--guardrails", help="Guardrail policy as JSON.")
+@click.option("--default-adapter", help="LoRA adapter id used by default; 'none' clears it.")
 @click.pass_context
 def tenants_update(ctx: click.Context, name: str, allowed: str | None, guardrails: str | None, **limits: Any) -> None:
-    """Change a tenant's models, limits, budgets or guardrail policy."""
+    """Change a tenant's models, limits, budgets, guardrail policy or default adapter."""
     fields: dict[str, Any] = {k: v for k, v in limits.items() if v is not None}
+    if fields.get("default_adapter") == "none":
+        fields["default_adapter"] = None
+    _check_adapter(ctx, fields.get("default_adapter"))
     if allowed:
         fields["allowed_models"] = None if allowed == "all" else [m.strip() for m in allowed.split(",") if m.strip()]
     if guardrails:

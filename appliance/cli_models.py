@@ -38,6 +38,7 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
             "format": m.format,
             "size": sum(f.size for f in m.files()),
             "aliases": m.aliases,
+            "base": m.base,
             "path": str(store.root / m.id),
         }
         for m in store.manifests()
@@ -51,14 +52,16 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"{'ID':<28} {'KIND':<10} {'FORMAT':<6} {'SIZE':>10}  ALIASES")
     for r in rows:
         size = f"{r['size'] / 1e6:.1f} MB"
-        click.echo(f"{r['id']:<28} {r['kind']:<10} {r['format']:<6} {size:>10}  {', '.join(r['aliases'])}")
+        base = f"  (adapter of {r['base']}: use {r['base']}:{r['id']})" if r["base"] else ""
+        click.echo(f"{r['id']:<28} {r['kind']:<10} {r['format']:<6} {size:>10}  {', '.join(r['aliases'])}{base}")
 
 
 @models.command("import")
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--id", "model_id", help="Model id (default: the file name without extension).")
-@click.option("--kind", type=click.Choice(["chat", "completion", "embedding", "rerank", "classifier"]),
-              help="What it serves.")
+@click.option("--kind", type=click.Choice(["chat", "completion", "embedding", "rerank", "classifier", "adapter"]),
+              help="What it serves (adapter: a LoRA adapter GGUF, with --base).")
+@click.option("--base", help="The model a LoRA adapter was made for (--kind adapter).")
 @click.option("--alias", "aliases", multiple=True, help="Another name clients may use (repeatable).")
 @click.option("--tokenizer", type=click.Path(dir_okay=False, path_type=Path), help="tokenizer.json (ONNX).")
 @click.option("--label", "labels", multiple=True,
@@ -74,6 +77,7 @@ def models_import(ctx: click.Context, path: Path, **opts: Any) -> None:
 
     An ONNX prompt-injection classifier: --kind classifier --tokenizer tokenizer.json --label SAFE --label INJECTION.
     An ONNX cross-encoder for /v1/rerank: --kind rerank --tokenizer tokenizer.json.
+    A LoRA adapter: --kind adapter --base MODEL; requests then name it as MODEL:ADAPTER (or "adapter": ADAPTER).
     """
     store = _store(ctx)
     template = opts.pop("chat_template")
@@ -92,6 +96,7 @@ def models_import(ctx: click.Context, path: Path, **opts: Any) -> None:
                 stop=list(opts["stop"]),
                 labels=list(opts["labels"]),
                 context_length=opts["context_length"],
+                base=opts["base"],
                 progress=bar.update,
             )
     except ApplianceError as exc:

@@ -327,6 +327,8 @@ def estimate_models_memory(store: ModelStore, settings: Settings) -> list[ModelM
 
     out = []
     for manifest in store.manifests():
+        if manifest.kind == "adapter":
+            continue  # loaded onto its base model's engine (a few MB at most): counted with it as the registry does
         if manifest.id in settings.models.rpc:
             # As engines/memory.estimate_models: a split model's layers live on the RPC workers, and it
             # runs in a child process outside models.max_memory.

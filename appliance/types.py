@@ -50,6 +50,13 @@ class ToolGrammar(msgspec.Struct, frozen=True, kw_only=True):
     """More than one call allowed."""
 
 
+class AdapterRef(msgspec.Struct, frozen=True):
+    """A LoRA adapter a generation applies: its id and the path of its GGUF file."""
+
+    id: str
+    path: str
+
+
 class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True):
     prompt: str
     prompt_ids: tuple[int, ...] | None = None
@@ -68,6 +75,8 @@ class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True):
     """None: no log-probabilities; k: each token's, with the k most likely alternatives (0..20)."""
     priority: int = PRIORITY_INTERACTIVE
     """Lower runs first; equal priorities keep arrival order."""
+    adapter: AdapterRef | None = None
+    """The LoRA adapter to decode with; None: the base model."""
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True):

@@ -8,6 +8,7 @@ import msgspec
 from litestar import Controller, Request, Response, delete, get, patch, post
 
 from appliance.api.http import json_response, requires_admin
+from appliance.engines.registry import ModelRegistry
 from appliance.api.openapi import KeyInfo, NewKey, ObjectList, TenantInfo, UsageQuery, UsageReport
 from appliance.errors import InvalidRequest, PermissionDenied
 from appliance.observability.metrics import CONTENT_TYPE
@@ -31,8 +32,9 @@ class AdminController(Controller):
         return json_response({"object": "list", "data": gateway.tenants.tenants()})
 
     @post("/tenants", status_code=201, opt={"request": CreateTenant, "response": Tenant, "summary": "Create a tenant"})
-    async def create_tenant(self, request: Request, gateway: Gateway) -> Response[bytes]:
+    async def create_tenant(self, request: Request, gateway: Gateway, registry: ModelRegistry) -> Response[bytes]:
         body: CreateTenant = decode_request(await request.body(), CreateTenant)
+        registry.check_adapter(body.default_adapter)
         fields = {k: v for k, v in msgspec.structs.asdict(body).items() if k != "name" and v is not None}
         return json_response(gateway.tenants.create_tenant(body.name, **fields), 201)
 
@@ -42,8 +44,9 @@ class AdminController(Controller):
         return json_response({**msgspec.to_builtins(tenant), "budget_remaining": gateway.budgets.remaining(tenant)})
 
     @patch("/tenants/{name:str}", opt={"request": TenantUpdate, "response": Tenant, "summary": "Change a tenant"})
-    async def update_tenant(self, name: str, request: Request, gateway: Gateway) -> Response[bytes]:
+    async def update_tenant(self, name: str, request: Request, gateway: Gateway, registry: ModelRegistry) -> Response[bytes]:
         update: TenantUpdate = decode_request(await request.body(), TenantUpdate)
+        registry.check_adapter(update.default_adapter if isinstance(update.default_adapter, str) else None)
         return json_response(gateway.tenants.update_tenant(name, update))
 
     @get("/keys", opt={"response": ObjectList[KeyInfo], "summary": "List keys"})

@@ -212,6 +212,8 @@ def model_card(manifest: Manifest, status: dict[str, Any], context_window: int |
         context_length=context_window,
         trained_context_length=manifest.context_length,
         status=status.get("state", "pending"),
+        adapter=manifest.adapter.id if manifest.adapter is not None else None,
+        parent=manifest.engine_id if manifest.adapter is not None else None,
     )
 
 
@@ -225,7 +227,7 @@ def route_cards(routing: RoutingService, registry: ModelRegistry, allowed: list[
         if not models:
             continue
         windows = [w for m in models if (w := registry.context_window(m)) is not None]
-        states = [status[m.id]["state"] for m in models]
+        states = [status[m.engine_id]["state"] for m in models]
         cards.append(RouteCard(
             id=name, created=0, owned_by="appliance", kind="route", format="route", aliases=[],
             context_length=min(windows) if windows else None, trained_context_length=None,
@@ -244,7 +246,11 @@ class OpenAIController(Controller):
     ) -> Response[bytes]:
         status = registry.status()
         allowed = ctx.tenant.allowed_models
-        cards = [model_card(m, status[m.id], registry.context_window(m)) for m in registry.manifests() if allowed is None or m.id in allowed]
+        cards = [
+            model_card(m, status[m.engine_id], registry.context_window(m))
+            for m in [*registry.manifests(), *registry.adapters()]
+            if allowed is None or m.id in allowed or (m.adapter is not None and m.engine_id in allowed)
+        ]
         cards += route_cards(routing_service, registry, allowed)
         if where == "cluster":  # appliance extension: the peers' models too, each with its `location`
             return json_response(cluster_model_list(cluster, cards, allowed))
@@ -261,7 +267,7 @@ class OpenAIController(Controller):
             return json_response(card)
         manifest = registry.resolve(model_id)
         ctx.allow_model(manifest)
-        return json_response(model_card(manifest, registry.status()[manifest.id], registry.context_window(manifest)))
+        return json_response(model_card(manifest, registry.status()[manifest.engine_id], registry.context_window(manifest)))
 
     @post("/chat/completions", status_code=200, opt={
         "request": ChatCompletionRequest, "response": ChatCompletion, "stream": ChatCompletionChunk,

@@ -141,6 +141,87 @@ def _info(get: Callable[[str], object], length: Callable[[str], int | None], ten
     )
 
 
+class AdapterInfo(msgspec.Struct, frozen=True, kw_only=True):
+    architecture: str
+    rank: int
+    """The LoRA rank (the inner width of every lora_a/lora_b pair; the largest when they differ)."""
+    alpha: float | None
+    """`adapter.lora.alpha`: llama.cpp scales the adapter by alpha / rank (1 when absent)."""
+    pairs: int
+    """Weights the adapter changes."""
+
+
+def check_adapter(adapter: Path, base: Path, base_name: str) -> AdapterInfo:
+    """Refuse a LoRA adapter GGUF that llama.cpp would not apply to the model in `base`: not an adapter,
+    another architecture, a lora_a without its lora_b, a weight the base model lacks, or sizes that do
+    not fit it (llama.cpp's own checks, made here at import, before anything is copied)."""
+    fields, shapes = _tensor_table(adapter)
+    base_fields, base_shapes = _tensor_table(base)
+    name = adapter.name
+    kind = fields.get("general.type")
+    if kind != "adapter":
+        raise ModelStoreError(
+            f"{name} is not a LoRA adapter (its general.type is {kind!r}, not 'adapter'): import a model without --kind adapter",
+            param="path",
+        )
+    if fields.get("adapter.type") != "lora":
+        raise ModelStoreError(f"{name} is a {fields.get('adapter.type')!r} adapter; only 'lora' adapters are supported",
+                              param="path")
+    arch, base_arch = fields.get("general.architecture"), base_fields.get("general.architecture")
+    if arch != base_arch:
+        raise ModelStoreError(
+            f"{name} is an adapter for architecture {arch!r}, but {base_name} is {base_arch!r}", param="base"
+        )
+    rank, pairs = 0, 0
+    for tensor, a in shapes.items():
+        if tensor.endswith(".lora_b"):
+            if tensor[: -len("_b")] + "_a" not in shapes:
+                raise ModelStoreError(f"{name}: {tensor} has no matching lora_a tensor", param="path")
+            continue
+        if not tensor.endswith(".lora_a"):
+            continue
+        weight = tensor[: -len(".lora_a")]
+        b = shapes.get(weight + ".lora_b")
+        if b is None:
+            raise ModelStoreError(f"{name}: {tensor} has no matching lora_b tensor", param="path")
+        target = base_shapes.get(weight)
+        if target is None:
+            raise ModelStoreError(f"{name} changes {weight}, which {base_name} does not have", param="base")
+        # ggml order: the base weight is [n_in, n_out], lora_a [n_in, r], lora_b [r, n_out].
+        if len(a) != 2 or len(b) != 2 or len(target) != 2 or a[1] != b[0] or a[0] != target[0] or b[1] != target[1]:
+            raise ModelStoreError(
+                f"{name}: the sizes of {weight} do not fit {base_name} (lora_a {list(a)}, lora_b {list(b)}, "
+                f"weight {list(target)})",
+                param="base",
+            )
+        rank, pairs = max(rank, a[1]), pairs + 1
+    if not pairs:
+        raise ModelStoreError(f"{name} holds no lora_a/lora_b tensor pairs", param="path")
+    alpha = fields.get("adapter.lora.alpha")
+    return AdapterInfo(
+        architecture=str(arch), rank=rank, pairs=pairs, alpha=float(alpha) if isinstance(alpha, (int, float)) else None
+    )
+
+
+def _tensor_table(path: Path) -> tuple[dict[str, object], dict[str, tuple[int, ...]]]:
+    """The metadata fields and each tensor's dimensions (ggml order) of a whole GGUF file."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            reader = _Reader(buf)
+            fields, _, tensor_count = _parse_header(reader)
+            need = _tensor_data_end(reader, tensor_count, _alignment(fields), shapes)
+    except _Cut as cut:
+        raise ModelStoreError(f"{path.name} is truncated: its GGUF {cut} runs past the end of the file",
+                              param="path") from None
+    except (OSError, ValueError) as exc:
+        raise ModelStoreError(f"{path.name} is not a readable GGUF file: {exc}", param="path") from None
+    if size < need:
+        raise ModelStoreError(f"{path.name} is truncated: {size} bytes, expected at least {need}", param="path")
+    return fields, shapes
+
+
 def _int(value: object) -> int | None:
     return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -264,10 +345,13 @@ def _alignment(fields: dict[str, object]) -> int:
     return value
 
 
-def _tensor_data_end(r: _Reader, tensor_count: int, alignment: int) -> int:
+def _tensor_data_end(
+    r: _Reader, tensor_count: int, alignment: int, shapes: dict[str, tuple[int, ...]] | None = None
+) -> int:
     """The least file size that holds every tensor: the aligned data start plus the furthest tensor end.
 
-    Reads the tensor table (name, dimensions, ggml type, offset) that follows the key/value metadata.
+    Reads the tensor table (name, dimensions, ggml type, offset) that follows the key/value metadata;
+    each tensor's dimensions go into `shapes` when given.
     """
     r.part = "tensor table"
     names: set[str] = set()
@@ -290,6 +374,8 @@ def _tensor_data_end(r: _Reader, tensor_count: int, alignment: int) -> int:
         if name in names:
             raise ValueError(f"tensor {name} appears twice")
         names.add(name)
+        if shapes is not None:
+            shapes[name] = tuple(dims)
         furthest = max(furthest, offset + math.prod(dims) // block * type_size)
     data_start = -(-r.pos // alignment) * alignment
     return data_start + furthest

@@ -12,6 +12,7 @@ import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -20,6 +21,7 @@ from llama_cpp import _ggml
 from appliance.errors import EngineError, InvalidRequest
 from appliance.types import (
     TOOL_CALL_CLOSE,
+    AdapterRef,
     TOOL_CALL_OPEN,
     SamplingParams,
     TokenAlternative,
@@ -265,6 +267,7 @@ class LlamaBatchContext:
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._piece = ctypes.create_string_buffer(256)
+        self._adapters: dict[str, Any] = {}  # llama.cpp frees them with the model
         where = "RPC" if devices else "GPU" if gpu_layers != 0 and gpu_offload_supported() else "CPU"
         log.info("loaded %s: %d sequences x %d tokens, offload=%s", model_id, n_seq_max, self.n_ctx_per_seq, where)
 
@@ -321,6 +324,30 @@ class LlamaBatchContext:
         rc = llama_cpp.llama_decode(self._ctx, b)
         if rc != 0:
             raise EngineError(f"llama_decode failed on {self.model_id} (code {rc})")
+
+    def load_adapter(self, adapter: AdapterRef) -> None:
+        """Load a LoRA adapter's file onto the model, once; it stays loaded with the model (llama.cpp
+        frees it with the model). Raises InvalidRequest when llama.cpp refuses the file."""
+        if adapter.id in self._adapters:
+            return
+        handle = llama_cpp.llama_adapter_lora_init(self._model, adapter.path.encode())
+        if not handle:
+            raise InvalidRequest(f"The adapter '{adapter.id}' could not be loaded onto model {self.model_id}.",
+                                 param="adapter")
+        self._adapters[adapter.id] = handle
+        log.info("model %s: loaded LoRA adapter %s", self.model_id, adapter.id)
+
+    def use_adapter(self, adapter: AdapterRef | None) -> None:
+        """Decode the next batches with this (loaded) LoRA adapter; None: the base model. llama.cpp
+        applies adapters to the whole context, so the scheduler decodes each adapter's sequences apart."""
+        if adapter is None:
+            rc = llama_cpp.llama_set_adapters_lora(self._ctx, None, 0, None)
+        else:
+            self.load_adapter(adapter)
+            handles = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapters[adapter.id])
+            rc = llama_cpp.llama_set_adapters_lora(self._ctx, handles, 1, (ctypes.c_float * 1)(1.0))
+        if rc != 0:
+            raise EngineError(f"model {self.model_id}: llama.cpp refused to set adapter {adapter} (code {rc})")
 
     def seq_rm(self, seq: int, p0: int, p1: int = -1) -> bool:
         return bool(llama_cpp.llama_memory_seq_rm(self._mem, seq, p0, p1))

@@ -15,16 +15,26 @@ import asyncio
 import logging
 import threading
 import time
+from pathlib import Path
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, Literal, Protocol
 
+import msgspec
+
 from appliance.engines.memory import MemoryEstimate, format_bytes, release_freed_memory
-from appliance.errors import ApplianceError, EngineError, ModelNotFound, ModelUnavailable, UnsupportedForModel
+from appliance.errors import (
+    ApplianceError,
+    EngineError,
+    InvalidRequest,
+    ModelNotFound,
+    ModelUnavailable,
+    UnsupportedForModel,
+)
 from appliance.modelstore.manifest import Manifest, ModelKind
-from appliance.types import Chunk, Embeddings, EngineStats, GenerationRequest
+from appliance.types import AdapterRef, Chunk, Embeddings, EngineStats, GenerationRequest
 
 log = logging.getLogger(__name__)
 LoadState = Literal["pending", "loading", "ready", "failed", "unloaded"]
@@ -152,15 +162,28 @@ class EngineLease:
 
 class ModelRegistry:
     def __init__(
-        self, manifests: list[Manifest], factory: EngineFactory, *, load_timeout_s: float, n_ctx: int | None = None
+        self,
+        manifests: list[Manifest],
+        factory: EngineFactory,
+        *,
+        load_timeout_s: float,
+        n_ctx: int | None = None,
+        models_dir: Path | None = None,
     ) -> None:
-        """`n_ctx`: the per-sequence context the engines are built with (settings `models.n_ctx`)."""
+        """`n_ctx`: the per-sequence context the engines are built with (settings `models.n_ctx`);
+        `models_dir`: where LoRA adapters' files are (the model store's root)."""
         self._n_ctx = n_ctx
-        self._slots = {m.id: _Slot(m) for m in manifests}
+        self._models_dir = models_dir
+        # A LoRA adapter has no engine of its own: requests for BASE:ADAPTER run on the base model's.
+        self._slots = {m.id: _Slot(m) for m in manifests if m.kind != "adapter"}
+        self._adapters: dict[str, Manifest] = {}
         self._names: dict[str, str] = {}
         for m in manifests:
             for name in m.names():
-                self._names.setdefault(name, m.id)
+                if m.kind == "adapter":
+                    self._adapters.setdefault(name, m)
+                else:
+                    self._names.setdefault(name, m.id)
         self._factory = factory
         self._timeout = load_timeout_s
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
@@ -172,13 +195,35 @@ class ModelRegistry:
     # -- lookup --------------------------------------------------------------------------------
 
     def manifests(self) -> list[Manifest]:
+        """The models with an engine (LoRA adapters are not among them: see `adapters`)."""
         return [s.manifest for s in self._slots.values()]
 
-    def resolve(self, name: str, *, kinds: tuple[ModelKind, ...] | None = None) -> Manifest:
+    def adapters(self) -> list[Manifest]:
+        """Every LoRA adapter whose base model is here, as the manifest `resolve("BASE:ADAPTER")` gives."""
+        found = {m.id: m for m in self._adapters.values() if m.base in self._slots}
+        return [self._adapted(self._slots[m.base].manifest, m) for m in found.values()]  # type: ignore[index]
+
+    def resolve(
+        self, name: str, *, kinds: tuple[ModelKind, ...] | None = None, adapter: str | None = None
+    ) -> Manifest:
+        """The manifest serving model `name`: a model id or alias, or `BASE:ADAPTER` (the base model with
+        a LoRA adapter); `adapter` names one as a request field does."""
         model_id = self._names.get(name)
         if model_id is None:
+            base, _, tail = name.rpartition(":")
+            if base in self._names and self._slots[self._names[base]].manifest.kind in ("chat", "completion"):
+                return self.resolve(base, kinds=kinds, adapter=self._check_adapter_name(base, tail, adapter))
+            if name in self._adapters:
+                found = self._adapters[name]
+                raise UnsupportedForModel(
+                    f"'{name}' is a LoRA adapter of {found.base}: use the model '{found.base}:{found.id}' "
+                    f"(or the model '{found.base}' with \"adapter\": \"{found.id}\").",
+                    param="model",
+                )
             raise ModelNotFound(f"The model '{name}' does not exist.", param="model")
         manifest = self._slots[model_id].manifest
+        if adapter is not None:
+            manifest = self._adapted(manifest, self._adapter_for(manifest, adapter))
         if kinds is not None and manifest.kind not in kinds:
             raise UnsupportedForModel(
                 f"The model '{name}' is a {manifest.kind} model and cannot serve this endpoint "
@@ -186,6 +231,61 @@ class ModelRegistry:
                 param="model",
             )
         return manifest
+
+    def check_adapter(self, name: str | None) -> None:
+        """Raise 400 unless `name` (when given) is a LoRA adapter this server has (a tenant's default)."""
+        if name is not None and name not in self._adapters:
+            known = sorted({m.id for m in self._adapters.values()})
+            raise InvalidRequest(
+                f"There is no adapter '{name}' ({'adapters: ' + ', '.join(known) if known else 'no adapters are imported'}).",
+                param="default_adapter",
+            )
+
+    def with_default_adapter(self, manifest: Manifest, adapter: str | None) -> Manifest:
+        """`manifest` with a tenant's default adapter when the request named none and the adapter is
+        one of this model's; otherwise `manifest` as it is."""
+        found = self._adapters.get(adapter) if adapter is not None else None
+        if manifest.adapter is not None or found is None or found.base != manifest.id:
+            return manifest
+        return self._adapted(manifest, found)
+
+    def _check_adapter_name(self, base: str, tail: str, adapter: str | None) -> str:
+        if tail not in self._adapters:
+            known = sorted({m.id for m in self._adapters.values() if m.base == self._names[base]})
+            raise ModelNotFound(
+                f"The model '{base}:{tail}' does not exist: {base} has no adapter '{tail}' "
+                f"({'its adapters: ' + ', '.join(known) if known else 'it has no adapters'}).",
+                param="model",
+            )
+        if adapter is not None and self._adapters.get(adapter) is not self._adapters[tail]:
+            raise InvalidRequest(
+                f"The model '{base}:{tail}' names adapter '{tail}' and the request's \"adapter\" names '{adapter}'.",
+                param="adapter",
+            )
+        return tail
+
+    def _adapter_for(self, manifest: Manifest, name: str) -> Manifest:
+        found = self._adapters.get(name)
+        if found is None:
+            raise ModelNotFound(f"The adapter '{name}' does not exist.", param="adapter")
+        if found.base != manifest.id:
+            raise InvalidRequest(
+                f"The adapter '{name}' is for model {found.base}, not {manifest.id}.", param="adapter"
+            )
+        return found
+
+    def _adapted(self, base: Manifest, adapter: Manifest) -> Manifest:
+        root = self._models_dir if self._models_dir is not None else Path()
+        path = root / adapter.id / adapter.file.name
+        return msgspec.structs.replace(
+            base,
+            id=f"{base.id}:{adapter.id}",
+            aliases=[],
+            base=base.id,
+            adapter=AdapterRef(adapter.id, str(path)),
+            description=f"{base.id} with the LoRA adapter {adapter.id}",
+            created=adapter.created,
+        )
 
     def context_window(self, manifest: Manifest) -> int | None:
         """Prompt plus completion tokens one request to this model can use."""
@@ -337,7 +437,7 @@ class ModelRegistry:
 
     def try_acquire(self, manifest: Manifest) -> EngineLease | None:
         """A lease if the model is ready, else None at once (never waits); starts loading it if it can."""
-        slot = self._slots[manifest.id]
+        slot = self._slots[manifest.engine_id]
         with self._lock:
             if slot.state == "ready":
                 return self._lease(slot)
@@ -352,7 +452,7 @@ class ModelRegistry:
         Raises ModelUnavailable when the model failed to load, is still loading at the deadline, or
         no room could be made (every other model in use) before it.
         """
-        slot = self._slots[manifest.id]
+        slot = self._slots[manifest.engine_id]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self._timeout if timeout_s is None else timeout_s)
         pinned = False
@@ -430,7 +530,7 @@ class ModelRegistry:
         False, and nothing changes, when it is not loaded or is in use (a lease or a waiting request).
         The loader thread closes the engine, so a load queued after this one finds the memory freed.
         """
-        slot = self._slots[manifest.id]
+        slot = self._slots[manifest.engine_id]
         with self._lock:
             if not slot.idle:
                 return False

@@ -44,6 +44,7 @@ from appliance.errors import (
     ServerOverloaded,
 )
 from appliance.types import (
+    AdapterRef,
     Chunk,
     EngineStats,
     GenerationRequest,
@@ -76,6 +77,8 @@ class BatchContext(Protocol):
     def decode(self, entries: list[tuple[int, int, int, bool]]) -> None: ...
     def seq_rm(self, seq: int, p0: int, p1: int = -1) -> bool: ...
     def seq_cp(self, src: int, dst: int) -> None: ...
+    def load_adapter(self, adapter: AdapterRef) -> None: ...
+    def use_adapter(self, adapter: AdapterRef | None) -> None: ...
     def logprob(self, batch_index: int, token: int, top: int) -> TokenLogprob: ...
     def close(self) -> None: ...
 
@@ -160,6 +163,7 @@ class _Sequence:
         self.logprobs: list[TokenLogprob] = []
         """Of tokens generated but not yet emitted."""
         self.request = request
+        self.adapter = request.adapter.id if request.adapter is not None else None
         self.prompt = prompt
         self.emit = emit
         self.cancel = cancel
@@ -173,6 +177,8 @@ class _Sequence:
         self.stops = StopMatcher(request.stop)
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.batch_index = -1
+        self.entries: tuple[int, int] = (0, 0)
+        """Where this step's entries of the sequence are in the step's batch (start, end)."""
         self.prefix_hit = 0
         self.grammar: str | None = None
         self.drafter: NgramDrafter | None = None
@@ -192,6 +198,7 @@ class _Sequence:
 class _Slot:
     index: int
     tokens: list[int] = field(default_factory=list)  # what the KV cells of this sequence hold
+    adapter: str | None = None  # the LoRA adapter the cells were computed with (another one's are no prefix)
     seq: _Sequence | None = None
     last_used: float = 0.0
 
@@ -227,6 +234,8 @@ class BatchScheduler:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._running = True
+        self._adapter: str | None = None
+        """The LoRA adapter applied to the context now (None: the base model)."""
         self.stats = SchedulerStats()
         self._thread = threading.Thread(target=self._loop, name=f"scheduler-{model_id}", daemon=True)
         self._thread.start()
@@ -344,25 +353,35 @@ class BatchScheduler:
             if not free:
                 return
             _, _, seq = heapq.heappop(self._waiting)
+            if seq.request.adapter is not None:
+                try:
+                    self.ctx.load_adapter(seq.request.adapter)  # a file llama.cpp refuses fails this request only
+                except ApplianceError as exc:
+                    seq.emit(exc)
+                    continue
             # The slot whose cache serves this prompt best; otherwise the least recently used one, so
             # a short accidental match (the BOS token) never evicts a valuable cached prefix.
-            slot = max(free, key=lambda s: (self._reusable(s.tokens, seq.prompt), -s.last_used))
+            slot = max(free, key=lambda s: (self._reusable(s, seq), -s.last_used))
             self._place(seq, slot)
 
-    def _reusable(self, cached: list[int], prompt: list[int]) -> int:
-        """Prompt tokens a slot's cache would save, below the threshold counted as none."""
-        keep = min(_common_prefix(cached, prompt), len(prompt) - 1)
+    def _reusable(self, slot: _Slot, seq: _Sequence) -> int:
+        """Prompt tokens a slot's cache would save, below the threshold counted as none. Cells computed
+        with another adapter (or without one) hold other keys and values: none."""
+        if slot.adapter != seq.adapter:
+            return 0
+        keep = min(_common_prefix(slot.tokens, seq.prompt), len(seq.prompt) - 1)
         return keep if self._prefix_min and keep >= self._prefix_min else 0
 
     def _place(self, seq: _Sequence, slot: _Slot) -> None:
         # At least one prompt token is computed: its logits are what the first sample reads. A short
         # hit saves little, and llama.cpp's numerics depend slightly on how a prompt is split into
         # batches, so prompts without a real hit stay bit-identical to a cold run.
-        keep = self._reusable(slot.tokens, seq.prompt)
+        keep = self._reusable(slot, seq)
         if not self.ctx.seq_rm(slot.index, keep, -1):
             self.ctx.seq_rm(slot.index, -1, -1)
             keep = 0
         slot.tokens = seq.prompt[:keep]
+        slot.adapter = seq.adapter
         slot.seq = seq
         seq.slot = slot.index
         seq.n_past = keep
@@ -391,6 +410,7 @@ class BatchScheduler:
             slot = min(free, key=lambda s: s.last_used)
             self.ctx.seq_cp(leader.slot, slot.index)
             slot.tokens = list(leader.prompt)
+            slot.adapter = leader.adapter
             slot.seq = seq
             seq.slot = slot.index
             seq.n_past = seq.prefix_hit = len(seq.prompt)
@@ -417,6 +437,7 @@ class BatchScheduler:
         for seq in active:
             seq.batch_index = -1
             seq.draft = []
+            seq.entries = (len(entries), len(entries))
             if seq.pending is not None:
                 seq.batch_index = len(entries)
                 pos = len(self._slots[seq.slot].tokens)
@@ -426,6 +447,7 @@ class BatchScheduler:
                     entries.extend((t, pos + 1 + i, seq.slot, True) for i, t in enumerate(seq.draft))
                     self.stats.drafted_tokens += len(seq.draft)
                 generating.append(seq)
+                seq.entries = (seq.batch_index, len(entries))
         budget = self.ctx.n_batch - len(entries)
         copied: set[int] = set()
         for seq in active:
@@ -434,6 +456,7 @@ class BatchScheduler:
             if seq.prefilling and self._share_prefix(seq, active, copied):
                 continue
             if seq.prefilling:
+                start = len(entries)
                 end = min(len(seq.prompt), seq.n_past + budget)
                 for i in range(seq.n_past, end):
                     entries.append((seq.prompt[i], i, seq.slot, i == len(seq.prompt) - 1))
@@ -442,17 +465,44 @@ class BatchScheduler:
                 if end == len(seq.prompt):
                     seq.batch_index = len(entries) - 1
                 prefilled.append(seq)
+                seq.entries = (start, len(entries))
         if not entries:
             return
-        self.ctx.decode(entries)
-        self.stats.steps += 1
-        self.stats.batch_tokens += len(entries)
-        # The cells now hold these tokens too.
-        for seq in generating:
-            self._slots[seq.slot].tokens.append(seq.pending)  # type: ignore[arg-type]
-        for seq in prefilled:
-            self._slots[seq.slot].tokens = seq.prompt[: seq.n_past]
+        # llama.cpp applies a LoRA adapter to the whole context: each adapter's sequences (and the base
+        # model's) are decoded in a call of their own, and sampled before the next call overwrites the logits.
+        groups: dict[str | None, list[_Sequence]] = {self._adapter: []}  # the applied one first: a switch less
         for seq in active:
+            if seq.entries[1] > seq.entries[0]:
+                groups.setdefault(seq.adapter, []).append(seq)
+        groups = {adapter: members for adapter, members in groups.items() if members}
+        for members in groups.values():
+            batch = entries
+            if len(groups) > 1:
+                batch = []
+                for seq in members:
+                    start, end = seq.entries
+                    if seq.batch_index >= 0:
+                        seq.batch_index += len(batch) - start
+                    batch.extend(entries[start:end])
+            self._decode(batch, members[0].request.adapter)
+            self._sample(members, generating, prefilled)
+
+    def _decode(self, batch: list[tuple[int, int, int, bool]], adapter: AdapterRef | None) -> None:
+        if (adapter.id if adapter is not None else None) != self._adapter:
+            self.ctx.use_adapter(adapter)
+            self._adapter = adapter.id if adapter is not None else None
+        self.ctx.decode(batch)
+        self.stats.steps += 1
+        self.stats.batch_tokens += len(batch)
+
+    def _sample(self, members: list[_Sequence], generating: list[_Sequence], prefilled: list[_Sequence]) -> None:
+        """After the decode of `members`: their cells hold the batch's tokens; sample each one that has logits."""
+        for seq in members:
+            if seq in generating:
+                self._slots[seq.slot].tokens.append(seq.pending)  # type: ignore[arg-type]
+            elif seq in prefilled:
+                self._slots[seq.slot].tokens = seq.prompt[: seq.n_past]
+        for seq in members:
             if seq.batch_index >= 0:
                 if seq.followers:
                     self._fork(seq)
@@ -471,7 +521,7 @@ class BatchScheduler:
         slot = self._slots[seq.slot]
         best, shared = None, 0
         for other in self._slots:
-            if other is slot or other.index in copied:
+            if other is slot or other.index in copied or other.adapter != seq.adapter:
                 continue
             n = min(_common_prefix(other.tokens, seq.prompt), len(seq.prompt) - 1)
             if n > shared:
@@ -484,7 +534,7 @@ class BatchScheduler:
             seq.prefix_hit = seq.n_past = shared
             copied.add(slot.index)
         for other in active:
-            if other is seq or not other.prefilling:
+            if other is seq or not other.prefilling or other.adapter != seq.adapter:
                 continue
             common = min(_common_prefix(other.prompt, seq.prompt), len(seq.prompt) - 1)
             ahead = (other.n_past, -other.submitted) > (seq.n_past, -seq.submitted)

@@ -9,9 +9,9 @@ from typing import Annotated, Literal
 import msgspec
 
 from appliance.errors import ModelStoreError
-from appliance.types import Sampling
+from appliance.types import AdapterRef, Sampling
 
-ModelKind = Literal["chat", "completion", "embedding", "rerank", "classifier"]
+ModelKind = Literal["chat", "completion", "embedding", "rerank", "classifier", "adapter"]
 ModelFormat = Literal["gguf", "onnx"]
 MANIFEST_NAME = "manifest.toml"
 Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
@@ -71,6 +71,16 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_de
     """Layers to offload: "auto" = all when a GPU backend is present, else 0."""
     created: int = 0
     """Unix time the model was registered."""
+    base: ModelId | None = None
+    """For kind = adapter: the id of the model the LoRA adapter was made for."""
+    adapter: AdapterRef | None = None
+    """Never in a manifest file: set on the manifest the registry makes for `BASE:ADAPTER`, the base model
+    served with that adapter (its id is `BASE:ADAPTER`, `base` the base model's id)."""
+
+    @property
+    def engine_id(self) -> str:
+        """The model whose engine serves this manifest: the base model's for an adapted one."""
+        return self.base if self.adapter is not None and self.base else self.id
 
     def files(self) -> list[ModelFile]:
         return [f for f in (self.file, self.tokenizer) if f is not None]
@@ -115,6 +125,10 @@ def read_manifest(path: Path) -> Manifest:
         raise ModelStoreError(f"invalid manifest {path}: kind 'chat' needs a chat_template")
     if manifest.kind == "classifier" and (not manifest.labels or manifest.tokenizer is None):
         raise ModelStoreError(f"invalid manifest {path}: kind 'classifier' needs labels and a tokenizer")
+    if manifest.kind == "adapter" and (manifest.base is None or manifest.format != "gguf"):
+        raise ModelStoreError(f"invalid manifest {path}: kind 'adapter' needs a GGUF file and its base model")
+    if manifest.adapter is not None:
+        raise ModelStoreError(f"invalid manifest {path}: 'adapter' is set by the server, not in a manifest")
     return manifest
 
 

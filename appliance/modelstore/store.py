@@ -190,13 +190,18 @@ class ModelStore:
         stop: list[str] | None = None,
         labels: list[str] | None = None,
         context_length: int | None = None,
+        base: str | None = None,
         progress: Progress | None = None,
     ) -> Manifest:
         """Side-load a model file (e.g. from a USB stick): validate, hash, stage, then register.
 
         `labels` name a classifier's output columns in order; `context_length` is an ONNX encoder's
-        window in tokens (default 256; a GGUF file states its own).
+        window in tokens (default 256; a GGUF file states its own). A LoRA adapter (kind "adapter")
+        names the model it was made for in `base` and is checked against that model's file.
         """
+        if kind == "adapter" or base is not None:
+            return self._import_adapter(source, model_id=model_id, base=base, aliases=aliases,
+                                        expected_sha256=expected_sha256, link=link, progress=progress)
         from appliance.engines.gguf_info import check_gguf  # heavy imports only when importing
 
         given, source = source, self._check_source(source)
@@ -273,6 +278,64 @@ class ModelStore:
             self._commit(staging, manifest)
         log.info("imported %s (%s, %d bytes)", model_id, fmt, file.size)
         return manifest
+
+    def _import_adapter(
+        self,
+        source: Path,
+        *,
+        model_id: str | None,
+        base: str | None,
+        aliases: list[str] | None,
+        expected_sha256: str | None,
+        link: bool,
+        progress: Progress | None,
+    ) -> Manifest:
+        from appliance.engines.gguf_info import check_adapter
+
+        if base is None:
+            raise ModelStoreError("a LoRA adapter needs the model it was made for: --base MODEL", param="base")
+        given, source = source, self._check_source(source)
+        if self._detect_format(source) != "gguf":
+            raise ModelStoreError(f"{given.name}: a LoRA adapter must be a GGUF file", param="path")
+        base_manifest = self.find(base)
+        if base_manifest is None:
+            raise ModelStoreError(f"no model named {base!r} to be the adapter's base", param="base",
+                                  code="model_not_found")
+        if base_manifest.format != "gguf" or base_manifest.kind not in ("chat", "completion"):
+            raise ModelStoreError(
+                f"{base_manifest.id} is a {base_manifest.kind} {base_manifest.format} model; "
+                "adapters apply to GGUF chat or completion models",
+                param="base",
+            )
+        model_id = check_model_id(source.stem if model_id is None else model_id)
+        if ":" in model_id:
+            raise ModelStoreError(f"invalid adapter id {model_id!r}: requests name it as BASE:ADAPTER, so no ':'",
+                                  param="id")
+        aliases = [check_model_id(a) for a in aliases or []]
+        self._check_names_free([model_id, *aliases])
+        if (self.root / model_id).exists():
+            raise ModelStoreError(f"a directory for {model_id!r} already exists in {self.root}", param="id")
+        info = check_adapter(given, self.path_of(base_manifest, base_manifest.file), base_manifest.id)
+        with self._staging(model_id) as staging:
+            file = self._stage_file(source, staging, link=link, expected=expected_sha256, progress=progress)
+            manifest = Manifest(
+                id=model_id,
+                kind="adapter",
+                format="gguf",
+                file=file,
+                aliases=aliases,
+                base=base_manifest.id,
+                architecture=info.architecture,
+                description=f"LoRA adapter (rank {info.rank}, {info.pairs} weights) for {base_manifest.id}, "
+                f"imported from {source.name}",
+                created=int(time.time()),
+            )
+            self._commit(staging, manifest)
+        log.info("imported adapter %s for %s (%d bytes)", model_id, base_manifest.id, file.size)
+        return manifest
+
+    def adapters_of(self, model_id: str) -> list[Manifest]:
+        return [m for m in self.manifests() if m.kind == "adapter" and m.base == model_id]
 
     @staticmethod
     def _check_classifier(fmt: str, kind: ModelKind | None, labels: list[str] | None) -> None:
@@ -469,6 +532,12 @@ class ModelStore:
         manifest = self.find(name)
         if manifest is None:
             raise ModelStoreError(f"no model named {name!r}", code="model_not_found")
+        adapters = self.adapters_of(manifest.id)
+        if adapters:
+            raise ModelStoreError(
+                f"{manifest.id} is the base of adapters {', '.join(a.id for a in adapters)}: remove them first",
+                param="id",
+            )
         target = self.root / manifest.id
         # Rename first so a crash mid-delete never leaves a half-present model that still lists.
         trash = self.root / f".removing-{manifest.id}-{uuid.uuid4().hex[:8]}"

@@ -267,7 +267,7 @@ class Cluster:
                     retry_after=max(1, round(self.settings.probe_interval_s)),
                 ) from None
             return None
-        status = self._registry.status()[manifest.id]
+        status = self._registry.status()[manifest.engine_id]
         if status["state"] == "failed" or status.get("error"):
             return ForwardPlan(model=model_name) if least_loaded(self.peers, model_name) else None
         engine: EngineStats | None = status.get("engine")

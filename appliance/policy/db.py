@@ -106,7 +106,13 @@ def _m4_variants_feedback_shadow(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX shadow_request ON shadow(request_id)")
 
 
-MIGRATIONS = (_m1_tenants_and_keys, _m2_usage, _m3_usage_route_path, _m4_variants_feedback_shadow)
+def _m5_tenant_default_adapter(conn: sqlite3.Connection) -> None:
+    conn.execute("ALTER TABLE tenants ADD COLUMN default_adapter TEXT")  # a LoRA adapter id; NULL: none
+
+
+MIGRATIONS = (
+    _m1_tenants_and_keys, _m2_usage, _m3_usage_route_path, _m4_variants_feedback_shadow, _m5_tenant_default_adapter,
+)
 
 
 def open_gateway_db(data_dir: Path) -> sqlite3.Connection:

@@ -16,7 +16,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -25,6 +25,7 @@ from appliance.policy.guardrails.policy import GuardrailPolicy
 from appliance.types import Principal, Role
 
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+ADAPTER_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _KEY = re.compile(r"^(ak_[0-9a-f]{8})\.([A-Za-z0-9_-]{43})$")
 
 
@@ -39,6 +40,8 @@ class Tenant(msgspec.Struct, kw_only=True):
     monthly_tokens: int | None = None
     guardrails: dict[str, Any] | None = None
     """The tenant's guardrail policy fields; None: the default policy."""
+    default_adapter: str | None = None
+    """A LoRA adapter id: requests to its base model that name no adapter decode with it."""
 
 
 class ApiKey(msgspec.Struct, kw_only=True):
@@ -66,6 +69,7 @@ class TenantUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     daily_tokens: int | None | msgspec.UnsetType = msgspec.UNSET
     monthly_tokens: int | None | msgspec.UnsetType = msgspec.UNSET
     guardrails: dict[str, Any] | None | msgspec.UnsetType = msgspec.UNSET
+    default_adapter: Annotated[str, msgspec.Meta(pattern=ADAPTER_ID)] | None | msgspec.UnsetType = msgspec.UNSET
 
 
 def check_tenant_name(name: str) -> str:
@@ -90,7 +94,7 @@ def _hash(secret: str) -> bytes:
 
 
 _JSON_FIELDS = ("allowed_models", "guardrails")
-_TENANT_FIELDS = ("allowed_models", "rpm", "tpm", "daily_tokens", "monthly_tokens", "guardrails")
+_TENANT_FIELDS = ("allowed_models", "rpm", "tpm", "daily_tokens", "monthly_tokens", "guardrails", "default_adapter")
 
 
 def _tenant(row: sqlite3.Row) -> Tenant:

@@ -17,6 +17,8 @@ class CreateTenant(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     daily_tokens: NonNegative | None = None
     monthly_tokens: NonNegative | None = None
     guardrails: dict[str, Any] | None = None
+    default_adapter: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")] | None = None
+    """A LoRA adapter its requests to the adapter's base model use when they name none."""
 
 
 class CreateKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -123,6 +123,8 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     user: str | None = None
     priority: Literal["interactive", "batch"] = "interactive"
     """Not in OpenAI's API: batch work waits behind interactive requests."""
+    adapter: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
+    """Not in OpenAI's API: a LoRA adapter of the model to decode with (the same as model "MODEL:ADAPTER")."""
 
     @property
     def priority_level(self) -> int:

@@ -201,6 +201,9 @@ class ModelCard(msgspec.Struct):
     trained_context_length: int | None
     status: str
     object: str = "model"
+    adapter: str | None = None
+    """`BASE:ADAPTER` ids only: the LoRA adapter applied to the base model (`parent`)."""
+    parent: str | None = None
 
 
 class RouteCard(ModelCard, kw_only=True):

@@ -202,7 +202,9 @@ class GenerationService:
     ) -> Generation:
         """`cache_scope` (the tenant) turns the response cache on for this request; None bypasses it."""
         request.check()
-        manifest = self._registry.resolve(request.model, kinds=("chat",))
+        manifest = self._registry.with_default_adapter(
+            self._registry.resolve(request.model, kinds=("chat",), adapter=request.adapter), policy.default_adapter
+        )
         policy.allow_model(manifest)
         # Off the event loop: screening runs the PII detector and the injection classifier.
         texts = await asyncio.to_thread(self.screen_chat, request, policy)
@@ -248,7 +250,10 @@ class GenerationService:
         self, request: CompletionRequest, policy: RequestPolicy = OPEN_POLICY, *, cache_scope: str | None = None
     ) -> Generation:
         request.check()
-        manifest = self._registry.resolve(request.model, kinds=("chat", "completion"))
+        manifest = self._registry.with_default_adapter(
+            self._registry.resolve(request.model, kinds=("chat", "completion"), adapter=request.adapter),
+            policy.default_adapter,
+        )
         policy.allow_model(manifest)
         [prompt] = await asyncio.to_thread(policy.screen_input, [request.prompt_text])
         return await self.start_completion(manifest, request, prompt, policy, cache_scope=cache_scope)
@@ -291,7 +296,8 @@ class GenerationService:
             temperature=temperature, top_p=d.top_p, top_k=d.top_k, min_p=d.min_p, repeat_penalty=d.repeat_penalty
         )
         request = GenerationRequest(
-            prompt=prompt, max_tokens=policy.cap_max_tokens(max_tokens), stop=(*stop, *manifest.stop), sampling=sampling
+            prompt=prompt, max_tokens=policy.cap_max_tokens(max_tokens), stop=(*stop, *manifest.stop), sampling=sampling,
+            adapter=manifest.adapter,
         )
         return await self._launch(manifest, request, policy)
 
@@ -315,6 +321,7 @@ class GenerationService:
             n=request.n,
             logprobs=request.logprob_count(),
             priority=request.priority_level,
+            adapter=manifest.adapter,
         )
 
     def _cacheable(self, generation: GenerationRequest) -> bool:
