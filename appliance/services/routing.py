@@ -471,7 +471,7 @@ class RoutingService:
         behind real traffic, and never runs more than `max_concurrent` copies of a route at once."""
         if self._shadows_running.get(name, 0) >= settings.max_concurrent:
             return "skipped_busy"
-        status = self._registry.status().get(manifest.id, {})
+        status = self._registry.status().get(manifest.engine_id, {})
         if status.get("state") != "ready":
             return "skipped_not_ready"
         stats = status.get("engine")
@@ -539,7 +539,7 @@ class RoutingService:
         if isinstance(exc, PeerUnavailable):
             return "peer_unavailable"
         if isinstance(exc, ModelUnavailable):
-            state = self._registry.status()[manifest.id]["state"]
+            state = self._registry.status()[manifest.engine_id]["state"]
             return {"failed": "failed", "unloaded": "no_room"}.get(state, "loading")
         return "error"
 
