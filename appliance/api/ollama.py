@@ -24,7 +24,14 @@ from litestar.response import Stream
 from appliance import __version__
 from appliance.api.cluster import forward_if_needed
 from appliance.api.http import json_response
-from appliance.api.ollama_models import listed_model, ollama_serves, running_model, show_response
+from appliance.api.ollama_models import (
+    listed_model,
+    listed_route,
+    ollama_serves,
+    route_show_response,
+    running_model,
+    show_response,
+)
 from appliance.engines.registry import ModelRegistry
 from appliance.errors import ApplianceError, EngineError, InvalidRequest, ModelNotFound
 from appliance.modelstore.manifest import Manifest, ModelKind
@@ -59,6 +66,7 @@ from appliance.protocol.ollama import (
 from appliance.protocol.openai import decode_request
 from appliance.services.embeddings import EmbeddingService
 from appliance.services.generation import Generation, GenerationService
+from appliance.services.routing import RoutingService
 from appliance.services.tools import ToolCall, ToolCallStream, split_calls
 from appliance.types import Chunk
 
@@ -116,9 +124,10 @@ class KeepAlive:
         self._deadlines: dict[str, float] = {}
 
     def after_request(self, manifest: Manifest, seconds: float | None) -> None:
+        """Keyed by the engine: `BASE:ADAPTER` sets its base model's deadline (one engine serves both)."""
         if seconds is None:
             return
-        self._cancel(manifest.id)
+        self._cancel(manifest.engine_id)
         if math.isinf(seconds):
             return
         if seconds <= 0:
@@ -132,8 +141,8 @@ class KeepAlive:
 
     def _arm(self, manifest: Manifest, seconds: float) -> None:
         loop = asyncio.get_running_loop()
-        self._timers[manifest.id] = loop.call_later(seconds, self._expire, manifest)
-        self._deadlines[manifest.id] = time.time() + seconds
+        self._timers[manifest.engine_id] = loop.call_later(seconds, self._expire, manifest)
+        self._deadlines[manifest.engine_id] = time.time() + seconds
 
     def _cancel(self, model_id: str) -> None:
         timer = self._timers.pop(model_id, None)
@@ -142,8 +151,8 @@ class KeepAlive:
         self._deadlines.pop(model_id, None)
 
     def _expire(self, manifest: Manifest) -> None:
-        self._cancel(manifest.id)
-        if not self._registry.unload(manifest) and self._registry.status()[manifest.id]["state"] == "ready":
+        self._cancel(manifest.engine_id)
+        if not self._registry.unload(manifest) and self._registry.status()[manifest.engine_id]["state"] == "ready":
             self._arm(manifest, BUSY_RETRY_S)  # in use: unload once it is idle
 
 
@@ -176,6 +185,31 @@ def _resolve(registry: ModelRegistry, ctx: RequestContext, name: str, kinds: tup
     raise ModelNotFound(not_found_message(name), param="model")
 
 
+def _route_of(routing: RoutingService, name: str) -> str | None:
+    """The routed model id an Ollama name means (`auto` or `auto:latest`), or None for a plain model."""
+    return next((n for n in lookup_names(name) if routing.is_route(n)), None)
+
+
+def _route_models(routing: RoutingService, ctx: RequestContext, route: str, name: str) -> list[Manifest]:
+    """The models of `route` the caller may use; 404 in Ollama's words when it may use none."""
+    allowed = []
+    for manifest in routing.models_of(route):
+        try:
+            ctx.allow_model(manifest)
+        except ModelNotFound:
+            continue
+        allowed.append(manifest)
+    if not allowed:
+        raise ModelNotFound(not_found_message(name), param="model")
+    return allowed
+
+
+def _route_window(registry: ModelRegistry, models: list[Manifest]) -> int | None:
+    """What `num_ctx` may ask of a route: the smallest context among its models."""
+    windows = [w for m in models if (w := registry.context_window(m)) is not None]
+    return min(windows) if windows else None
+
+
 async def _forward(
     cluster: Cluster, registry: ModelRegistry, ctx: RequestContext, request: Request, raw: bytes, name: str
 ) -> Response[bytes] | Stream | None:
@@ -190,11 +224,15 @@ async def _forward(
 
 
 async def _decoded(
-    request: Request, type_: type[Any], cluster: Cluster, registry: ModelRegistry, ctx: RequestContext
+    request: Request, type_: type[Any], cluster: Cluster, registry: ModelRegistry, ctx: RequestContext,
+    routing: RoutingService | None = None,
 ) -> tuple[Any, Response[bytes] | Stream | None]:
-    """The request body decoded, and a peer's answer when federation sends the request there."""
+    """The request body decoded, and a peer's answer when federation sends the request there (a routed
+    model id is the routing service's to place, peers included)."""
     raw = await request.body()
     body = decode_request(raw, type_)
+    if routing is not None and _route_of(routing, body.model) is not None:
+        return body, None
     return body, await _forward(cluster, registry, ctx, request, raw, body.model)
 
 
@@ -229,6 +267,25 @@ async def _generation(
         return await _load_only(registry, keep_alive, manifest, seconds, shape)
     run = await _start(registry, manifest, ctx, start(manifest, registry.context_window(manifest)))
     return await _answer(run, shape, body.stream, lambda: keep_alive.after_request(manifest, seconds))
+
+
+async def _routed_generation(
+    registry: ModelRegistry, routing: RoutingService, keep_alive: KeepAlive, ctx: RequestContext,
+    body: GenerateRequest | ChatRequest, route: str, empty: bool,
+    start: Callable[[str, int | None], Awaitable[Generation]],
+) -> Response[bytes] | Stream:
+    """Serve /api/generate or /api/chat for a routed model id: the routing service walks the route's
+    ladder (the X-Route header and the usage record show the hops). An empty request loads the route's
+    first model the caller may use. The answer's `model` is the model that answered, as on /v1."""
+    models = _route_models(routing, ctx, route, body.model)
+    seconds, chat = body.keep_alive_s(), isinstance(body, ChatRequest)
+    if empty:
+        return await _load_only(registry, keep_alive, models[0], seconds, _Shape(body.model, chat=chat))
+    began = time.monotonic()
+    generation = await start(route, _route_window(registry, models))
+    run = _Run(generation, ctx, 0.0, time.monotonic() - began)
+    served = generation.manifest
+    return await _answer(run, _Shape(served.id, chat=chat), body.stream, lambda: keep_alive.after_request(served, seconds))
 
 
 def _cache_scope(request: Request, ctx: RequestContext) -> str | None:
@@ -408,9 +465,22 @@ class OllamaController(Controller):
         return json_response(VersionResponse(OLLAMA_API_VERSION, __version__))
 
     @get("/tags", opt=_opt("list the models", None, TagsResponse))
-    async def ollama_tags(self, registry: ModelRegistry, ctx: RequestContext) -> Response[bytes]:
-        allowed = ctx.tenant.allowed_models
-        models = [listed_model(m) for m in registry.manifests() if ollama_serves(m) and (allowed is None or m.id in allowed)]
+    async def ollama_tags(self, registry: ModelRegistry, routing_service: RoutingService, ctx: RequestContext) -> Response[bytes]:
+        """The models, `BASE:ADAPTER` for each LoRA adapter, and the routed model ids, as the caller may use them."""
+        models = []
+        for m in [*registry.manifests(), *registry.adapters()]:
+            try:
+                ctx.allow_model(m)
+            except ModelNotFound:
+                continue
+            if ollama_serves(m):
+                models.append(listed_model(m))
+        for route in routing_service.route_ids():
+            try:
+                routed = _route_models(routing_service, ctx, route, route)
+            except ModelNotFound:
+                continue
+            models.append(listed_route(route, routed))
         return json_response(TagsResponse(models))
 
     @get("/ps", opt=_opt("list the loaded models", None, PsResponse))
@@ -418,41 +488,71 @@ class OllamaController(Controller):
         allowed = ctx.tenant.allowed_models
         status = registry.status()
         running = [
-            running_model(m, status[m.id], registry.context_window(m), keep_alive.expires_at(m.id))
+            running_model(m, status[m.engine_id], registry.context_window(m), keep_alive.expires_at(m.engine_id))
             for m in registry.manifests()
-            if status[m.id]["state"] == "ready" and (allowed is None or m.id in allowed)
+            if status[m.engine_id]["state"] == "ready" and (allowed is None or m.id in allowed)
         ]
         return json_response(PsResponse(running))
 
     @post("/show", status_code=200, opt=_opt("show a model", ModelRequest, ShowResponse))
-    async def ollama_show(self, request: Request, registry: ModelRegistry, ctx: RequestContext) -> Response[bytes]:
+    async def ollama_show(
+        self, request: Request, registry: ModelRegistry, routing_service: RoutingService, ctx: RequestContext
+    ) -> Response[bytes]:
         body: ModelRequest = decode_request(await request.body(), ModelRequest)
+        route = _route_of(routing_service, body.model_name)
+        if route is not None:
+            models = _route_models(routing_service, ctx, route, body.model_name)
+            return json_response(route_show_response(route, models, _route_window(registry, models)))
         manifest = _resolve(registry, ctx, body.model_name, None)
         return json_response(show_response(manifest, registry.context_window(manifest)))
 
     @post("/generate", status_code=200, opt=_GENERATE_OPT)
     async def ollama_generate(
         self, request: Request, registry: ModelRegistry, generation_service: GenerationService, ctx: RequestContext,
-        keep_alive: KeepAlive, cluster: Cluster,
+        keep_alive: KeepAlive, cluster: Cluster, routing_service: RoutingService,
     ) -> Response[bytes] | Stream:
-        body, forwarded = await _decoded(request, GenerateRequest, cluster, registry, ctx)
+        body, forwarded = await _decoded(request, GenerateRequest, cluster, registry, ctx, routing_service)
         if forwarded is not None:
             return forwarded
         body.check()
         scope = _cache_scope(request, ctx)
+        empty = not body.prompt and not body.system
+        if (route := _route_of(routing_service, body.model)) is not None:
+
+            async def routed(name: str, window: int | None) -> Generation:
+                # Through the chat template unless raw: a route's completion models serve raw prompts only.
+                if body.uses_template(True):
+                    return await routing_service.chat(
+                        body.chat_completion(name, window), ctx, tenant=ctx.tenant.name, cache_scope=scope
+                    )
+                return await routing_service.complete(
+                    body.completion(name, window), ctx, tenant=ctx.tenant.name, cache_scope=scope
+                )
+
+            return await _routed_generation(registry, routing_service, keep_alive, ctx, body, route, empty, routed)
 
         def start(manifest: Manifest, window: int | None) -> Callable[[], Awaitable[Generation]]:
             if body.uses_template(manifest.kind == "chat"):
                 return partial(generation_service.chat, body.chat_completion(manifest.id, window), ctx, cache_scope=scope)
             return partial(generation_service.complete, body.completion(manifest.id, window), ctx, cache_scope=scope)
 
-        empty = not body.prompt and not body.system
         return await _generation(registry, keep_alive, ctx, body, ("chat", "completion"), empty, start)
 
     @post("/chat", status_code=200, opt=_CHAT_OPT)
     async def ollama_chat(self, request: Request, ctx: RequestContext, generation_service: GenerationService,
-                          registry: ModelRegistry, keep_alive: KeepAlive, cluster: Cluster) -> Response[bytes] | Stream:
-        chat_body, forwarded = await _decoded(request, ChatRequest, cluster, registry, ctx)
+                          registry: ModelRegistry, keep_alive: KeepAlive, cluster: Cluster,
+                          routing_service: RoutingService) -> Response[bytes] | Stream:
+        chat_body, forwarded = await _decoded(request, ChatRequest, cluster, registry, ctx, routing_service)
+        if forwarded is None and (route := _route_of(routing_service, chat_body.model)) is not None:
+            chat_body.check()
+            scope = _cache_scope(request, ctx)
+
+            async def routed(name: str, window: int | None) -> Generation:
+                chat = chat_body.chat_completion(name, window)
+                return await routing_service.chat(chat, ctx, tenant=ctx.tenant.name, cache_scope=scope)
+
+            empty = not chat_body.messages
+            forwarded = await _routed_generation(registry, routing_service, keep_alive, ctx, chat_body, route, empty, routed)
         if forwarded is None:
             chat_body.check()
             scope = _cache_scope(request, ctx)

@@ -3,6 +3,7 @@ the wire types are in protocol/ollama.py, which knows nothing of manifests."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any
 
@@ -38,14 +39,54 @@ def model_details(manifest: Manifest) -> ModelDetails:
 
 
 def listed_model(manifest: Manifest) -> ListedModel:
+    """A model, or `BASE:ADAPTER` for a LoRA adapter (its details name the base as `parent_model`)."""
     name = listed_name(manifest.id)
+    details = model_details(manifest)
+    if manifest.adapter is not None:
+        details = msgspec.structs.replace(details, parent_model=manifest.engine_id)
     return ListedModel(
         name=name,
         model=name,
         modified_at=created_at(manifest.created),
         size=sum(f.size for f in manifest.files()),
         digest=manifest.file.sha256,
-        details=model_details(manifest),
+        details=details,
+    )
+
+
+def _route_details() -> ModelDetails:
+    return ModelDetails(format="route", family="", families=None, parameter_size="", quantization_level="")
+
+
+def _route_digest(route: str, models: list[Manifest]) -> str:
+    """A routed id has no file: its digest is that of its name and candidates (it changes when they do)."""
+    return hashlib.sha256("\0".join([route, *(m.id for m in models)]).encode()).hexdigest()
+
+
+def listed_route(route: str, models: list[Manifest]) -> ListedModel:
+    """A routed model id (settings [routing.<name>]) in /api/tags: no file of its own, size 0."""
+    name = listed_name(route)
+    return ListedModel(
+        name=name, model=name, modified_at=created_at(max((m.created for m in models), default=0)), size=0,
+        digest=_route_digest(route, models), details=_route_details(),
+    )
+
+
+def route_show_response(route: str, models: list[Manifest], context_window: int | None) -> ShowResponse:
+    """/api/show of a routed model id: its candidates (as the caller may use them), the smallest context."""
+    capabilities = ["completion", "tools"] if any(m.kind == "chat" for m in models) else ["completion"]
+    info: dict[str, Any] = {"general.basename": route, "general.type": "route",
+                            "route.candidates": [m.id for m in models]}
+    if context_window is not None:
+        info["route.context_length"] = context_window
+    lines = [
+        "# A routed model id of the appliance ([routing." + route + "] in its settings): each request is served",
+        "# by the first of these models that can serve it now",
+        *(f"# candidate {m.id}" for m in models),
+    ]
+    return ShowResponse(
+        modelfile="\n".join(lines) + "\n", parameters="", template="", details=_route_details(), model_info=info,
+        capabilities=capabilities, modified_at=created_at(max((m.created for m in models), default=0)), aliases=[],
     )
 
 
