@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from appliance.engines.factory import BatchSpec, build_batch_engine
-from appliance.types import Chunk, GenerationRequest, SamplingParams
+from appliance.types import AdapterRef, Chunk, GenerationRequest, SamplingParams
 
 MANUAL = " ".join(
     f"Rule {i}: the north lock opens at {6 + i % 3} in the morning and vessels over {80 + i} metres need a pilot."
@@ -19,10 +19,12 @@ MANUAL = " ".join(
 )
 
 
-def submit_greedy(engine, prompt: str, max_tokens: int = 24) -> queue.Queue:
+def submit_greedy(engine, prompt: str, max_tokens: int = 24, adapter: AdapterRef | None = None) -> queue.Queue:
     """A greedy generation on a batch engine; its chunks arrive on the returned queue (see greedy_text)."""
     items: queue.Queue = queue.Queue()
-    request = GenerationRequest(prompt=prompt, max_tokens=max_tokens, sampling=SamplingParams(temperature=0.0))
+    request = GenerationRequest(
+        prompt=prompt, max_tokens=max_tokens, sampling=SamplingParams(temperature=0.0), adapter=adapter
+    )
     engine.submit(request, items.put, threading.Event())
     return items
 
