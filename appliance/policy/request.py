@@ -351,9 +351,9 @@ class RequestContext:
     def cap_max_tokens(self, requested: int | None) -> int | None:
         return self.guardrail_policy.cap_max_tokens(requested)
 
-    def output_filter(self) -> StreamMasker | None:
+    def output_filter(self, *, audit: bool = True) -> StreamMasker | None:
         masker = self.gateway.guardrails.output_masker(self.guardrail_policy)
-        if masker is not None:
+        if masker is not None and audit:
             self.usage.output_maskers.append(masker)
         return masker
 

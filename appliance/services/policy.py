@@ -51,8 +51,9 @@ class RequestPolicy(Protocol):
     def cap_max_tokens(self, requested: int | None) -> int | None:
         """The max_tokens to run with: the request's, lowered to the tenant's cap."""
 
-    def output_filter(self) -> OutputFilter | None:
-        """A filter for this request's generated text, or None."""
+    def output_filter(self, *, audit: bool = True) -> OutputFilter | None:
+        """A filter for this request's generated text, or None. `audit=False`: text the client never gets
+        (a shadow copy's answer, masked before it is stored), left out of the request's guardrail record."""
 
     def served_from_cache(self) -> None:
         """The answer came from the response cache: no model ran, no tokens are billed."""
@@ -102,7 +103,7 @@ class _OpenPolicy:
     def cap_max_tokens(self, requested: int | None) -> int | None:
         return requested
 
-    def output_filter(self) -> OutputFilter | None:
+    def output_filter(self, *, audit: bool = True) -> OutputFilter | None:
         return None
 
     def served_from_cache(self) -> None:

@@ -606,8 +606,9 @@ class _ShadowPolicy:
     def cap_max_tokens(self, requested: int | None) -> int | None:
         return self._served.cap_max_tokens(requested)
 
-    def output_filter(self) -> OutputFilter | None:
-        return None
+    def output_filter(self, *, audit: bool = True) -> OutputFilter | None:
+        # The tenant's output masking applies to the copy as to the served answer: nothing it masks is stored.
+        return self._served.output_filter(audit=False)
 
     def served_from_cache(self) -> None:
         return None
