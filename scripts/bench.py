@@ -122,7 +122,10 @@ class ServerProc:
             self.proc.wait()
 
 
-async def stream_one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> Request:
+async def stream_one(
+    client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int, extra: dict | None = None
+) -> Request:
+    """One streamed greedy completion; `extra` goes into the body too (e.g. llama-server's `lora`)."""
     body = {
         "model": model,
         "prompt": prompt,
@@ -130,6 +133,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, model: str, prompt: st
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **(extra or {}),
     }
     start = time.perf_counter()
     stamps: list[float] = []
