@@ -147,7 +147,8 @@ def create_app(settings: Settings, registry: ModelRegistry) -> Litestar:
         semantic_threshold=settings.gateway.semantic_cache_threshold,
     )
     generation = GenerationService(registry, cache, embed_prompt=_prompt_embedder(registry, settings))
-    routing = RoutingService(settings.routing, registry, generation, slots=settings.models.parallel)
+    routing = RoutingService(settings.routing, registry, generation, slots=settings.models.parallel,
+                             peers=settings.cluster.enabled and bool(settings.cluster.peers))
     embeddings = EmbeddingService(registry, max_inputs=settings.models.max_embedding_inputs)
     reranker = RerankService(registry, default_model=settings.retrieval.rerank_model)
     documents = DocumentService(

@@ -14,7 +14,7 @@ from appliance.api.http import SSE_HEADERS, sse_error
 from appliance.errors import ApplianceError, EngineError, ModelNotFound, PermissionDenied
 from appliance.peering.auth import CLUSTER_HEADERS
 from appliance.peering.cluster import STATE_PATH, Cluster
-from appliance.peering.forward import NDJSON, forward, is_final_event
+from appliance.peering.forward import NDJSON, Forwarded, RouteForwarder, forward, is_final_event
 from appliance.policy.gateway import RequestContext
 from appliance.protocol.cluster import NodeState
 
@@ -60,6 +60,22 @@ async def forward_if_needed(
     except ApplianceError:
         forwards.labels(peer="", outcome="unavailable").inc()
         raise
+    return peer_response(answer, ctx)
+
+
+def route_peers(cluster: Cluster, ctx: RequestContext, request: Request, body: bytes) -> RouteForwarder | None:
+    """The way to the peers for a routed request (services/routing.py): None without peers, and for a
+    request a peer forwarded here (never forwarded again)."""
+    principal = ctx.principal
+    if not cluster.enabled or not cluster.peers or principal is None or principal.forwarded_by is not None:
+        return None
+    return RouteForwarder(cluster, path=request.url.path, body=body, principal=principal, request_id=ctx.request_id,
+                          allowed=ctx.tenant.allowed_models)
+
+
+def peer_response(answer: Forwarded, ctx: RequestContext) -> Response[bytes] | Stream:
+    """A peer's answer relayed to the client; this node records the forward (the peer meters the tokens)."""
+    forwards = ctx.gateway.metrics.forwards
     forwards.labels(peer=answer.peer, outcome="ok" if answer.status < 400 else "error").inc()
     # The serving node meters the tokens; this node records that it forwarded the request, and where.
     ctx.forwarded(answer.peer, answer.model)

@@ -22,7 +22,7 @@ from litestar.exceptions import HTTPException
 from litestar.response import Stream
 
 from appliance import __version__
-from appliance.api.cluster import forward_if_needed
+from appliance.api.cluster import forward_if_needed, peer_response, route_peers
 from appliance.api.http import json_response
 from appliance.api.ollama_models import (
     listed_model,
@@ -36,6 +36,7 @@ from appliance.engines.registry import ModelRegistry
 from appliance.errors import ApplianceError, EngineError, InvalidRequest, ModelNotFound
 from appliance.modelstore.manifest import Manifest, ModelKind
 from appliance.peering.cluster import Cluster
+from appliance.peering.forward import Forwarded
 from appliance.policy.gateway import RequestContext
 from appliance.protocol.ollama import (
     OLLAMA_API_VERSION,
@@ -191,7 +192,8 @@ def _route_of(routing: RoutingService, name: str) -> str | None:
 
 
 def _route_models(routing: RoutingService, ctx: RequestContext, route: str, name: str) -> list[Manifest]:
-    """The models of `route` the caller may use; 404 in Ollama's words when it may use none."""
+    """The models of this node in `route` that the caller may use (maybe none, when the caller may use
+    candidates only peers serve); 404 in Ollama's words when it may use no candidate at all."""
     allowed = []
     for manifest in routing.models_of(route):
         try:
@@ -199,7 +201,9 @@ def _route_models(routing: RoutingService, ctx: RequestContext, route: str, name
         except ModelNotFound:
             continue
         allowed.append(manifest)
-    if not allowed:
+    tenant_allows = ctx.tenant.allowed_models
+    remote = [m for m in routing.remote_of(route) if tenant_allows is None or m in tenant_allows]
+    if not allowed and not remote:
         raise ModelNotFound(not_found_message(name), param="model")
     return allowed
 
@@ -272,17 +276,22 @@ async def _generation(
 async def _routed_generation(
     registry: ModelRegistry, routing: RoutingService, keep_alive: KeepAlive, ctx: RequestContext,
     body: GenerateRequest | ChatRequest, route: str, empty: bool,
-    start: Callable[[str, int | None], Awaitable[Generation]],
+    start: Callable[[str, int | None], Awaitable[Generation | Forwarded]],
 ) -> Response[bytes] | Stream:
     """Serve /api/generate or /api/chat for a routed model id: the routing service walks the route's
     ladder (the X-Route header and the usage record show the hops). An empty request loads the route's
-    first model the caller may use. The answer's `model` is the model that answered, as on /v1."""
+    first model of this node the caller may use. The answer's `model` is the model that answered, as on
+    /v1; a peer's answer (a candidate a cluster peer serves) is relayed as the peer wrote it."""
     models = _route_models(routing, ctx, route, body.model)
     seconds, chat = body.keep_alive_s(), isinstance(body, ChatRequest)
     if empty:
+        if not models:  # only peers serve its candidates: nothing to load here
+            return json_response(_Shape(body.model, chat=chat).final("", "load", None, None))
         return await _load_only(registry, keep_alive, models[0], seconds, _Shape(body.model, chat=chat))
     began = time.monotonic()
     generation = await start(route, _route_window(registry, models))
+    if isinstance(generation, Forwarded):
+        return peer_response(generation, ctx)
     run = _Run(generation, ctx, 0.0, time.monotonic() - began)
     served = generation.manifest
     return await _answer(run, _Shape(served.id, chat=chat), body.stream, lambda: keep_alive.after_request(served, seconds))
@@ -480,7 +489,7 @@ class OllamaController(Controller):
                 routed = _route_models(routing_service, ctx, route, route)
             except ModelNotFound:
                 continue
-            models.append(listed_route(route, routed))
+            models.append(listed_route(route, routed, routing_service.remote_of(route)))
         return json_response(TagsResponse(models))
 
     @get("/ps", opt=_opt("list the loaded models", None, PsResponse))
@@ -502,7 +511,9 @@ class OllamaController(Controller):
         route = _route_of(routing_service, body.model_name)
         if route is not None:
             models = _route_models(routing_service, ctx, route, body.model_name)
-            return json_response(route_show_response(route, models, _route_window(registry, models)))
+            allowed = ctx.tenant.allowed_models
+            remote = [m for m in routing_service.remote_of(route) if allowed is None or m in allowed]
+            return json_response(route_show_response(route, models, remote, _route_window(registry, models)))
         manifest = _resolve(registry, ctx, body.model_name, None)
         return json_response(show_response(manifest, registry.context_window(manifest)))
 
@@ -519,14 +530,16 @@ class OllamaController(Controller):
         empty = not body.prompt and not body.system
         if (route := _route_of(routing_service, body.model)) is not None:
 
-            async def routed(name: str, window: int | None) -> Generation:
+            peers = route_peers(cluster, ctx, request, await request.body())
+
+            async def routed(name: str, window: int | None) -> Generation | Forwarded:
                 # Through the chat template unless raw: a route's completion models serve raw prompts only.
                 if body.uses_template(True):
                     return await routing_service.chat(
-                        body.chat_completion(name, window), ctx, tenant=ctx.tenant.name, cache_scope=scope
+                        body.chat_completion(name, window), ctx, tenant=ctx.tenant.name, cache_scope=scope, peers=peers
                     )
                 return await routing_service.complete(
-                    body.completion(name, window), ctx, tenant=ctx.tenant.name, cache_scope=scope
+                    body.completion(name, window), ctx, tenant=ctx.tenant.name, cache_scope=scope, peers=peers
                 )
 
             return await _routed_generation(registry, routing_service, keep_alive, ctx, body, route, empty, routed)
@@ -547,9 +560,11 @@ class OllamaController(Controller):
             chat_body.check()
             scope = _cache_scope(request, ctx)
 
-            async def routed(name: str, window: int | None) -> Generation:
+            peers = route_peers(cluster, ctx, request, await request.body())
+
+            async def routed(name: str, window: int | None) -> Generation | Forwarded:
                 chat = chat_body.chat_completion(name, window)
-                return await routing_service.chat(chat, ctx, tenant=ctx.tenant.name, cache_scope=scope)
+                return await routing_service.chat(chat, ctx, tenant=ctx.tenant.name, cache_scope=scope, peers=peers)
 
             empty = not chat_body.messages
             forwarded = await _routed_generation(registry, routing_service, keep_alive, ctx, chat_body, route, empty, routed)

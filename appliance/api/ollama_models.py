@@ -58,31 +58,38 @@ def _route_details() -> ModelDetails:
     return ModelDetails(format="route", family="", families=None, parameter_size="", quantization_level="")
 
 
-def _route_digest(route: str, models: list[Manifest]) -> str:
+def _route_digest(route: str, names: list[str]) -> str:
     """A routed id has no file: its digest is that of its name and candidates (it changes when they do)."""
-    return hashlib.sha256("\0".join([route, *(m.id for m in models)]).encode()).hexdigest()
+    return hashlib.sha256("\0".join([route, *names]).encode()).hexdigest()
 
 
-def listed_route(route: str, models: list[Manifest]) -> ListedModel:
-    """A routed model id (settings [routing.<name>]) in /api/tags: no file of its own, size 0."""
+def listed_route(route: str, models: list[Manifest], remote: list[str]) -> ListedModel:
+    """A routed model id (settings [routing.<name>]) in /api/tags: no file of its own, size 0.
+    `models`: its models here the caller may use; `remote`: its candidates only cluster peers serve."""
     name = listed_name(route)
     return ListedModel(
         name=name, model=name, modified_at=created_at(max((m.created for m in models), default=0)), size=0,
-        digest=_route_digest(route, models), details=_route_details(),
+        digest=_route_digest(route, [*(m.id for m in models), *remote]), details=_route_details(),
     )
 
 
-def route_show_response(route: str, models: list[Manifest], context_window: int | None) -> ShowResponse:
-    """/api/show of a routed model id: its candidates (as the caller may use them), the smallest context."""
-    capabilities = ["completion", "tools"] if any(m.kind == "chat" for m in models) else ["completion"]
+def route_show_response(
+    route: str, models: list[Manifest], remote: list[str], context_window: int | None
+) -> ShowResponse:
+    """/api/show of a routed model id: its candidates (this node's, as the caller may use them, then those
+    only peers serve), the smallest context among this node's."""
+    capabilities = ["completion"] if models and all(m.kind != "chat" for m in models) else ["completion", "tools"]
     info: dict[str, Any] = {"general.basename": route, "general.type": "route",
                             "route.candidates": [m.id for m in models]}
+    if remote:
+        info["route.peer_candidates"] = remote
     if context_window is not None:
         info["route.context_length"] = context_window
     lines = [
         "# A routed model id of the appliance ([routing." + route + "] in its settings): each request is served",
         "# by the first of these models that can serve it now",
         *(f"# candidate {m.id}" for m in models),
+        *(f"# candidate {name} (on cluster peers)" for name in remote),
     ]
     return ShowResponse(
         modelfile="\n".join(lines) + "\n", parameters="", template="", details=_route_details(), model_info=info,

@@ -11,10 +11,11 @@ from litestar import Controller, Request, Response, get, post
 from litestar.params import Parameter
 from litestar.response import Stream
 
-from appliance.api.cluster import cluster_model_list, forward_if_needed
+from appliance.api.cluster import cluster_model_list, forward_if_needed, peer_response, route_peers
 from appliance.errors import ModelNotFound
 from appliance.api.http import SSE_HEADERS, json_response, sse, sse_event
 from appliance.peering.cluster import Cluster
+from appliance.peering.forward import Forwarded
 from appliance.policy.gateway import RequestContext
 from appliance.engines.registry import ModelRegistry
 from appliance.modelstore.manifest import Manifest
@@ -283,7 +284,10 @@ class OpenAIController(Controller):
             return await _grounded_chat(body, ask_service, routing_service, ctx)
         if (forwarded := await _forward_unless_routed(routing_service, cluster, ctx, request, raw, body.model)) is not None:
             return forwarded
-        generation = await routing_service.chat(body, ctx, tenant=ctx.tenant.name, cache_scope=_cache_scope(request, ctx))
+        generation = await routing_service.chat(body, ctx, tenant=ctx.tenant.name, cache_scope=_cache_scope(request, ctx),
+                                                peers=route_peers(cluster, ctx, request, raw))
+        if isinstance(generation, Forwarded):  # a route's candidate on a peer answered
+            return peer_response(generation, ctx)
         headers = _cache_headers(generation)
         logprobs = body.logprob_count() is not None
         if body.stream:
@@ -313,7 +317,10 @@ class OpenAIController(Controller):
         body: CompletionRequest = decode_request(raw, CompletionRequest)
         if (forwarded := await _forward_unless_routed(routing_service, cluster, ctx, request, raw, body.model)) is not None:
             return forwarded
-        generation = await routing_service.complete(body, ctx, tenant=ctx.tenant.name, cache_scope=_cache_scope(request, ctx))
+        generation = await routing_service.complete(body, ctx, tenant=ctx.tenant.name, cache_scope=_cache_scope(request, ctx),
+                                                    peers=route_peers(cluster, ctx, request, raw))
+        if isinstance(generation, Forwarded):
+            return peer_response(generation, ctx)
         headers = _cache_headers(generation)
         echo = body.prompt_text if body.echo else ""
         logprobs = body.logprob_count() is not None

@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import httpx
 import msgspec
 
 from appliance.errors import ApplianceError, PeerUnavailable
 from appliance.peering.auth import sign
-from appliance.peering.cluster import Cluster, ForwardPlan, PeerState, peer_error_message
+from appliance.peering.cluster import Cluster, ForwardPlan, PeerState, least_loaded, peer_error_message
 from appliance.types import Principal
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,13 @@ class Forwarded:
 
 
 async def forward(
-    cluster: Cluster, plan: ForwardPlan, *, path: str, body: bytes, principal: Principal, request_id: str
+    cluster: Cluster, plan: ForwardPlan, *, path: str, body: bytes, principal: Principal, request_id: str,
+    tried: set[str] | None = None,
 ) -> Forwarded:
-    """Send the request to the least-loaded peer that can take it; on failure, to the next one."""
-    tried: set[str] = set()
+    """Send the request to the least-loaded peer that can take it; on failure, to the next one.
+
+    `tried`: filled with the names of the peers tried (a routed request names them in its path)."""
+    tried = set() if tried is None else tried
     fallback: Forwarded | None = None
     while (choice := cluster.choose(plan, frozenset(tried))) is not None:
         peer, model = choice
@@ -112,6 +116,56 @@ async def _attempt(
         peer.forward_failures += 1
         return None
     return Forwarded(peer=peer.name, model="", status=resp.status_code, headers=relayed, body=content)
+
+
+PeerReach = Literal["up", "down", "none"]
+"""Whether an up peer serves a model ("up"), only peers that are down or refuse us do ("down"), or none does."""
+
+
+class RouteForwarder:
+    """One routed request's way to the peers (services/routing.py walks the ladder): whether a peer serves a
+    candidate, and the forward itself, the body's `model` replaced by the candidate's name. Built by the API
+    edge for the routes that forward (chat and completions, OpenAI's and Ollama's)."""
+
+    def __init__(
+        self, cluster: Cluster, *, path: str, body: bytes, principal: Principal, request_id: str,
+        allowed: list[str] | None,
+    ) -> None:
+        self._cluster = cluster
+        self._path = path
+        self._body = body
+        self._principal = principal
+        self._request_id = request_id
+        self._allowed = allowed
+
+    def allows(self, model: str) -> bool:
+        """Whether the caller's tenant may use `model` (its allowed_models), wherever it is served."""
+        return self._allowed is None or model in self._allowed
+
+    def reach(self, model: str) -> PeerReach:
+        if least_loaded(self._cluster.peers, model) is not None:
+            return "up"
+        return "down" if self.known_by(model) else "none"
+
+    def known_by(self, model: str) -> list[str]:
+        """The peers that reported serving `model` in their last good probe, up or not."""
+        return [p.name for p in self._cluster.peers if p.resolve(model) is not None]
+
+    async def forward(self, model: str, tried: set[str]) -> Forwarded:
+        """The request, naming `model`, on the least-loaded up peer that serves it (the next on failure).
+        Raises PeerUnavailable when none could be reached; `tried` gets the names of the peers tried."""
+        body = renamed(self._body, model)
+        return await forward(
+            self._cluster, ForwardPlan(model=model), path=self._path, body=body, principal=self._principal,
+            request_id=self._request_id, tried=tried,
+        )
+
+
+def renamed(body: bytes, model: str) -> bytes:
+    """A JSON request body with its `model` replaced (a routed id becomes the candidate a peer serves)."""
+    value = msgspec.json.decode(body)
+    value["model"] = model
+    return msgspec.json.encode(value)
 
 
 def _failed(cluster: Cluster, peer: PeerState, exc: BaseException) -> None:

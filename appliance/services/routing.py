@@ -7,6 +7,12 @@ passed over, a cached answer to the same request (any candidate's) is served if 
 holds one; only then does the request fail, with 503 and Retry-After. A generation whose first token
 was produced is never moved: by then the client may have output.
 
+Candidates may be served by cluster peers: a name this node does not serve is forwarded to an up peer that
+serves it, and a local candidate passed over is tried on a peer that serves it too before the next candidate
+(local model, then a peer). A peer is tried only before any output, through the `RoutePeers` the API edge
+hands in; its hop is `model@peer`. A peer that cannot be reached or answers 429/502/503 is passed over
+(`peer_unavailable`), a name no peer reports is passed over as `unknown`.
+
 Every hop is reported to the request's policy (`note_route`): the gateway writes it into the usage
 record, counts it in /metrics, and sends it as the `X-Route` header.
 
@@ -24,7 +30,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -43,6 +49,7 @@ from appliance.errors import (
     SettingsError,
 )
 from appliance.modelstore.manifest import Manifest
+from appliance.peering.forward import Forwarded, PeerReach
 from appliance.policy.experiments import ShadowOutcome, ShadowRecord
 from appliance.protocol.openai import ChatCompletionRequest, CompletionRequest
 from appliance.services.generation import Attempt, Generation, GenerationService
@@ -52,9 +59,32 @@ from appliance.types import Chunk
 
 log = logging.getLogger(__name__)
 
+# A peer's answers that send the request on (the outcome in its hop); other statuses are relayed as they are.
+_PEER_STATUS = {429: "peer_unavailable", 502: "peer_unavailable", 503: "peer_unavailable", 504: "timeout",
+                404: "unknown", 500: "error"}
 # Errors a candidate raises before its first token that send the request to the next candidate.
 # Anything else (a bad request, a rate limit, a guardrail block) is the request's own fault: it fails as is.
 _PASS_OVER = (ModelUnavailable, ServerOverloaded, RequestTimeout, EngineError, ContextLengthExceeded)
+
+
+class RoutePeers(Protocol):
+    """How one routed request reaches the cluster's peers (peering/forward.py's RouteForwarder)."""
+
+    def allows(self, model: str) -> bool:
+        """Whether the caller may use `model` (its tenant's allowed_models)."""
+
+    def reach(self, model: str) -> PeerReach:
+        """Whether an up peer serves `model`, only unreachable ones do, or none."""
+
+    def known_by(self, model: str) -> list[str]:
+        """The peers that reported serving `model`, up or not."""
+
+    async def forward(self, model: str, tried: set[str]) -> Forwarded:
+        """The request on a peer serving `model`; PeerUnavailable when none could be reached."""
+
+
+Candidate = Manifest | str
+"""A rung of a ladder: a model of this node, or the name of one only cluster peers may serve."""
 
 
 class RequestFacts(msgspec.Struct, frozen=True, kw_only=True):
@@ -75,8 +105,10 @@ class RouteHop(msgspec.Struct, frozen=True):
     outcome: str
     """"served", "cached" (the response cache answered for this candidate), "cache" (the last-resort cached
     answer), or why the candidate was passed over: loading, failed, no_room, queue_full, queue_timeout,
-    timeout, context, peer_unavailable, error; in cascade mode "low_confidence" (its answer was set aside
-    while the next candidate answered) and "worse" (it answered, but an answer set aside scored higher)."""
+    timeout, context, peer_unavailable, unknown (no peer serves it), unsupported, error; "rejected" (a peer
+    refused the request itself, e.g. 400: its answer is relayed); in cascade mode "low_confidence" (its answer
+    was set aside while the next candidate answered) and "worse" (it answered, but an answer set aside scored
+    higher). A peer's hop names the model `model@peer`."""
 
 
 class RoutePath:
@@ -157,16 +189,19 @@ class RoutingService:
 
     def __init__(
         self, routes: Mapping[str, RouteSettings], registry: ModelRegistry, generation: GenerationService,
-        *, slots: int = 1,
+        *, slots: int = 1, peers: bool = False,
     ) -> None:
         """Raises SettingsError when a route names a model this node does not serve for chat, or shadows one.
 
         `slots`: generations a model runs at once (models.parallel); a shadow model with all of them busy,
-        or anyone waiting, is not given shadow copies."""
+        or anyone waiting, is not given shadow copies. `peers`: this node has cluster peers ([cluster] with
+        peers and a secret): a candidate this node does not have is left to them (it is looked for on the
+        peers per request). A name that is a model here of the wrong kind is refused all the same."""
         self._routes = dict(routes)
         self._registry = registry
         self._generation = generation
         self._slots = slots
+        self._peers = peers
         self._shadows_running: dict[str, int] = {}
         self._shadow_tasks: set[asyncio.Task[None]] = set()
         for name, route in self._routes.items():
@@ -190,12 +225,22 @@ class RoutingService:
                     continue
                 try:
                     registry.resolve(candidate, kinds=("chat", "completion"))
+                except ModelNotFound as exc:
+                    if peers:
+                        log.info("routing.%s: candidate '%s' is not a model of this node: left to the cluster's peers",
+                                 name, candidate)
+                        continue
+                    raise self._unknown(name, candidate, exc) from None
                 except ApplianceError as exc:
-                    known = ", ".join(m.id for m in registry.manifests() if m.kind in ("chat", "completion"))
-                    raise SettingsError(
-                        f"routing.{name}: candidate '{candidate}' is not a chat or completion model of this node "
-                        f"({exc.message} Models: {known or 'none'}; routes: {', '.join(self._routes)})"
-                    ) from None
+                    raise self._unknown(name, candidate, exc) from None
+
+    def _unknown(self, name: str, candidate: str, exc: ApplianceError) -> SettingsError:
+        known = ", ".join(m.id for m in self._registry.manifests() if m.kind in ("chat", "completion"))
+        hint = "; a model only cluster peers serve needs [cluster] peers" if isinstance(exc, ModelNotFound) else ""
+        return SettingsError(
+            f"routing.{name}: candidate '{candidate}' is not a chat or completion model of this node "
+            f"({exc.message} Models: {known or 'none'}; routes: {', '.join(self._routes)}{hint})"
+        )
 
     # -- lookup --------------------------------------------------------------------------------
 
@@ -206,28 +251,40 @@ class RoutingService:
         return list(self._routes)
 
     def models_of(self, name: str) -> list[Manifest]:
-        """Every model the route may use, whatever the rules say (for listing and permissions)."""
-        return self._expand(self._routes[name].names(), RequestFacts(tenant=""), every_rule=True)
+        """Every model of this node the route may use, whatever the rules say (for listing and permissions)."""
+        everything = self._expand(self._routes[name].names(), RequestFacts(tenant=""), every_rule=True)
+        return [c for c in everything if isinstance(c, Manifest)]
 
-    def ladder(self, name: str, facts: RequestFacts) -> list[Manifest]:
+    def remote_of(self, name: str) -> list[str]:
+        """The candidates of the route that only cluster peers may serve, whatever the rules say."""
+        everything = self._expand(self._routes[name].names(), RequestFacts(tenant=""), every_rule=True)
+        return [c for c in everything if isinstance(c, str)]
+
+    def ladder(self, name: str, facts: RequestFacts) -> list[Candidate]:
         """The candidates this request tries, in order: the first matching rule's, else the split variant's
         model then the other variants', else the route's own candidates."""
         return self._expand([name], facts)
 
-    def plan(self, name: str, facts: RequestFacts) -> tuple[list[Manifest], str | None]:
+    def plan(self, name: str, facts: RequestFacts) -> tuple[list[Candidate], str | None]:
         """The ladder, and the split variant the request was given (None: no split decided it)."""
         variants: list[str] = []
         return self._expand([name], facts, variants=variants), (variants[0] if variants else None)
 
     def _expand(
         self, names: list[str], facts: RequestFacts, *, every_rule: bool = False, variants: list[str] | None = None
-    ) -> list[Manifest]:
-        out: dict[str, Manifest] = {}
+    ) -> list[Candidate]:
+        out: dict[str, Candidate] = {}
 
         def add(name: str) -> None:
             route = self._routes.get(name)
             if route is None:
-                manifest = self._registry.resolve(name)
+                try:
+                    manifest = self._registry.resolve(name)
+                except ModelNotFound:
+                    if not self._peers:
+                        raise
+                    out.setdefault(name, name)  # settings let it through: the peers' (or nobody's)
+                    return
                 out.setdefault(manifest.id, manifest)
                 return
             if every_rule:
@@ -254,15 +311,18 @@ class RoutingService:
 
     async def chat(
         self, request: ChatCompletionRequest, policy: RequestPolicy = OPEN_POLICY, *, tenant: str = "",
-        cache_scope: str | None = None,
-    ) -> Generation:
-        """A chat on the model the request names, or on the first candidate of its route that can serve it."""
+        cache_scope: str | None = None, peers: RoutePeers | None = None,
+    ) -> Generation | Forwarded:
+        """A chat on the model the request names, or on the first candidate of its route that can serve it.
+
+        `peers`: the way to the cluster's peers for this request (None: candidates only peers serve are
+        passed over); a peer's answer comes back as it is, to be relayed."""
         if not self.is_route(request.model):
             return await self._generation.chat(request, policy, cache_scope=cache_scope)
         request.check()
         facts = chat_facts(request, tenant, policy)
         ladder, variant = self.plan(request.model, facts)
-        candidates = self._allowed(ladder, request.model, policy)
+        candidates = self._allowed(ladder, request.model, policy, peers)
         texts = await asyncio.to_thread(self._generation.screen_chat, request, policy)
 
         async def start(manifest: Manifest, attempt: Attempt) -> Generation:
@@ -278,8 +338,11 @@ class RoutingService:
             return await asyncio.to_thread(self._generation.cached_chat, manifest, request, texts, policy, tenant)
 
         served = await self._walk(
-            request.model, candidates, policy, start, cached, whole=not request.stream and request.n == 1, variant=variant
+            request.model, candidates, policy, start, cached, whole=not request.stream and request.n == 1,
+            variant=variant, peers=peers,
         )
+        if isinstance(served, Forwarded):
+            return served  # a peer answered: its answer is relayed, not shadowed
         shadow_request = msgspec.structs.replace(request, n=1, stream=False, stream_options=None, priority="batch")
 
         async def shadow(manifest: Manifest, shadow_policy: RequestPolicy) -> Generation:
@@ -292,8 +355,8 @@ class RoutingService:
 
     async def complete(
         self, request: CompletionRequest, policy: RequestPolicy = OPEN_POLICY, *, tenant: str = "",
-        cache_scope: str | None = None,
-    ) -> Generation:
+        cache_scope: str | None = None, peers: RoutePeers | None = None,
+    ) -> Generation | Forwarded:
         if not self.is_route(request.model):
             return await self._generation.complete(request, policy, cache_scope=cache_scope)
         request.check()
@@ -301,7 +364,7 @@ class RoutingService:
         facts = RequestFacts(tenant=tenant, prompt_chars=len(request.prompt_text), caller=caller or tenant,
                              conversation=conversation or conversation_of([request.prompt_text]))
         ladder, variant = self.plan(request.model, facts)
-        candidates = self._allowed(ladder, request.model, policy)
+        candidates = self._allowed(ladder, request.model, policy, peers)
         [prompt] = await asyncio.to_thread(policy.screen_input, [request.prompt_text])
 
         async def start(manifest: Manifest, attempt: Attempt) -> Generation:
@@ -313,8 +376,11 @@ class RoutingService:
             return await asyncio.to_thread(self._generation.cached_completion, manifest, request, prompt, policy, tenant)
 
         served = await self._walk(
-            request.model, candidates, policy, start, cached, whole=not request.stream and request.n == 1, variant=variant
+            request.model, candidates, policy, start, cached, whole=not request.stream and request.n == 1,
+            variant=variant, peers=peers,
         )
+        if isinstance(served, Forwarded):
+            return served
         shadow_request = msgspec.structs.replace(request, n=1, stream=False, stream_options=None, priority="batch",
                                                  echo=False)
 
@@ -350,15 +416,21 @@ class RoutingService:
         return await self._walk(name, candidates, policy, start, cached, whole=whole, assess=_by_grounding,
                                 variant=variant)
 
-    def _allowed(self, candidates: list[Manifest], name: str, policy: RequestPolicy) -> list[Manifest]:
+    def _allowed(
+        self, candidates: list[Candidate], name: str, policy: RequestPolicy, peers: RoutePeers | None = None
+    ) -> list[Candidate]:
         """The candidates the caller may use; the route exists for a caller who may use one of them."""
-        allowed = []
-        for manifest in candidates:
+        allowed: list[Candidate] = []
+        for candidate in candidates:
+            if isinstance(candidate, str):
+                if peers is None or peers.allows(candidate):
+                    allowed.append(candidate)
+                continue
             try:
-                policy.allow_model(manifest)
+                policy.allow_model(candidate)
             except ModelNotFound:
                 continue
-            allowed.append(manifest)
+            allowed.append(candidate)
         if not allowed:
             raise ModelNotFound(f"The model '{name}' does not exist.", param="model")
         return allowed
@@ -366,7 +438,7 @@ class RoutingService:
     async def _walk(
         self,
         name: str,
-        candidates: list[Manifest],
+        candidates: list[Candidate],
         policy: RequestPolicy,
         start: Callable[[Manifest, Attempt], Awaitable[Any]],
         cached: Callable[[Manifest], Awaitable[Generation | None]],
@@ -374,10 +446,14 @@ class RoutingService:
         whole: bool = False,
         assess: Callable[[Any, float], Awaitable[tuple[Any, float, bool]]] | None = None,
         variant: str | None = None,
+        peers: RoutePeers | None = None,
     ) -> Any:
         """Try `candidates` in order. With `whole` (the client takes the answer in one piece) and the route in
         cascade mode, each answer is judged by `assess` (default: its mean token logprob) and a doubtful one
-        is kept aside while the next candidate answers; the best-scoring answer is returned."""
+        is kept aside while the next candidate answers; the best-scoring answer is returned.
+
+        A candidate only peers serve is forwarded to one (`peers`); a local candidate passed over is tried on
+        a peer that serves it before the next candidate. A peer's answer is returned as it is (a Forwarded)."""
         route = self._routes[name]
         cascade = whole and route.mode == "cascade"
         assess = (assess or _by_logprob) if cascade else None
@@ -387,6 +463,10 @@ class RoutingService:
         kept: list[tuple[float, int, Any]] = []  # (score, hop index, answer) of doubtful answers set aside
         try:
             for i, manifest in enumerate(candidates):
+                if isinstance(manifest, str):  # only peers may serve it
+                    if (answer := await self._on_peer(name, manifest, peers, path, errors)) is not None:
+                        return answer
+                    continue
                 try:
                     result = await start(manifest, attempt)
                     if assess is not None:
@@ -399,6 +479,10 @@ class RoutingService:
                     log.info("route %s: %s passed over (%s): %s", name, manifest.id, reason, exc.message)
                     path.hops.append(RouteHop(manifest.id, reason))
                     errors.append(exc)
+                    # Local, then a peer serving the same model (not for a prompt too long: it is as long there).
+                    if reason != "context" and peers is not None and peers.reach(manifest.id) == "up":
+                        if (answer := await self._on_peer(name, manifest.id, peers, path, errors)) is not None:
+                            return answer
                     continue
                 served = "cached" if getattr(result, "cached", False) else "served"
                 if assess is None or good or i == len(candidates) - 1:
@@ -416,6 +500,8 @@ class RoutingService:
                 raise errors[-1]  # the request is too long for every candidate: the caller's to fix
             if route.cached_fallback:
                 for manifest in candidates:
+                    if isinstance(manifest, str):
+                        continue
                     found = await cached(manifest)
                     if found is not None:
                         path.hops.append(RouteHop(manifest.id, "cache"))
@@ -427,6 +513,40 @@ class RoutingService:
             )
         finally:
             policy.note_route(name, [(h.model, h.outcome) for h in path.hops], path.header(), variant)
+
+    async def _on_peer(
+        self, name: str, model: str, peers: RoutePeers | None, path: RoutePath, errors: list[ApplianceError]
+    ) -> Forwarded | None:
+        """Forward the request to a peer serving `model`: its answer (relayed as it is, including a refusal
+        that is the request's own fault), or None when it is passed over (the hop says why)."""
+        if peers is None:  # this request cannot go to a peer (grounded, /v1/responses, forwarded here)
+            path.hops.append(RouteHop(model, "unsupported"))
+            return None
+        reach = peers.reach(model)
+        if reach == "none":
+            log.info("route %s: no peer serves %s", name, model)
+            path.hops.append(RouteHop(model, "unknown"))
+            return None
+        tried: set[str] = set()
+        try:
+            answer = await peers.forward(model, tried)
+        except PeerUnavailable as exc:
+            where = "+".join(sorted(tried) or peers.known_by(model))
+            log.info("route %s: %s on peers passed over: %s", name, model, exc.message)
+            path.hops.append(RouteHop(f"{model}@{where}", "peer_unavailable"))
+            errors.append(exc)
+            return None
+        hop = f"{model}@{answer.peer}"
+        outcome = _PEER_STATUS.get(answer.status)
+        if outcome is None:
+            path.hops.append(RouteHop(hop, "served" if answer.status < 400 else "rejected"))
+            return answer
+        log.info("route %s: peer %s answered %d for %s: passed over", name, answer.peer, answer.status, model)
+        path.hops.append(RouteHop(hop, outcome))
+        retry = answer.headers.get("retry-after", "")
+        errors.append(PeerUnavailable(f"Peer {answer.peer} answered {answer.status}.",
+                                      retry_after=int(retry) if retry.isdigit() else None))
+        return None
 
     # -- shadows -------------------------------------------------------------------------------
 
