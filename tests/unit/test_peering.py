@@ -199,6 +199,7 @@ class _Manifest:
     def __init__(self, model_id: str) -> None:
         self.id, self.kind, self.format, self.aliases = model_id, "chat", "gguf", []
         self.context_length, self.created = 512, 0
+        self.engine_id = model_id
 
 
 class _Registry:
