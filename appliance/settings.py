@@ -115,6 +115,9 @@ class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Most tokens decoded in one step (prompt chunks plus one token per generating sequence)."""
     prefix_cache_min_tokens: Annotated[int, msgspec.Meta(ge=0)] = 32
     """Reuse a slot's cached prompt prefix only when it is at least this long; 0 turns the prefix cache off."""
+    flash_attn: Literal["auto", "on", "off"] = "auto"
+    """llama.cpp's flash attention: `auto` (llama-server's default) uses it where the device supports it. A model
+    split over RPC workers always runs without it."""
     speculative_draft: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
     """Most tokens guessed per step by prompt lookup (draftless speculative decoding, e.g. 8); 0: off."""
     speculative_ngram: Annotated[int, msgspec.Meta(ge=1, le=16)] = 3
@@ -405,6 +408,7 @@ _ENV_FIELDS: dict[str, tuple[str | None, str]] = {
     "APPLIANCE_PARALLEL": ("models", "parallel"),
     "APPLIANCE_MAX_QUEUE": ("models", "max_queue"),
     "APPLIANCE_SPECULATIVE_DRAFT": ("models", "speculative_draft"),
+    "APPLIANCE_FLASH_ATTN": ("models", "flash_attn"),
     "APPLIANCE_MAX_MEMORY": ("models", "max_memory"),
     "APPLIANCE_METRICS_ACCESS": ("gateway", "metrics_access"),
     "APPLIANCE_JSON_LOGS": ("gateway", "json_logs"),

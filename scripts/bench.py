@@ -197,7 +197,9 @@ def raw_single_stream(model_path: Path, prompt: str, max_tokens: int, threads: i
     """Decode tokens/s of llama-cpp-python's own Llama.create_completion, in-process."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False)
+    # flash attention as the appliance's default (models.flash_attn = "auto")
+    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=4096, n_threads=threads, n_threads_batch=threads,
+                          flash_attn=True, verbose=False)
     llm.create_completion(prompt, max_tokens=8, temperature=0)
     best = 0.0
     n = 0

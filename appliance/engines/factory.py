@@ -40,6 +40,7 @@ class BatchSpec:
     spec_draft: int = 0
     spec_ngram: int = 3
     spec_max_active: int = 2
+    flash_attn: str = "auto"
 
 
 def build_batch_engine(
@@ -57,7 +58,7 @@ def build_batch_engine(
 
 # The fields of a BatchSpec that are the llama.cpp context's, and those that are the scheduler's limits: each
 # passed as the keyword argument of the same name.
-_CONTEXT_FIELDS = ("model_id", "n_ctx_per_seq", "n_seq_max", "n_batch", "n_threads", "gpu_layers")
+_CONTEXT_FIELDS = ("model_id", "n_ctx_per_seq", "n_seq_max", "n_batch", "n_threads", "gpu_layers", "flash_attn")
 _SCHEDULER_FIELDS = (
     "max_queue", "prefix_min_tokens", "queue_timeout_s", "request_timeout_s", "spec_draft", "spec_ngram", "spec_max_active",
 )
@@ -107,6 +108,7 @@ class NativeEngineFactory:
             spec_draft=s.speculative_draft,
             spec_ngram=s.speculative_ngram,
             spec_max_active=s.speculative_max_active,
+            flash_attn=s.flash_attn,
         )
 
     def _onnx(self, manifest: Manifest, path: Path, tokenizer_path: Path) -> Any:

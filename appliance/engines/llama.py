@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 # ggml_backend_dev_type: CPU = 0, GPU = 1, IGPU = 2, ACCEL = 3.
 _GPU_DEVICE_TYPES = (1, 2)
 _PENALTY_LAST_N = 64
-# Flash attention off, as llama-cpp-python's Llama does: same numerics as the high-level API.
-FLASH_ATTN = 0
+# llama_flash_attn_type: AUTO -1 (used where every layer's device supports it: llama-server's default), OFF 0
+# (llama-cpp-python's Llama default), ON 1.
+FLASH_ATTN_TYPES = {"auto": -1, "off": 0, "on": 1}
 
 
 class LlamaLogLines:
@@ -224,9 +225,11 @@ class LlamaBatchContext:
         gpu_layers: int,
         devices: Sequence[int] = (),
         tensor_split: Sequence[float] | None = None,
+        flash_attn: str = "auto",
     ) -> None:
         """`devices`: ggml device handles to offload to (RPC workers' devices, engines/rpc.py), in
-        order; empty lets llama.cpp pick every GPU. `tensor_split`: share of the offloaded layers per device."""
+        order; empty lets llama.cpp pick every GPU. `tensor_split`: share of the offloaded layers per device.
+        `flash_attn`: auto, on or off (off whenever `devices` are given: RPC splits run without it)."""
         self.model_id = model_id
         self.n_seq_max = n_seq_max
         self.n_batch = n_batch
@@ -258,7 +261,7 @@ class LlamaBatchContext:
         cparams.kv_unified = False  # one stream per sequence: attention only over its own cells
         cparams.swa_full = True  # keep sliding-window layers whole so cached prefixes stay reusable
         cparams.no_perf = True
-        cparams.flash_attn_type = FLASH_ATTN
+        cparams.flash_attn_type = FLASH_ATTN_TYPES["off" if devices else flash_attn]
         self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)

@@ -37,7 +37,7 @@ def _llama_cpp_greedy(model: Path, lora: Path | None) -> str:
     """llama.cpp's own answer through llama-cpp-python's high-level API (`Llama(lora_path=...)`)."""
     from llama_cpp import Llama
 
-    llm = Llama(str(model), lora_path=str(lora) if lora else None, n_ctx=1024, n_threads=2, verbose=False)
+    llm = Llama(str(model), lora_path=str(lora) if lora else None, n_ctx=1024, n_threads=2, flash_attn=True, verbose=False)
     try:
         return llm(PROMPT, max_tokens=24, temperature=0.0)["choices"][0]["text"]
     finally:

@@ -40,7 +40,8 @@ def test_greedy_matches_raw_llama_cpp(client: OpenAI, data_dir) -> None:  # type
     import appliance.engines.llama  # noqa: F401  loads the backend modules of a GGML_BACKEND_DL (portable) build
 
     path = data_dir / "models" / "gemma3-270m" / "gemma-3-270m-q4_k_m.gguf"
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=4096, verbose=False)
+    # flash attention as the server's default (models.flash_attn = "auto" uses it on this CPU)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=4096, flash_attn=True, verbose=False)
     prompt = "Q: Name three colours of the rainbow.\nA:"
     raw = llm.create_completion(prompt, max_tokens=40, temperature=0)
     ours = client.completions.create(model="gemma3-270m", prompt=prompt, max_tokens=40, temperature=0)
