@@ -118,8 +118,11 @@ class ModelSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     flash_attn: Literal["auto", "on", "off"] = "auto"
     """llama.cpp's flash attention: `auto` (llama-server's default) uses it where the device supports it. A model
     split over RPC workers always runs without it."""
-    speculative_draft: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
-    """Most tokens guessed per step by prompt lookup (draftless speculative decoding, e.g. 8); 0: off."""
+    speculative_draft: Annotated[int, msgspec.Meta(ge=0, le=64)] = 8
+    """Most tokens guessed per step by prompt lookup (draftless speculative decoding); 0: never speculate."""
+    speculation: Literal["off", "grounded", "all"] = "grounded"
+    """Which requests speculate unless they say (`speculation: true|false`) or their model's manifest does:
+    `grounded` answers (they copy their sources, where guesses pay), `all`, or none."""
     speculative_ngram: Annotated[int, msgspec.Meta(ge=1, le=16)] = 3
     """Length of the n-gram looked up in the sequence's prompt and output to make a guess."""
     speculative_max_active: Annotated[int, msgspec.Meta(ge=1, le=256)] = 2
@@ -408,6 +411,7 @@ _ENV_FIELDS: dict[str, tuple[str | None, str]] = {
     "APPLIANCE_PARALLEL": ("models", "parallel"),
     "APPLIANCE_MAX_QUEUE": ("models", "max_queue"),
     "APPLIANCE_SPECULATIVE_DRAFT": ("models", "speculative_draft"),
+    "APPLIANCE_SPECULATION": ("models", "speculation"),
     "APPLIANCE_FLASH_ATTN": ("models", "flash_attn"),
     "APPLIANCE_MAX_MEMORY": ("models", "max_memory"),
     "APPLIANCE_METRICS_ACCESS": ("gateway", "metrics_access"),

@@ -77,6 +77,8 @@ class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True):
     """Lower runs first; equal priorities keep arrival order."""
     adapter: AdapterRef | None = None
     """The LoRA adapter to decode with; None: the base model."""
+    speculate: bool = False
+    """Guess tokens by prompt lookup while decoding, when the engine speculates at all (`spec_draft` > 0)."""
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True):

@@ -299,7 +299,7 @@ def appliance_server(data_dir: Path, parallel: int, n_ctx: int, threads: int, sp
     port = free_port()
     cmd = [sys.executable, "-m", "appliance", "serve", "--port", str(port), "--data-dir", str(data_dir), "--log-level", "warning"]
     env = {"APPLIANCE_PARALLEL": str(parallel), "APPLIANCE_N_CTX": str(n_ctx), "APPLIANCE_THREADS": str(threads),
-           "APPLIANCE_SPECULATIVE_DRAFT": str(speculative_draft)}
+           "APPLIANCE_SPECULATIVE_DRAFT": str(speculative_draft), "APPLIANCE_SPECULATION": "all" if speculative_draft else "off"}
     return ServerProc("appliance", cmd, port, env)
 
 

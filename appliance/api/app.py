@@ -146,7 +146,9 @@ def create_app(settings: Settings, registry: ModelRegistry) -> Litestar:
         max_entries=settings.gateway.cache_max_entries,
         semantic_threshold=settings.gateway.semantic_cache_threshold,
     )
-    generation = GenerationService(registry, cache, embed_prompt=_prompt_embedder(registry, settings))
+    generation = GenerationService(
+        registry, cache, embed_prompt=_prompt_embedder(registry, settings), speculation=settings.models.speculation
+    )
     routing = RoutingService(settings.routing, registry, generation, slots=settings.models.parallel,
                              peers=settings.cluster.enabled and bool(settings.cluster.peers))
     embeddings = EmbeddingService(registry, max_inputs=settings.models.max_embedding_inputs)

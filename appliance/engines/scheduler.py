@@ -442,7 +442,7 @@ class BatchScheduler:
                 seq.batch_index = len(entries)
                 pos = len(self._slots[seq.slot].tokens)
                 entries.append((seq.pending, pos, seq.slot, True))
-                if speculate:
+                if speculate and seq.request.speculate:
                     seq.draft = self._guess(seq, pos)
                     entries.extend((t, pos + 1 + i, seq.slot, True) for i, t in enumerate(seq.draft))
                     self.stats.drafted_tokens += len(seq.draft)

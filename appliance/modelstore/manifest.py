@@ -71,6 +71,8 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_de
     """Layers to offload: "auto" = all when a GPU backend is present, else 0."""
     created: int = 0
     """Unix time the model was registered."""
+    speculation: Literal["off", "grounded", "all"] | None = None
+    """Which of this model's requests speculate by default (settings `models.speculation` when unset)."""
     base: ModelId | None = None
     """For kind = adapter: the id of the model the LoRA adapter was made for."""
     adapter: AdapterRef | None = None

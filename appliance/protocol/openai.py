@@ -125,6 +125,8 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     """Not in OpenAI's API: batch work waits behind interactive requests."""
     adapter: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
     """Not in OpenAI's API: a LoRA adapter of the model to decode with (the same as model "MODEL:ADAPTER")."""
+    speculation: bool | None = None
+    """Not in OpenAI's API: draftless speculative decoding on or off for this request (None: the model's default)."""
 
     @property
     def priority_level(self) -> int:

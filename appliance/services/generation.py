@@ -135,8 +135,11 @@ class GenerationService:
         registry: ModelRegistry,
         cache: ResponseCache | None = None,
         embed_prompt: Callable[[str], Awaitable[np.ndarray | None]] | None = None,
+        speculation: str = "off",
     ) -> None:
+        """`speculation`: which requests speculate by default (settings `models.speculation`)."""
         self._registry = registry
+        self._speculation = speculation
         self._templates = ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False)
         self._cache = cache
         self._embed_prompt = embed_prompt
@@ -297,12 +300,22 @@ class GenerationService:
         )
         request = GenerationRequest(
             prompt=prompt, max_tokens=policy.cap_max_tokens(max_tokens), stop=(*stop, *manifest.stop), sampling=sampling,
-            adapter=manifest.adapter,
+            adapter=manifest.adapter, speculate=self.speculates(manifest, None, grounded=True),
         )
         return await self._launch(manifest, request, policy)
 
-    @staticmethod
+    def speculates(self, manifest: Manifest, asked: bool | None, *, grounded: bool) -> bool:
+        """Whether a request speculates: as it asks, unless its model's switch (or the server's) is off;
+        otherwise by the mode: `all` requests, or `grounded` answers only."""
+        mode = manifest.speculation or self._speculation
+        if mode == "off":
+            return False
+        if asked is not None:
+            return asked
+        return mode == "all" or grounded
+
     def _request(
+        self,
         manifest: Manifest,
         prompt: str,
         max_tokens: int | None,
@@ -322,6 +335,7 @@ class GenerationService:
             logprobs=request.logprob_count(),
             priority=request.priority_level,
             adapter=manifest.adapter,
+            speculate=self.speculates(manifest, request.speculation, grounded=False),
         )
 
     def _cacheable(self, generation: GenerationRequest) -> bool:

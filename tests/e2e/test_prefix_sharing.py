@@ -19,11 +19,14 @@ MANUAL = " ".join(
 )
 
 
-def submit_greedy(engine, prompt: str, max_tokens: int = 24, adapter: AdapterRef | None = None) -> queue.Queue:
+def submit_greedy(
+    engine, prompt: str, max_tokens: int = 24, adapter: AdapterRef | None = None, speculate: bool = False
+) -> queue.Queue:
     """A greedy generation on a batch engine; its chunks arrive on the returned queue (see greedy_text)."""
     items: queue.Queue = queue.Queue()
     request = GenerationRequest(
-        prompt=prompt, max_tokens=max_tokens, sampling=SamplingParams(temperature=0.0), adapter=adapter
+        prompt=prompt, max_tokens=max_tokens, sampling=SamplingParams(temperature=0.0), adapter=adapter,
+        speculate=speculate,
     )
     engine.submit(request, items.put, threading.Event())
     return items

@@ -21,7 +21,7 @@ OPEN = "Once upon a time, in a village by the sea, there lived"
 
 
 def _generate(engine, prompt: str, max_tokens: int = 48) -> str:
-    return greedy_text(submit_greedy(engine, prompt, max_tokens))
+    return greedy_text(submit_greedy(engine, prompt, max_tokens, speculate=True))
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,8 @@ def test_greedy_output_is_unchanged_and_a_copy_is_guessed(engines) -> None:
 @pytest.fixture(scope="module")
 def speculating(data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     base = tmp_path_factory.mktemp("speculating")
-    srv = start_server(fresh_data_dir(data_dir, base / "data"), base / "server.log", env={"APPLIANCE_SPECULATIVE_DRAFT": "8"})
+    # The defaults: guesses of up to 8 tokens, for grounded answers and for requests that ask.
+    srv = start_server(fresh_data_dir(data_dir, base / "data"), base / "server.log")
     yield srv
     stop_server(srv)
 
@@ -59,9 +60,22 @@ def test_the_server_counts_guessed_and_kept_tokens(speculating) -> None:
     # A list that repeats: the second pass is guessed from the first.
     days = "Monday, Tuesday, Wednesday, Thursday, Friday, Saturday, Sunday. "
     body = {"model": "gemma3-270m", "prompt": days * 3 + "Monday,", "max_tokens": 32, "temperature": 0}
-    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
+
+    def kept() -> float:
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+        accepted = [line for line in metrics.splitlines()
+                    if line.startswith('appliance_speculative_tokens_total{model="gemma3-270m",outcome="accepted"}')]
+        return float(accepted[0].rsplit(" ", 1)[1]) if accepted else 0.0
+
+    headers = {"Cache-Control": "no-store"}
+    # A plain completion does not speculate by default (models.speculation = "grounded")...
+    r = httpx.post(f"{server.url}/v1/completions", json=body, headers=headers, timeout=120)
     assert r.status_code == 200, r.text
-    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
-    accepted = [line for line in metrics.splitlines()
-                if line.startswith('appliance_speculative_tokens_total{model="gemma3-270m",outcome="accepted"}')]
-    assert accepted and float(accepted[0].rsplit(" ", 1)[1]) > 0
+    assert kept() == 0
+    # ... unless it asks; and asking off keeps it off.
+    r = httpx.post(f"{server.url}/v1/completions", json={**body, "speculation": True}, headers=headers, timeout=120)
+    assert r.status_code == 200, r.text
+    after = kept()
+    assert after > 0
+    r = httpx.post(f"{server.url}/v1/completions", json={**body, "speculation": False}, headers=headers, timeout=120)
+    assert r.status_code == 200 and kept() == after

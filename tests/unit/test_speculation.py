@@ -6,8 +6,9 @@ from __future__ import annotations
 import threading
 
 from appliance.engines.speculation import NgramDrafter
-from appliance.types import Chunk
-from tests.unit.test_scheduler import Collector, FakeBatchContext, make, request
+from appliance.types import Chunk, GenerationRequest
+from tests.unit.test_scheduler import Collector, FakeBatchContext, make
+from tests.unit.test_scheduler import request as plain_request
 
 
 def test_guesses_what_followed_the_last_ngram_before() -> None:
@@ -38,6 +39,22 @@ class CopyContext(FakeBatchContext):
 
 def _generating_entries(ctx: FakeBatchContext, slot: int = 0) -> list[list[tuple[int, int, int, bool]]]:
     return [[e for e in d if e[2] == slot] for d in ctx.decodes[1:]]
+
+
+def request(prompt: str, **kw: object) -> GenerationRequest:
+    """A request that asks to speculate (the service decides it from settings and the request)."""
+    return plain_request(prompt, speculate=True, **kw)
+
+
+def test_a_request_that_does_not_ask_never_speculates() -> None:
+    ctx = CopyContext()
+    ctx._reply_for = "the quick brown fox; the quick brown fox; the quick brown fox."
+    sched = make(ctx, spec_draft=8)
+    out = Collector()
+    sched.submit(plain_request("copy: the quick brown fox"), out, threading.Event())
+    assert out.result()[0] == ctx._reply_for
+    assert sched.engine_stats().drafted_tokens == 0
+    sched.close()
 
 
 def test_a_copied_answer_takes_fewer_steps_and_is_unchanged() -> None:
