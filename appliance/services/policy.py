@@ -79,7 +79,10 @@ class RequestPolicy(Protocol):
         """A shadow model's answer to a copy of this request (after the response ended; a blocking write)."""
 
 
-class _OpenPolicy:
+class OpenPolicy:
+    """Allows everything and records nothing: the CLI's and the tests' policy, and a base for policies that
+    change a few answers (a shadow copy's)."""
+
     default_adapter = None
 
     def allow_model(self, manifest: Manifest) -> None:
@@ -128,4 +131,4 @@ class _OpenPolicy:
         return None
 
 
-OPEN_POLICY: RequestPolicy = _OpenPolicy()
+OPEN_POLICY: RequestPolicy = OpenPolicy()

@@ -53,7 +53,7 @@ from appliance.peering.forward import Forwarded, PeerReach
 from appliance.policy.experiments import ShadowOutcome, ShadowRecord
 from appliance.protocol.openai import ChatCompletionRequest, CompletionRequest
 from appliance.services.generation import Attempt, Generation, GenerationService
-from appliance.services.policy import OPEN_POLICY, OutputFilter, RequestPolicy
+from appliance.services.policy import OPEN_POLICY, OpenPolicy, OutputFilter, RequestPolicy
 from appliance.settings import RouteRule, RouteSettings, ShadowSettings, SplitVariant
 from appliance.types import Chunk
 
@@ -695,7 +695,7 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-class _ShadowPolicy:
+class _ShadowPolicy(OpenPolicy):
     """The policy of a shadow copy: the served request's input was screened already, and nothing is billed
     or limited (the copy is the operator's experiment, not the tenant's request). Times the first token."""
 
@@ -704,24 +704,9 @@ class _ShadowPolicy:
         self.started = time.monotonic()
         self.first_token_at: float | None = None
 
-    def allow_model(self, manifest: Manifest) -> None:
-        return None
-
-    def reserve(self, manifest: Manifest, prompt_tokens: int, max_tokens: int) -> None:
-        return None
-
-    def screen_retrieved(self, texts: list[str]) -> list[int]:
-        return list(range(len(texts)))
-
-    def screen_tool_results(self, texts: list[str], call_ids: list[str], indices: list[int]) -> list[int]:
-        return list(range(len(texts)))
-
     def on_chunk(self, chunk: Chunk) -> None:
         if self.first_token_at is None and (chunk.text or chunk.generated):
             self.first_token_at = time.monotonic()
-
-    def screen_input(self, texts: list[str], *, instructions: bool = True) -> list[str]:
-        return texts
 
     def cap_max_tokens(self, requested: int | None) -> int | None:
         return self._served.cap_max_tokens(requested)
@@ -730,26 +715,8 @@ class _ShadowPolicy:
         # The tenant's output masking applies to the copy as to the served answer: nothing it masks is stored.
         return self._served.output_filter(audit=False)
 
-    def served_from_cache(self) -> None:
-        return None
-
-    def count_retrieved(self, chunks: int) -> None:
-        return None
-
-    def hold_record(self) -> None:
-        return None
-
-    def note_grounding(self, grounded: bool) -> None:
-        return None
-
-    def note_route(self, route: str, hops: list[tuple[str, str]], path: str, variant: str | None = None) -> None:
-        return None
-
     def affinity(self) -> tuple[str, str | None]:
         return self._served.affinity()
-
-    def note_shadow(self, record: ShadowRecord) -> None:
-        return None
 
 
 class _NotForThis(Exception):
