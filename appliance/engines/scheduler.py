@@ -430,8 +430,6 @@ class BatchScheduler:
         if not active:
             return
         entries: list[tuple[int, int, int, bool]] = []
-        generating: list[_Sequence] = []
-        prefilled: list[_Sequence] = []
         # Generating sequences first: one token each keeps their latency flat while prompts stream in.
         speculate = self._spec_draft > 0 and sum(s.pending is not None for s in active) <= self._spec_max_active
         for seq in active:
@@ -446,7 +444,6 @@ class BatchScheduler:
                     seq.draft = self._guess(seq, pos)
                     entries.extend((t, pos + 1 + i, seq.slot, True) for i, t in enumerate(seq.draft))
                     self.stats.drafted_tokens += len(seq.draft)
-                generating.append(seq)
                 seq.entries = (seq.batch_index, len(entries))
         budget = self.ctx.n_batch - len(entries)
         copied: set[int] = set()
@@ -464,7 +461,6 @@ class BatchScheduler:
                 seq.n_past = end
                 if end == len(seq.prompt):
                     seq.batch_index = len(entries) - 1
-                prefilled.append(seq)
                 seq.entries = (start, len(entries))
         if not entries:
             return
@@ -485,22 +481,24 @@ class BatchScheduler:
                         seq.batch_index += len(batch) - start
                     batch.extend(entries[start:end])
             self._decode(batch, members[0].request.adapter)
-            self._sample(members, generating, prefilled)
+            self._sample(members)
 
     def _decode(self, batch: list[tuple[int, int, int, bool]], adapter: AdapterRef | None) -> None:
-        if (adapter.id if adapter is not None else None) != self._adapter:
+        name = adapter.id if adapter is not None else None
+        if name != self._adapter:
             self.ctx.use_adapter(adapter)
-            self._adapter = adapter.id if adapter is not None else None
+            self._adapter = name
         self.ctx.decode(batch)
         self.stats.steps += 1
         self.stats.batch_tokens += len(batch)
 
-    def _sample(self, members: list[_Sequence], generating: list[_Sequence], prefilled: list[_Sequence]) -> None:
-        """After the decode of `members`: their cells hold the batch's tokens; sample each one that has logits."""
+    def _sample(self, members: list[_Sequence]) -> None:
+        """After the decode of `members`: their cells hold the batch's tokens (a generating sequence's pending
+        one, or a prefilling one's prompt so far); sample each one that has logits."""
         for seq in members:
-            if seq in generating:
-                self._slots[seq.slot].tokens.append(seq.pending)  # type: ignore[arg-type]
-            elif seq in prefilled:
+            if seq.pending is not None:
+                self._slots[seq.slot].tokens.append(seq.pending)
+            else:
                 self._slots[seq.slot].tokens = seq.prompt[: seq.n_past]
         for seq in members:
             if seq.batch_index >= 0:
